@@ -1,0 +1,274 @@
+//! The backup data path for one volume: a parallel pipeline
+//!
+//! ```text
+//!   reader ──jobs──▶ N workers (zero check, BLAKE3, zstd) ──results──▶ writer (in order)
+//!     ▲                                                                   │
+//!     └────────────────────────── window tokens ◀─────────────────────────┘
+//! ```
+//!
+//! The reader walks the volume in chunk order, reading only chunks that hold used blocks and
+//! zeroing the unused blocks inside them. The writer commits results strictly in chunk order to
+//! the volume index and appends new chunks to packs. The token window bounds the chunks in
+//! flight, so memory is `window × chunk size` whatever the volume size.
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use rime_repo::backend::Backend;
+use rime_repo::compression::{Compressor, Encoding};
+use rime_repo::index::IdSet;
+use rime_repo::pack::{FinishedPack, PackWriter};
+use rime_repo::volume_index::VolumeIndexWriter;
+use rime_repo::{ChunkId, ChunkIndex, Compression};
+use rime_volume::{UsedMap, Volume};
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::Progress;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveStats {
+    pub used_bytes: u64,
+    pub read_bytes: u64,
+    pub added_bytes: u64,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    pub new_chunks: u64,
+}
+
+/// Receives new chunks and packs them; shared by all volumes of one backup so that chunks
+/// repeated across volumes are stored once.
+pub struct PackSink<'a> {
+    backend: &'a dyn Backend,
+    existing: Arc<ChunkIndex>,
+    pack_size: u64,
+    current: Option<PackWriter>,
+    added: IdSet,
+    /// Packs this backup has published so far.
+    pub published: Vec<FinishedPack>,
+}
+
+impl<'a> PackSink<'a> {
+    pub fn new(backend: &'a dyn Backend, existing: Arc<ChunkIndex>, pack_size: u64) -> PackSink<'a> {
+        PackSink { backend, existing, pack_size, current: None, added: IdSet::default(), published: Vec::new() }
+    }
+
+    /// Stores a chunk unless the repository or this backup already has it; returns the bytes
+    /// added to the repository.
+    fn store(&mut self, id: ChunkId, encoding: Encoding, payload: &[u8], raw_len: u32) -> Result<u64> {
+        if self.existing.contains(&id) || !self.added.insert(id) {
+            return Ok(0);
+        }
+        if self.current.is_none() {
+            self.current = Some(PackWriter::create(self.backend)?);
+        }
+        let pack = self.current.as_mut().expect("pack just created");
+        pack.add(id, encoding, payload, raw_len)?;
+        if pack.len() >= self.pack_size {
+            self.flush()?;
+        }
+        Ok(payload.len() as u64)
+    }
+
+    /// Publishes the pack being filled, if any.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(pack) = self.current.take() {
+            self.published.push(pack.finish(self.backend)?);
+        }
+        Ok(())
+    }
+
+    /// Drops the unfinished pack; returns the packs already published.
+    pub fn abandon(mut self) -> Vec<FinishedPack> {
+        if let Some(pack) = self.current.take() {
+            pack.abandon();
+        }
+        self.published
+    }
+}
+
+struct Job {
+    seq: u64,
+    data: Option<Vec<u8>>,
+}
+
+enum Outcome {
+    /// All zero, or no used block inside: stored as the zero marker.
+    Zero,
+    Known(ChunkId),
+    New { id: ChunkId, encoding: Encoding, payload: Vec<u8>, raw_len: u32 },
+}
+
+/// Whether every byte is zero (word-at-a-time; the compiler vectorises it).
+pub fn is_all_zero(data: &[u8]) -> bool {
+    let (head, body, tail) = unsafe { data.align_to::<u128>() };
+    head.iter().all(|&b| b == 0) && body.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+pub struct ArchiveInput<'a> {
+    pub volume: &'a Volume,
+    pub map: &'a mut dyn UsedMap,
+    pub chunk_size: u32,
+    pub compression: Compression,
+    pub threads: usize,
+}
+
+/// Images one volume into `vidx`, storing new chunks through `sink`.
+pub fn archive_volume(
+    input: ArchiveInput<'_>,
+    sink: &mut PackSink<'_>,
+    vidx: &mut VolumeIndexWriter,
+    progress: &dyn Progress,
+) -> Result<ArchiveStats> {
+    let ArchiveInput { volume, map, chunk_size, compression, threads } = input;
+    let cs = chunk_size as u64;
+    let count = volume.size.div_ceil(cs);
+    let threads = threads.max(1);
+    let window = threads * 4 + 8;
+    let (job_tx, job_rx) = bounded::<Job>(threads * 2);
+    let (res_tx, res_rx) = bounded::<Result<(u64, Outcome)>>(window);
+    let (token_tx, token_rx) = bounded::<()>(window);
+    let existing = sink.existing.clone();
+
+    std::thread::scope(|s| -> Result<ArchiveStats> {
+        let reader = s.spawn(move || read_chunks(volume, map, cs, count, job_tx, token_tx));
+        for _ in 0..threads {
+            let (job_rx, res_tx, existing) = (job_rx.clone(), res_tx.clone(), existing.clone());
+            s.spawn(move || process_chunks(job_rx, res_tx, &existing, compression));
+        }
+        drop((job_rx, res_tx));
+
+        let written = write_in_order(&res_rx, &token_rx, count, cs, volume.size, sink, vidx, progress);
+        // Unblock the reader and workers if the writer stopped early.
+        drop((res_rx, token_rx));
+        let read = reader.join().expect("reader thread panicked");
+        let (used_bytes, read_bytes) = read?;
+        let mut stats = written?;
+        if stats.chunks != count {
+            bail!("backup pipeline stopped after {} of {count} chunks", stats.chunks);
+        }
+        stats.used_bytes = used_bytes;
+        stats.read_bytes = read_bytes;
+        Ok(stats)
+    })
+}
+
+/// Reader: returns (used bytes, bytes read).
+fn read_chunks(
+    volume: &Volume,
+    map: &mut dyn UsedMap,
+    cs: u64,
+    count: u64,
+    jobs: Sender<Job>,
+    tokens: Sender<()>,
+) -> Result<(u64, u64)> {
+    let mut ranges: Vec<Range<u64>> = Vec::new();
+    let (mut used, mut read) = (0u64, 0u64);
+    for seq in 0..count {
+        if tokens.send(()).is_err() {
+            break; // the writer stopped; its error is reported
+        }
+        let start = seq * cs;
+        let len = cs.min(volume.size - start);
+        ranges.clear();
+        map.used_ranges(start, len, &mut ranges)
+            .with_context(|| format!("used-block map of {}", volume.path.display()))?;
+        let data = if ranges.is_empty() {
+            None
+        } else {
+            // One read of the whole chunk, then blank what the filesystem does not use: unused
+            // blocks restore as zeros and their stale contents never reach the repository.
+            let mut buf = vec![0u8; len as usize];
+            volume.read_at(start, &mut buf)?;
+            read += len;
+            let mut pos = start;
+            for r in &ranges {
+                debug_assert!(r.start >= pos && r.end <= start + len, "map ranges in order and in bounds");
+                buf[(pos - start) as usize..(r.start - start) as usize].fill(0);
+                used += r.end - r.start;
+                pos = r.end;
+            }
+            buf[(pos - start) as usize..].fill(0);
+            Some(buf)
+        };
+        if jobs.send(Job { seq, data }).is_err() {
+            break;
+        }
+    }
+    Ok((used, read))
+}
+
+fn process_chunks(jobs: Receiver<Job>, results: Sender<Result<(u64, Outcome)>>, existing: &ChunkIndex, compression: Compression) {
+    let mut compressor = match Compressor::new(compression) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = results.send(Err(e));
+            return;
+        }
+    };
+    for job in jobs {
+        let outcome = match job.data {
+            None => Ok(Outcome::Zero),
+            Some(data) if is_all_zero(&data) => Ok(Outcome::Zero),
+            Some(data) => {
+                let id = ChunkId::of(&data);
+                if existing.contains(&id) {
+                    Ok(Outcome::Known(id))
+                } else {
+                    compressor.compress(&data).map(|(encoding, payload)| Outcome::New {
+                        id,
+                        encoding,
+                        payload,
+                        raw_len: data.len() as u32,
+                    })
+                }
+            }
+        };
+        if results.send(outcome.map(|o| (job.seq, o))).is_err() {
+            return;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn write_in_order(
+    results: &Receiver<Result<(u64, Outcome)>>,
+    tokens: &Receiver<()>,
+    count: u64,
+    cs: u64,
+    size: u64,
+    sink: &mut PackSink<'_>,
+    vidx: &mut VolumeIndexWriter,
+    progress: &dyn Progress,
+) -> Result<ArchiveStats> {
+    let mut stats = ArchiveStats::default();
+    let mut pending: BTreeMap<u64, Outcome> = BTreeMap::new();
+    while stats.chunks < count {
+        let Ok(result) = results.recv() else { break };
+        let (seq, outcome) = result?;
+        pending.insert(seq, outcome);
+        while let Some(outcome) = pending.remove(&stats.chunks) {
+            let id = match outcome {
+                Outcome::Zero => {
+                    stats.zero_chunks += 1;
+                    ChunkId::ZERO
+                }
+                Outcome::Known(id) => id,
+                Outcome::New { id, encoding, payload, raw_len } => {
+                    let added = sink.store(id, encoding, &payload, raw_len)?;
+                    if added > 0 {
+                        stats.new_chunks += 1;
+                        stats.added_bytes += added;
+                    }
+                    id
+                }
+            };
+            vidx.push(&id)?;
+            let len = cs.min(size - stats.chunks * cs);
+            stats.chunks += 1;
+            progress.advance(len);
+            let _ = tokens.recv();
+        }
+    }
+    Ok(stats)
+}

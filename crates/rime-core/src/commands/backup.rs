@@ -1,0 +1,279 @@
+//! `rime backup`: image volumes into a new snapshot.
+//!
+//! Order of writes, each durable before the next: packs (each followed by its index file) →
+//! one volume index per volume → the manifest. Until the manifest exists nothing references the
+//! new objects, so a backup that fails or is killed leaves every existing snapshot as it was.
+
+use crate::archive::{archive_volume, ArchiveInput, PackSink};
+use crate::inuse::{self, Usage};
+use crate::progress::Progress;
+use crate::retention::{self, Policy};
+use anyhow::{bail, Context, Result};
+use rime_repo::lock::LockMode;
+use rime_repo::pack::{index_path, pack_path, FinishedPack};
+use rime_repo::snapshot::volume_index_path;
+use rime_repo::volume_index::VolumeIndexWriter;
+use rime_repo::{Compression, Manifest, Repository, SnapshotId, VolumeEntry};
+use rime_volume::{fs, AllBlocks, UsedMap, Volume};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Only volumes not in use.
+    Offline,
+    /// Offline where possible, a snapshot where a volume is in use.
+    #[default]
+    Auto,
+    /// Always through a snapshot.
+    Online,
+}
+
+impl Mode {
+    pub fn parse(s: &str) -> Result<Mode> {
+        match s {
+            "offline" => Ok(Mode::Offline),
+            "auto" => Ok(Mode::Auto),
+            "online" => Ok(Mode::Online),
+            other => bail!("unknown backup mode '{other}' (expected offline, auto or online)"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct BackupOptions {
+    pub volumes: Vec<PathBuf>,
+    pub tags: Vec<String>,
+    pub compression: Compression,
+    pub all_blocks: bool,
+    pub mode: Mode,
+    pub keep_last: Option<usize>,
+    pub threads: usize,
+    pub host: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackupSummary {
+    pub snapshot: String,
+    pub manifest: Manifest,
+    /// Snapshots removed by `--keep-last`.
+    pub forgotten: Vec<String>,
+    pub pruned: Option<super::prune::PruneSummary>,
+    pub warnings: Vec<String>,
+}
+
+pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupSummary> {
+    if opts.volumes.is_empty() {
+        bail!("no volume to back up");
+    }
+    let started = Instant::now();
+    let mut warnings = Vec::new();
+    let volumes = open_volumes(&opts.volumes, opts.mode)?;
+
+    let lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
+    let (index, bad) = repo.load_index()?;
+    for b in bad {
+        let w = format!("ignoring unreadable pack index {}: {}", b.path, b.reason);
+        progress.warn(&w);
+        warnings.push(w);
+    }
+    let index = Arc::new(index);
+    let snapshot = SnapshotId::random();
+    let mut sink = PackSink::new(repo.backend.as_ref(), index, repo.config.pack_size as u64);
+
+    let result = archive_all(repo, opts, &volumes, &snapshot, &mut sink, &mut warnings, progress);
+    let entries = match result.and_then(|entries| sink.flush().map(|_| entries)) {
+        Ok(entries) => entries,
+        Err(e) => {
+            let published = sink.abandon();
+            drop(lock);
+            cleanup_failed(repo, &snapshot, &published, started);
+            return Err(e);
+        }
+    };
+    let manifest = Manifest {
+        format_version: rime_repo::FORMAT_VERSION,
+        id: snapshot.0.clone(),
+        time: chrono::Utc::now(),
+        host: opts.host.clone(),
+        tags: opts.tags.clone(),
+        volumes: entries,
+        duration: started.elapsed().as_secs_f64(),
+        rime_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    if let Err(e) = repo.save_manifest(&manifest) {
+        let published = sink.abandon();
+        drop(lock);
+        cleanup_failed(repo, &snapshot, &published, started);
+        return Err(e.context("writing the snapshot manifest"));
+    }
+    drop(lock);
+
+    let (mut forgotten, mut pruned) = (Vec::new(), None);
+    if let Some(n) = opts.keep_last {
+        // Cyclic backup: keep the last N of this host's snapshots of this same set of volumes.
+        let (all, _) = repo.manifests()?;
+        let group = manifest.group_key();
+        let same: Vec<Manifest> = all.into_iter().filter(|m| m.group_key() == group).collect();
+        let policy = Policy { keep_last: Some(n), ..Policy::default() };
+        let drop_ids: Vec<String> =
+            retention::apply(&policy, &same).into_iter().filter(|d| !d.keep).map(|d| d.id).collect();
+        if !drop_ids.is_empty() {
+            let wait = Duration::from_secs(60);
+            let outcome = super::forget::forget_ids(repo, &drop_ids, wait)
+                .and_then(|ids| Ok((ids, super::prune::prune(repo, progress, wait)?)));
+            match outcome {
+                Ok((ids, summary)) => {
+                    forgotten = ids;
+                    pruned = Some(summary);
+                }
+                Err(e) => {
+                    let w = format!("backup succeeded but old snapshots were not removed: {e:#}");
+                    progress.warn(&w);
+                    warnings.push(w);
+                }
+            }
+        }
+    }
+    Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten, pruned, warnings })
+}
+
+struct OpenVolume {
+    volume: Volume,
+    name: String,
+}
+
+fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
+    let mut out: Vec<OpenVolume> = Vec::new();
+    for path in paths {
+        match inuse::check(path) {
+            Usage::Idle => {}
+            Usage::InUse(why) => match mode {
+                Mode::Offline => bail!("{why}; --mode offline backs up only volumes not in use"),
+                Mode::Auto | Mode::Online => bail!(
+                    "{why}, and no snapshot provider can take a consistent image of it; \
+                     stop its users, or protect it with `rime serve`"
+                ),
+            },
+        }
+        if mode == Mode::Online {
+            bail!("--mode online needs a snapshot provider for {}; none is available for it", path.display());
+        }
+        // Exclusive open: the kernel refuses it if someone mounts the device meanwhile.
+        let volume = Volume::open(path, true)?;
+        let name = unique_name(&out, path);
+        out.push(OpenVolume { volume, name });
+    }
+    Ok(out)
+}
+
+fn unique_name(existing: &[OpenVolume], path: &Path) -> String {
+    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "volume".into());
+    let mut name = base.clone();
+    let mut n = 2;
+    while existing.iter().any(|v| v.name == name) {
+        name = format!("{base}-{n}");
+        n += 1;
+    }
+    name
+}
+
+fn archive_all(
+    repo: &Repository,
+    opts: &BackupOptions,
+    volumes: &[OpenVolume],
+    snapshot: &SnapshotId,
+    sink: &mut PackSink<'_>,
+    warnings: &mut Vec<String>,
+    progress: &dyn Progress,
+) -> Result<Vec<VolumeEntry>> {
+    let chunk_size = repo.config.chunk_size;
+    let mut entries = Vec::new();
+    for (number, ov) in volumes.iter().enumerate() {
+        let volume = &ov.volume;
+        let (mut map, filesystem): (Box<dyn UsedMap>, Option<String>) = if opts.all_blocks {
+            (Box::new(AllBlocks { reason: "all blocks (--all-blocks)".into() }), None)
+        } else {
+            let detected = fs::detect(volume);
+            if let Some(w) = detected.warning {
+                progress.warn(&w);
+                warnings.push(w);
+            }
+            let fs_name = detected.map.filesystem().map(str::to_string);
+            (detected.map, fs_name)
+        };
+        let map_description = map.describe();
+        let mut vidx = VolumeIndexWriter::create(repo.backend.as_ref(), chunk_size, volume.size)?;
+        progress.begin(&ov.name, volume.size);
+        let input = ArchiveInput {
+            volume,
+            map: map.as_mut(),
+            chunk_size,
+            compression: opts.compression,
+            threads: opts.threads,
+        };
+        let stats = match archive_volume(input, sink, &mut vidx, progress) {
+            Ok(stats) => stats,
+            Err(e) => {
+                vidx.abandon();
+                progress.end();
+                return Err(e.context(format!("backing up {}", volume.path.display())));
+            }
+        };
+        progress.end();
+        let index_path = volume_index_path(snapshot, number);
+        let digest = vidx.finish(repo.backend.as_ref(), &index_path)?;
+        entries.push(VolumeEntry {
+            name: ov.name.clone(),
+            source: volume.path.display().to_string(),
+            kind: volume.kind.as_str().to_string(),
+            size: volume.size,
+            chunk_size,
+            filesystem,
+            map: map_description,
+            used_bytes: stats.used_bytes,
+            read_bytes: stats.read_bytes,
+            added_bytes: stats.added_bytes,
+            chunks: stats.chunks,
+            zero_chunks: stats.zero_chunks,
+            new_chunks: stats.new_chunks,
+            index: index_path,
+            index_digest: digest,
+        });
+    }
+    Ok(entries)
+}
+
+/// Removes what a failed backup published, so the repository is as it was. A pack is removed
+/// only when no snapshot made since this backup started references it: a concurrent backup may
+/// have deduplicated against it. Needs the exclusive lock; if another backup holds the shared
+/// lock, the leftovers stay for `prune`.
+fn cleanup_failed(repo: &Repository, snapshot: &SnapshotId, published: &[FinishedPack], started: Instant) {
+    let Ok(_lock) = repo.lock(LockMode::Exclusive, Duration::ZERO) else { return };
+    let _ = repo.remove_snapshot(snapshot);
+    if published.is_empty() {
+        return;
+    }
+    let since = chrono::Utc::now() - chrono::Duration::from_std(started.elapsed()).unwrap_or_default();
+    let result = (|| -> Result<()> {
+        let (all, bad) = repo.manifests()?;
+        if !bad.is_empty() {
+            bail!("unreadable manifests");
+        }
+        let recent: Vec<Manifest> = all.into_iter().filter(|m| m.time >= since).collect();
+        let referenced = crate::references::referenced_ids(repo, &recent)?;
+        for pack in published {
+            if pack.entries.iter().any(|e| referenced.contains(&e.id)) {
+                continue;
+            }
+            repo.backend.remove(&index_path(&pack.id)).context("remove pack index")?;
+            repo.backend.remove(&pack_path(&pack.id)).context("remove pack")?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!("could not remove the failed backup's packs ({e:#}); `rime prune` will");
+    }
+}

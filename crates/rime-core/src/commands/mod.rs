@@ -1,0 +1,9 @@
+//! One module per command.
+
+pub mod backup;
+pub mod forget;
+pub mod init;
+pub mod prune;
+pub mod restore;
+pub mod snapshots;
+pub mod verify;

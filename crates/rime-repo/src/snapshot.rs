@@ -1,0 +1,79 @@
+//! Snapshot manifests: `snapshots/<id>.json`, the last object a backup writes.
+
+use crate::id::SnapshotId;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    pub time: chrono::DateTime<chrono::Utc>,
+    pub host: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub volumes: Vec<VolumeEntry>,
+    /// Seconds the backup took.
+    pub duration: f64,
+    pub rime_version: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    /// Name unique within the snapshot, used by `--volume`.
+    pub name: String,
+    /// The path the volume was read from.
+    pub source: String,
+    /// "block-device" or "file".
+    pub kind: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// Filesystem found on the volume ("ext4", ...), or null when none was recognised.
+    pub filesystem: Option<String>,
+    /// How the used-block map was made: "ext4 block bitmaps", "all blocks", "non-zero chunks", ...
+    pub map: String,
+    /// Bytes the used-block map marked as used.
+    pub used_bytes: u64,
+    /// Bytes read from the volume.
+    pub read_bytes: u64,
+    /// Bytes this volume added to the repository (compressed, after dedup).
+    pub added_bytes: u64,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    pub new_chunks: u64,
+    /// Object path of the volume index, and its BLAKE3 digest.
+    pub index: String,
+    pub index_digest: String,
+}
+
+impl Manifest {
+    pub fn snapshot_id(&self) -> SnapshotId {
+        SnapshotId(self.id.clone())
+    }
+
+    pub fn path(id: &SnapshotId) -> String {
+        format!("snapshots/{id}.json")
+    }
+
+    /// Identity of "the same set of volumes" for cyclic backups and retention.
+    pub fn group_key(&self) -> (String, Vec<String>) {
+        let mut sources: Vec<String> = self.volumes.iter().map(|v| v.source.clone()).collect();
+        sources.sort();
+        (self.host.clone(), sources)
+    }
+
+    pub fn total_size(&self) -> u64 {
+        self.volumes.iter().map(|v| v.size).sum()
+    }
+
+    pub fn added_bytes(&self) -> u64 {
+        self.volumes.iter().map(|v| v.added_bytes).sum()
+    }
+
+    pub fn volume(&self, name: &str) -> Option<&VolumeEntry> {
+        self.volumes.iter().find(|v| v.name == name)
+    }
+}
+
+pub fn volume_index_path(snapshot: &SnapshotId, volume_number: usize) -> String {
+    format!("volumes/{snapshot}/{volume_number}.vidx")
+}

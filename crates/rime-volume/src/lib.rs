@@ -1,0 +1,9 @@
+//! Rime's view of volumes: block devices and image files, and the used-block maps that the
+//! filesystems on them provide.
+
+pub mod device;
+pub mod fs;
+pub mod usedmap;
+
+pub use device::{Volume, VolumeKind};
+pub use usedmap::{AllBlocks, UsedMap};

@@ -1,0 +1,213 @@
+//! The `rime` command line: argument parsing and output only; the work is in `rime_core`.
+
+mod output;
+mod progress_bar;
+mod sample;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use rime_core::commands::{backup, forget, prune, restore, snapshots, verify};
+use rime_core::retention::Policy;
+use rime_repo::{Compression, Repository};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "rime", version, about = "Hot, block-level backup for Linux servers and VM hosts")]
+struct Cli {
+    /// Repository: a directory path (or s3://bucket/prefix). Default: ~/.local/share/rime/repo
+    #[arg(long, global = true, env = "RIME_REPO")]
+    repo: Option<String>,
+    /// Print one machine-readable JSON document on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Worker threads for hashing and compression (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a repository (refuses an existing one).
+    Init {
+        /// Chunk size in bytes (power of two, 4 KiB to 16 MiB). Default 64 KiB.
+        #[arg(long)]
+        chunk_size: Option<u32>,
+    },
+    /// Back up volumes into a new snapshot. With no volume, backs up a sample ext4 volume.
+    Backup {
+        /// Block devices or image files.
+        volumes: Vec<PathBuf>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long, default_value = "normal", value_parser = ["none", "fast", "normal", "best"])]
+        compression: String,
+        #[arg(long, default_value = "auto", value_parser = ["offline", "auto", "online"])]
+        mode: String,
+        /// Image every block, not only those the filesystem uses.
+        #[arg(long)]
+        all_blocks: bool,
+        /// Cyclic backup: keep the last N snapshots of this set of volumes, prune the rest.
+        #[arg(long)]
+        keep_last: Option<usize>,
+    },
+    /// List snapshots.
+    Snapshots,
+    /// Write a volume back, bit-exact, to a device or file.
+    Restore {
+        snapshot: String,
+        target: PathBuf,
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Re-read and check every chunk that a snapshot (default: every snapshot) needs.
+    Verify { snapshot: Option<String> },
+    /// Remove snapshots by id or by retention policy.
+    Forget {
+        snapshots: Vec<String>,
+        #[arg(long)]
+        keep_last: Option<usize>,
+        #[arg(long)]
+        keep_daily: Option<usize>,
+        #[arg(long)]
+        keep_weekly: Option<usize>,
+        #[arg(long)]
+        keep_monthly: Option<usize>,
+        /// Show what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Prune afterwards.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Delete data that no snapshot references.
+    Prune,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RIME_LOG"))
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("rime: {msg}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The embedded default repository and sample volume live here.
+fn data_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("rime"));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set; pass --repo")?;
+    Ok(PathBuf::from(home).join(".local/share/rime"))
+}
+
+fn repo_location(cli_repo: &Option<String>) -> Result<(String, bool)> {
+    match cli_repo {
+        Some(r) if !r.is_empty() => Ok((r.clone(), false)),
+        _ => Ok((data_dir()?.join("repo").display().to_string(), true)),
+    }
+}
+
+fn run(cli: Cli) -> Result<i32> {
+    let threads = cli.threads.unwrap_or_else(rime_core::default_threads).max(1);
+    let (location, is_default) = repo_location(&cli.repo)?;
+    let progress = progress_bar::for_terminal(cli.json);
+    let lock_wait = Duration::from_secs(30);
+    match cli.command {
+        Command::Init { chunk_size } => {
+            let repo = rime_core::commands::init::init(&location, chunk_size)?;
+            output::init(&repo, cli.json);
+        }
+        Command::Backup { volumes, tags, compression, mode, all_blocks, keep_last } => {
+            let mut volumes = volumes;
+            if volumes.is_empty() {
+                let sample = sample::ensure_sample_volume(&data_dir()?)?;
+                if !cli.json {
+                    eprintln!("no volume named: backing up the sample ext4 volume {}", sample.display());
+                }
+                volumes.push(sample);
+            }
+            let repo = if is_default && !std::path::Path::new(&location).join("config.json").exists() {
+                if !cli.json {
+                    eprintln!("creating the default repository {location}");
+                }
+                rime_core::commands::init::init(&location, None)?
+            } else {
+                Repository::open(&location)?
+            };
+            if keep_last == Some(0) {
+                bail!("--keep-last must be at least 1");
+            }
+            let opts = backup::BackupOptions {
+                volumes,
+                tags,
+                compression: Compression::parse(&compression)?,
+                all_blocks,
+                mode: backup::Mode::parse(&mode)?,
+                keep_last,
+                threads,
+                host: rime_core::hostname(),
+            };
+            let summary = backup::backup(&repo, &opts, progress.as_ref())?;
+            output::backup(&summary, cli.json);
+        }
+        Command::Snapshots => {
+            let repo = Repository::open(&location)?;
+            output::snapshots(&snapshots::list(&repo)?, cli.json);
+        }
+        Command::Restore { snapshot, target, volume } => {
+            let repo = Repository::open(&location)?;
+            let opts = restore::RestoreOptions { snapshot, target, volume, threads };
+            output::restore(&restore::restore(&repo, &opts, progress.as_ref())?, cli.json);
+        }
+        Command::Verify { snapshot } => {
+            let repo = Repository::open(&location)?;
+            let report = verify::verify(&repo, snapshot.as_deref(), threads, progress.as_ref())?;
+            output::verify(&report, cli.json);
+            if !report.ok() {
+                return Ok(1);
+            }
+        }
+        Command::Forget { snapshots, keep_last, keep_daily, keep_weekly, keep_monthly, dry_run, prune: and_prune } => {
+            let repo = Repository::open(&location)?;
+            let policy = Policy { keep_last, keep_daily, keep_weekly, keep_monthly };
+            if !snapshots.is_empty() && !policy.is_empty() {
+                bail!("name snapshots or give a --keep-* policy, not both");
+            }
+            if [keep_last, keep_daily, keep_weekly, keep_monthly].contains(&Some(0)) {
+                bail!("--keep-* counts must be at least 1");
+            }
+            let removed = if snapshots.is_empty() {
+                let decisions = forget::forget_policy(&repo, &policy, dry_run, lock_wait)?;
+                output::forget_decisions(&decisions, dry_run, cli.json && !and_prune);
+                decisions.into_iter().filter(|d| !d.keep).map(|d| d.id).collect()
+            } else if dry_run {
+                bail!("--dry-run applies to --keep-* policies");
+            } else {
+                let ids = forget::forget_ids(&repo, &snapshots, lock_wait)?;
+                output::forgotten(&ids, cli.json && !and_prune);
+                ids
+            };
+            if and_prune && !dry_run {
+                let summary = prune::prune(&repo, progress.as_ref(), lock_wait)?;
+                output::prune(&summary, Some(&removed), cli.json);
+            }
+        }
+        Command::Prune => {
+            let repo = Repository::open(&location)?;
+            output::prune(&prune::prune(&repo, progress.as_ref(), lock_wait)?, None, cli.json);
+        }
+    }
+    Ok(0)
+}

@@ -1,0 +1,175 @@
+//! What each command prints: a human summary, or one JSON document with `--json`.
+
+use rime_core::commands::backup::BackupSummary;
+use rime_core::commands::prune::PruneSummary;
+use rime_core::commands::restore::RestoreSummary;
+use rime_core::commands::verify::VerifyReport;
+use rime_core::retention::Decision;
+use rime_repo::{Manifest, Repository};
+use serde_json::json;
+
+pub fn size(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn print_json(value: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialise"));
+}
+
+pub fn init(repo: &Repository, json: bool) {
+    if json {
+        print_json(&json!({"repository": repo.location(), "id": repo.config.id, "chunk_size": repo.config.chunk_size}));
+    } else {
+        println!("created repository {} (chunk size {})", repo.location(), size(repo.config.chunk_size as u64));
+    }
+}
+
+pub fn backup(s: &BackupSummary, json: bool) {
+    if json {
+        print_json(&serde_json::to_value(s).expect("summary serialises"));
+        return;
+    }
+    let m = &s.manifest;
+    println!("snapshot {} saved ({:.1} s)", &m.id[..8], m.duration);
+    for v in &m.volumes {
+        println!(
+            "  {:<16} {:>10}  {:<28} used {:>10}  read {:>10}  added {:>10}",
+            v.name,
+            size(v.size),
+            v.map,
+            size(v.used_bytes),
+            size(v.read_bytes),
+            size(v.added_bytes)
+        );
+    }
+    let read: u64 = m.volumes.iter().map(|v| v.read_bytes).sum();
+    if m.duration > 0.0 {
+        println!("  read {} at {}/s", size(read), size((read as f64 / m.duration) as u64));
+    }
+    if !s.forgotten.is_empty() {
+        println!("  --keep-last removed {} old snapshot(s)", s.forgotten.len());
+    }
+    if let Some(p) = &s.pruned {
+        println!("  pruned: {} freed", size(p.bytes_freed));
+    }
+}
+
+pub fn snapshots(list: &[Manifest], json: bool) {
+    if json {
+        print_json(&serde_json::to_value(list).expect("manifests serialise"));
+        return;
+    }
+    if list.is_empty() {
+        println!("no snapshots");
+        return;
+    }
+    println!("{:<9} {:<20} {:<16} {:>10} {:>10}  volumes", "id", "time (UTC)", "host", "size", "added");
+    for m in list {
+        let vols: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
+        let tags = if m.tags.is_empty() { String::new() } else { format!("  [{}]", m.tags.join(",")) };
+        println!(
+            "{:<9} {:<20} {:<16} {:>10} {:>10}  {}{}",
+            &m.id[..8],
+            m.time.format("%Y-%m-%d %H:%M:%S"),
+            m.host,
+            size(m.total_size()),
+            size(m.added_bytes()),
+            vols.join(", "),
+            tags
+        );
+    }
+}
+
+pub fn restore(s: &RestoreSummary, json: bool) {
+    if json {
+        print_json(&serde_json::to_value(s).expect("summary serialises"));
+    } else {
+        println!(
+            "restored volume {} of snapshot {} to {}: {} ({} data, {} zeros) in {:.1} s",
+            s.volume,
+            &s.snapshot[..8],
+            s.target,
+            size(s.size),
+            size(s.data_bytes),
+            size(s.zero_bytes),
+            s.seconds
+        );
+    }
+}
+
+pub fn verify(r: &VerifyReport, json: bool) {
+    if json {
+        let mut v = serde_json::to_value(r).expect("report serialises");
+        v["ok"] = json!(r.ok());
+        print_json(&v);
+        return;
+    }
+    for p in &r.problems {
+        let mut line = format!("{}: {}", p.kind, p.detail);
+        if let Some(pack) = &p.pack {
+            line.push_str(&format!(" (pack {pack})"));
+        }
+        if !p.snapshots.is_empty() {
+            line.push_str(&format!("; needed by snapshot(s) {}", p.snapshots.join(", ")));
+        }
+        println!("{line}");
+    }
+    let verdict = if r.ok() { "no problems found".to_string() } else { format!("{} problem(s) found", r.problems.len()) };
+    println!(
+        "verified {} snapshot(s), {} chunks, {}: {verdict}",
+        r.snapshots.len(),
+        r.chunks_checked,
+        size(r.bytes_checked)
+    );
+}
+
+pub fn forget_decisions(decisions: &[Decision], dry_run: bool, json: bool) {
+    if json {
+        print_json(&json!({"dry_run": dry_run, "decisions": decisions}));
+        return;
+    }
+    for d in decisions {
+        let verb = match (d.keep, dry_run) {
+            (true, _) => format!("keep   ({})", d.reasons.join(", ")),
+            (false, true) => "would remove".to_string(),
+            (false, false) => "removed".to_string(),
+        };
+        println!("{} {verb}", &d.id[..8]);
+    }
+}
+
+pub fn forgotten(ids: &[String], json: bool) {
+    if json {
+        print_json(&json!({"forgotten": ids}));
+    } else {
+        for id in ids {
+            println!("removed snapshot {id}");
+        }
+    }
+}
+
+pub fn prune(s: &PruneSummary, forgotten: Option<&[String]>, json: bool) {
+    if json {
+        print_json(&json!({"forgotten": forgotten, "prune": s}));
+        return;
+    }
+    println!(
+        "pruned: {} pack(s) deleted, {} repacked, {} orphan pack(s), {} chunks removed, {} freed",
+        s.packs_deleted,
+        s.packs_repacked,
+        s.orphan_packs_deleted,
+        s.chunks_deleted,
+        size(s.bytes_freed)
+    );
+}
