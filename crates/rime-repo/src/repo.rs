@@ -39,7 +39,6 @@ impl Repository {
         if root.exists() && std::fs::read_dir(&root).with_context(|| format!("read {location}"))?.next().is_some() {
             bail!("{location} is not empty; refusing to create a repository there");
         }
-        std::fs::create_dir_all(&root).with_context(|| format!("create {location}"))?;
         let config = RepoConfig {
             format_version: crate::FORMAT_VERSION,
             id: hex::encode(crate::id::random_bytes::<16>()),
@@ -48,6 +47,7 @@ impl Repository {
             created: chrono::Utc::now(),
         };
         config.validate()?;
+        std::fs::create_dir_all(&root).with_context(|| format!("create {location}"))?;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
         for dir in ["packs", "index", "snapshots", "volumes", "tmp"] {
             std::fs::create_dir_all(root.join(dir))?;

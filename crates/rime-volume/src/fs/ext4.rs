@@ -111,7 +111,7 @@ impl Superblock {
         ensure!(s.blocks_count > s.first_data_block, "block count {} is invalid", s.blocks_count);
         ensure!(s.first_data_block <= 1, "first data block {} is invalid", s.first_data_block);
         ensure!(
-            s.clusters_per_group > 0 && s.clusters_per_group <= 8 * block_size,
+            s.clusters_per_group >= 8 && s.clusters_per_group % 8 == 0 && s.clusters_per_group <= 8 * block_size,
             "clusters per group {} is invalid",
             s.clusters_per_group
         );
@@ -159,7 +159,10 @@ impl Superblock {
         let dpb = self.descs_per_block();
         let meta_bg = self.incompat & INCOMPAT_META_BG != 0;
         if !meta_bg || g / dpb < self.first_meta_bg {
-            self.first_data_block + 1 + g / dpb
+            // The table follows the primary superblock's block. With 1 KiB blocks and bigalloc
+            // the first data block is 0 but the superblock still sits in block 1.
+            let sb_block = if self.first_data_block == 0 && self.block_size == 1024 { 1 } else { self.first_data_block };
+            sb_block + 1 + g / dpb
         } else {
             let first_of_meta = (g / dpb) * dpb;
             self.group_first_block(first_of_meta) + u64::from(self.has_super(first_of_meta))
@@ -232,7 +235,7 @@ impl Ext4Map {
         let itb = sb.inode_table_blocks();
         let mut block = vec![0u8; sb.block_size as usize];
         let mut loaded_block = u64::MAX;
-        let in_fs = |start: u64, len: u64| start >= sb.first_data_block && start.checked_add(len).is_some_and(|e| e <= sb.blocks_count);
+        let in_fs = |start: u64, len: u64| start.checked_add(len).is_some_and(|e| e <= sb.blocks_count);
         for g in 0..groups_n {
             let db = sb.desc_block(g);
             ensure!(in_fs(db, 1), "descriptor block {db} of group {g} is outside the filesystem");
