@@ -37,20 +37,22 @@ pub struct ArchiveStats {
 }
 
 /// Receives new chunks and packs them; shared by all volumes of one backup so that chunks
-/// repeated across volumes are stored once.
-pub struct PackSink<'a> {
-    backend: &'a dyn Backend,
+/// repeated across volumes are stored once. Full packs are finished (trailer, fsync, rename,
+/// index file) on a background thread so the pipeline never waits for the disk to sync.
+pub struct PackSink {
+    backend: Arc<dyn Backend>,
     existing: Arc<ChunkIndex>,
     pack_size: u64,
     current: Option<PackWriter>,
     added: IdSet,
-    /// Packs this backup has published so far.
+    finisher: Option<(Sender<PackWriter>, std::thread::JoinHandle<(Vec<FinishedPack>, Result<()>)>)>,
+    /// Packs this backup has published (complete after `flush` or `abandon`).
     pub published: Vec<FinishedPack>,
 }
 
-impl<'a> PackSink<'a> {
-    pub fn new(backend: &'a dyn Backend, existing: Arc<ChunkIndex>, pack_size: u64) -> PackSink<'a> {
-        PackSink { backend, existing, pack_size, current: None, added: IdSet::default(), published: Vec::new() }
+impl PackSink {
+    pub fn new(backend: Arc<dyn Backend>, existing: Arc<ChunkIndex>, pack_size: u64) -> PackSink {
+        PackSink { backend, existing, pack_size, current: None, added: IdSet::default(), finisher: None, published: Vec::new() }
     }
 
     /// Stores a chunk unless the repository or this backup already has it; returns the bytes
@@ -60,22 +62,62 @@ impl<'a> PackSink<'a> {
             return Ok(0);
         }
         if self.current.is_none() {
-            self.current = Some(PackWriter::create(self.backend)?);
+            self.current = Some(PackWriter::create(self.backend.as_ref())?);
         }
         let pack = self.current.as_mut().expect("pack just created");
         pack.add(id, encoding, payload, raw_len)?;
         if pack.len() >= self.pack_size {
-            self.flush()?;
+            let full = self.current.take().expect("pack present");
+            self.hand_to_finisher(full)?;
         }
         Ok(payload.len() as u64)
     }
 
-    /// Publishes the pack being filled, if any.
-    pub fn flush(&mut self) -> Result<()> {
-        if let Some(pack) = self.current.take() {
-            self.published.push(pack.finish(self.backend)?);
+    fn hand_to_finisher(&mut self, pack: PackWriter) -> Result<()> {
+        let (tx, _) = self.finisher.get_or_insert_with(|| {
+            // One pack may wait while another is being synced.
+            let (tx, rx) = bounded::<PackWriter>(1);
+            let backend = self.backend.clone();
+            let handle = std::thread::spawn(move || {
+                let mut done = Vec::new();
+                for pack in rx.iter() {
+                    match pack.finish(backend.as_ref()) {
+                        Ok(finished) => done.push(finished),
+                        Err(e) => {
+                            rx.iter().for_each(PackWriter::abandon);
+                            return (done, Err(e));
+                        }
+                    }
+                }
+                (done, Ok(()))
+            });
+            (tx, handle)
+        });
+        if let Err(returned) = tx.send(pack) {
+            returned.into_inner().abandon();
+            // The finisher stopped on an error: collect it.
+            self.join_finisher()?;
+            bail!("pack writer stopped");
         }
         Ok(())
+    }
+
+    fn join_finisher(&mut self) -> Result<()> {
+        if let Some((tx, handle)) = self.finisher.take() {
+            drop(tx);
+            let (done, result) = handle.join().expect("pack finisher panicked");
+            self.published.extend(done);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Publishes every pack, including the one being filled; returns once all are durable.
+    pub fn flush(&mut self) -> Result<()> {
+        if let Some(pack) = self.current.take() {
+            self.hand_to_finisher(pack)?;
+        }
+        self.join_finisher()
     }
 
     /// Drops the unfinished pack; returns the packs already published.
@@ -83,6 +125,7 @@ impl<'a> PackSink<'a> {
         if let Some(pack) = self.current.take() {
             pack.abandon();
         }
+        let _ = self.join_finisher();
         self.published
     }
 }
@@ -116,7 +159,7 @@ pub struct ArchiveInput<'a> {
 /// Images one volume into `vidx`, storing new chunks through `sink`.
 pub fn archive_volume(
     input: ArchiveInput<'_>,
-    sink: &mut PackSink<'_>,
+    sink: &mut PackSink,
     vidx: &mut VolumeIndexWriter,
     progress: &dyn Progress,
 ) -> Result<ArchiveStats> {
@@ -237,7 +280,7 @@ fn write_in_order(
     count: u64,
     cs: u64,
     size: u64,
-    sink: &mut PackSink<'_>,
+    sink: &mut PackSink,
     vidx: &mut VolumeIndexWriter,
     progress: &dyn Progress,
 ) -> Result<ArchiveStats> {

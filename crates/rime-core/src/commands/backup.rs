@@ -81,7 +81,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     }
     let index = Arc::new(index);
     let snapshot = SnapshotId::random();
-    let mut sink = PackSink::new(repo.backend.as_ref(), index, repo.config.pack_size as u64);
+    let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
 
     let result = archive_all(repo, opts, &volumes, &snapshot, &mut sink, &mut warnings, progress);
     let entries = match result.and_then(|entries| sink.flush().map(|_| entries)) {
@@ -185,7 +185,7 @@ fn archive_all(
     opts: &BackupOptions,
     volumes: &[OpenVolume],
     snapshot: &SnapshotId,
-    sink: &mut PackSink<'_>,
+    sink: &mut PackSink,
     warnings: &mut Vec<String>,
     progress: &dyn Progress,
 ) -> Result<Vec<VolumeEntry>> {
