@@ -5,6 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VolumeKind {
@@ -25,7 +26,39 @@ pub struct Volume {
     pub path: PathBuf,
     pub kind: VolumeKind,
     pub size: u64,
-    file: File,
+    file: Arc<File>,
+}
+
+/// A byte range of a volume — the whole volume, or one partition of a disk — that
+/// filesystem parsers read through. Reads outside the range are errors, never out-of-bounds
+/// reads of the neighbouring data.
+#[derive(Clone)]
+pub struct Region {
+    file: Arc<File>,
+    pub path: PathBuf,
+    /// Offset of the region within its volume.
+    pub start: u64,
+    pub len: u64,
+}
+
+impl Region {
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_none_or(|e| e > self.len) {
+            bail!("read past the end of {} region at {} ({} + {} > {})", self.path.display(), self.start, offset, buf.len(), self.len);
+        }
+        self.file
+            .read_exact_at(buf, self.start + offset)
+            .with_context(|| format!("read error on {} at byte {}", self.path.display(), self.start + offset))
+    }
+
+    /// A sub-range of this region.
+    pub fn sub(&self, start: u64, len: u64) -> Result<Region> {
+        if start.checked_add(len).is_none_or(|e| e > self.len) {
+            bail!("range {start}+{len} lies outside {} ({} bytes)", self.path.display(), self.len);
+        }
+        Ok(Region { file: self.file.clone(), path: self.path.clone(), start: self.start + start, len })
+    }
 }
 
 impl Volume {
@@ -45,7 +78,7 @@ impl Volume {
         if exclusive && kind == VolumeKind::BlockDevice {
             opts.custom_flags(libc::O_EXCL);
         }
-        let mut file = match opts.open(path) {
+        let mut file: File = match opts.open(path) {
             Ok(f) => f,
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                 bail!("volume {} is in use (mounted or claimed by another program)", path.display())
@@ -57,7 +90,7 @@ impl Volume {
         unsafe {
             libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
-        Ok(Volume { path: path.to_path_buf(), kind, size, file })
+        Ok(Volume { path: path.to_path_buf(), kind, size, file: Arc::new(file) })
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the volume are an error.
@@ -70,7 +103,8 @@ impl Volume {
             .with_context(|| format!("read error on {} at byte {offset}", self.path.display()))
     }
 
-    pub fn try_clone(&self) -> Result<Volume> {
-        Ok(Volume { path: self.path.clone(), kind: self.kind, size: self.size, file: self.file.try_clone()? })
+    /// The whole volume as a region.
+    pub fn region(&self) -> Region {
+        Region { file: self.file.clone(), path: self.path.clone(), start: 0, len: self.size }
     }
 }

@@ -5,5 +5,5 @@ pub mod device;
 pub mod fs;
 pub mod usedmap;
 
-pub use device::{Volume, VolumeKind};
+pub use device::{Region, Volume, VolumeKind};
 pub use usedmap::{AllBlocks, UsedMap};

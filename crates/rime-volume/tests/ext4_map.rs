@@ -22,7 +22,7 @@ fn mkfs(dir: &Path, name: &str, size_mib: u64, args: &[&str], content: Option<&P
 
 fn used_bytes(img: &Path) -> u64 {
     let vol = Volume::open(img, false).unwrap();
-    let mut map = Ext4Map::probe(&vol).unwrap_or_else(|e| panic!("{}: {e:#}", img.display())).expect("ext filesystem recognised");
+    let mut map = Ext4Map::probe(&vol.region()).unwrap_or_else(|e| panic!("{}: {e:#}", img.display())).expect("ext filesystem recognised");
     let mut ranges = Vec::new();
     let chunk = 1 << 20;
     let mut off = 0;
@@ -40,7 +40,7 @@ fn used_bytes(img: &Path) -> u64 {
 
 fn reported_used(img: &Path) -> u64 {
     let vol = Volume::open(img, false).unwrap();
-    Ext4Map::probe(&vol).unwrap().unwrap().reported_used_bytes().unwrap()
+    Ext4Map::probe(&vol.region()).unwrap().unwrap().reported_used_bytes().unwrap()
 }
 
 #[test]
@@ -80,7 +80,7 @@ fn not_ext_is_not_recognised() {
     let img = dir.path().join("zero.img");
     std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
     let vol = Volume::open(&img, false).unwrap();
-    assert!(Ext4Map::probe(&vol).unwrap().is_none());
+    assert!(Ext4Map::probe(&vol.region()).unwrap().is_none());
 }
 
 #[test]
@@ -106,7 +106,7 @@ fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
         let path = dir.path().join("bad.img");
         std::fs::write(&path, &bad).unwrap();
         let vol = Volume::open(&path, false).unwrap();
-        match Ext4Map::probe(&vol) {
+        match Ext4Map::probe(&vol.region()) {
             Ok(Some(mut map)) => {
                 let mut ranges = Vec::new();
                 let mut off = 0;
@@ -128,5 +128,5 @@ fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
     let path = dir.path().join("lying.img");
     std::fs::write(&path, &lying).unwrap();
     let vol = Volume::open(&path, false).unwrap();
-    assert!(Ext4Map::probe(&vol).is_err());
+    assert!(Ext4Map::probe(&vol.region()).is_err());
 }

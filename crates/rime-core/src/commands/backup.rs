@@ -196,7 +196,7 @@ fn archive_all(
         let (mut map, filesystem): (Box<dyn UsedMap>, Option<String>) = if opts.all_blocks {
             (Box::new(AllBlocks { reason: "all blocks (--all-blocks)".into() }), None)
         } else {
-            let detected = fs::detect(volume);
+            let detected = fs::detect(&volume.region());
             if let Some(w) = detected.warning {
                 progress.warn(&w);
                 warnings.push(w);

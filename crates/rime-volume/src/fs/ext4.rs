@@ -6,7 +6,7 @@
 //! groups (`BLOCK_UNINIT`, honoured only when group descriptor checksums make the flag
 //! trustworthy). Every number read from disk is range-checked before use.
 
-use crate::device::Volume;
+use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Result};
 use std::ops::Range;
@@ -170,10 +170,13 @@ impl Superblock {
     }
 
     /// Blocks at the start of a group with a superblock copy that hold the superblock and the
-    /// (old-style) descriptor table with its reserved growth blocks. An over-estimate for meta_bg
-    /// filesystems, which is safe.
-    fn super_overhead(&self) -> u64 {
+    /// (old-style) descriptor table with its reserved growth blocks. With meta_bg the old-style
+    /// table has `first_meta_bg` blocks, and only in the first meta groups (as libext2fs lays it out).
+    fn super_overhead(&self, g: u64) -> u64 {
         let dpb = self.descs_per_block();
+        if self.incompat & INCOMPAT_META_BG != 0 {
+            return 1 + if g / dpb < self.first_meta_bg { self.first_meta_bg } else { 0 };
+        }
         1 + self.group_count().div_ceil(dpb) + self.reserved_gdt_blocks
     }
 
@@ -190,7 +193,7 @@ fn is_power_of(mut n: u64, p: u64) -> bool {
 }
 
 pub struct Ext4Map {
-    volume: Volume,
+    region: Region,
     sb: Superblock,
     name: &'static str,
     groups: Vec<Group>,
@@ -203,18 +206,18 @@ pub struct Ext4Map {
 
 impl Ext4Map {
     /// Recognises an ext2/3/4 filesystem. `Ok(None)`: not ext; `Err`: ext but unusable.
-    pub fn probe(volume: &Volume) -> Result<Option<Ext4Map>> {
-        if volume.size < SUPERBLOCK_OFFSET + 1024 {
+    pub fn probe(region: &Region) -> Result<Option<Ext4Map>> {
+        if region.len < SUPERBLOCK_OFFSET + 1024 {
             return Ok(None);
         }
         let mut raw = vec![0u8; 1024];
-        volume.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+        region.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
         let Some(sb) = Superblock::parse(&raw)? else { return Ok(None) };
         let fs_bytes = sb.blocks_count.checked_mul(sb.block_size).unwrap_or(u64::MAX);
         ensure!(
-            fs_bytes <= volume.size,
+            fs_bytes <= region.len,
             "the filesystem ({fs_bytes} bytes) is larger than the volume ({} bytes)",
-            volume.size
+            region.len
         );
         // ext2/ext3 know only these features; anything else (extents, flex_bg, 64bit,
         // checksums, ...) makes it ext4.
@@ -227,7 +230,7 @@ impl Ext4Map {
         } else {
             "ext2"
         };
-        let volume = volume.try_clone()?;
+        let region = region.clone();
         let groups_n = sb.group_count();
         let dpb = sb.descs_per_block();
         let mut groups = Vec::with_capacity(groups_n as usize);
@@ -240,7 +243,7 @@ impl Ext4Map {
             let db = sb.desc_block(g);
             ensure!(in_fs(db, 1), "descriptor block {db} of group {g} is outside the filesystem");
             if db != loaded_block {
-                volume.read_at(db * sb.block_size, &mut block)?;
+                region.read_at(db * sb.block_size, &mut block)?;
                 loaded_block = db;
             }
             let off = ((g % dpb) * sb.desc_size) as usize;
@@ -260,7 +263,7 @@ impl Ext4Map {
         }
         metadata.sort_by_key(|r| r.start);
         let honour_uninit = sb.has_group_desc_csum();
-        Ok(Some(Ext4Map { volume, sb, name, groups, metadata, honour_uninit, cached: None }))
+        Ok(Some(Ext4Map { region, sb, name, groups, metadata, honour_uninit, cached: None }))
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -271,7 +274,7 @@ impl Ext4Map {
     fn load_bitmap(&mut self, g: u64) -> Result<()> {
         if self.cached.as_ref().map(|(cg, _)| *cg) != Some(g) {
             let mut buf = vec![0u8; self.sb.block_size as usize];
-            self.volume.read_at(self.groups[g as usize].block_bitmap * self.sb.block_size, &mut buf)?;
+            self.region.read_at(self.groups[g as usize].block_bitmap * self.sb.block_size, &mut buf)?;
             self.cached = Some((g, buf));
         }
         Ok(())
@@ -284,7 +287,7 @@ impl Ext4Map {
             // Only the group's own superblock/descriptor copies and metadata placed here.
             let mut ranges = Vec::new();
             if self.sb.has_super(g) {
-                ranges.push(first..first + self.sb.super_overhead());
+                ranges.push(first..first + self.sb.super_overhead(g));
             }
             if self.sb.incompat & INCOMPAT_META_BG != 0 {
                 let dpb = self.sb.descs_per_block();
@@ -297,7 +300,10 @@ impl Ext4Map {
             ranges.extend(self.metadata[lo..].iter().take_while(|r| r.start < b1).cloned());
             ranges.sort_by_key(|r| r.start);
             for r in ranges {
-                let (s, e) = (r.start.max(b0), r.end.min(b1));
+                // Ranges may overlap (meta_bg: group 1's descriptor block lies inside its
+                // superblock overhead); skip what an earlier range already covers.
+                let done = out.last().map_or(0, |l| l.end);
+                let (s, e) = (r.start.max(b0).max(done), r.end.min(b1));
                 if s < e {
                     push_range(out, s..e);
                 }
