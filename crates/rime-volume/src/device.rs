@@ -1,5 +1,7 @@
-//! Opening a volume: a block device or a regular (image) file, read-only.
+//! Opening a volume, read-only: a block device, a raw image file, or a VM disk image (qcow2,
+//! VHD, VHDX, VMDK) read as the guest sees it through `qemu-nbd` and Rime's NBD client.
 
+use crate::qemu::{self, QemuNbd};
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
@@ -7,17 +9,31 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Positioned reads from whatever holds a volume's bytes.
+pub trait BlockSource: Send + Sync {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
+}
+
+impl BlockSource for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        FileExt::read_exact_at(self, buf, offset)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VolumeKind {
     BlockDevice,
     File,
+    /// A VM disk image in a format qemu understands ("qcow2", "vpc", "vhdx", "vmdk", ...).
+    DiskImage(String),
 }
 
 impl VolumeKind {
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> String {
         match self {
-            VolumeKind::BlockDevice => "block-device",
-            VolumeKind::File => "file",
+            VolumeKind::BlockDevice => "block-device".into(),
+            VolumeKind::File => "file".into(),
+            VolumeKind::DiskImage(format) => format!("disk-image:{format}"),
         }
     }
 }
@@ -26,7 +42,9 @@ pub struct Volume {
     pub path: PathBuf,
     pub kind: VolumeKind,
     pub size: u64,
-    file: Arc<File>,
+    source: Arc<dyn BlockSource>,
+    /// Keeps the `qemu-nbd` server of a disk image alive as long as the volume.
+    _server: Option<Arc<QemuNbd>>,
 }
 
 /// A byte range of a volume — the whole volume, or one partition of a disk — that
@@ -34,7 +52,7 @@ pub struct Volume {
 /// reads of the neighbouring data.
 #[derive(Clone)]
 pub struct Region {
-    file: Arc<File>,
+    source: Arc<dyn BlockSource>,
     pub path: PathBuf,
     /// Offset of the region within its volume.
     pub start: u64,
@@ -45,9 +63,16 @@ impl Region {
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > self.len) {
-            bail!("read past the end of {} region at {} ({} + {} > {})", self.path.display(), self.start, offset, buf.len(), self.len);
+            bail!(
+                "read past the end of {} region at {} ({} + {} > {})",
+                self.path.display(),
+                self.start,
+                offset,
+                buf.len(),
+                self.len
+            );
         }
-        self.file
+        self.source
             .read_exact_at(buf, self.start + offset)
             .with_context(|| format!("read error on {} at byte {}", self.path.display(), self.start + offset))
     }
@@ -57,22 +82,33 @@ impl Region {
         if start.checked_add(len).is_none_or(|e| e > self.len) {
             bail!("range {start}+{len} lies outside {} ({} bytes)", self.path.display(), self.len);
         }
-        Ok(Region { file: self.file.clone(), path: self.path.clone(), start: self.start + start, len })
+        Ok(Region { source: self.source.clone(), path: self.path.clone(), start: self.start + start, len })
     }
 }
 
 impl Volume {
     /// Opens a volume for reading. Block devices are opened with `O_EXCL` when `exclusive` is
-    /// set, which the kernel refuses while the device is mounted or otherwise claimed.
+    /// set, which the kernel refuses while the device is mounted or otherwise claimed. Image
+    /// files in a VM disk format are served by a private read-only `qemu-nbd`.
     pub fn open(path: &Path, exclusive: bool) -> Result<Volume> {
         let meta = std::fs::metadata(path).with_context(|| format!("cannot open volume {}", path.display()))?;
         let kind = if meta.file_type().is_block_device() {
             VolumeKind::BlockDevice
         } else if meta.is_file() {
-            VolumeKind::File
+            match qemu::image_format(path)? {
+                Some(format) => VolumeKind::DiskImage(format),
+                None => VolumeKind::File,
+            }
         } else {
             bail!("{} is neither a block device nor a regular file", path.display());
         };
+        if let VolumeKind::DiskImage(format) = &kind {
+            let mut server = QemuNbd::start(path, format)?;
+            let client = server.connect()?;
+            let server = Arc::new(server);
+            let size = client.size();
+            return Ok(Volume { path: path.into(), kind, size, source: Arc::new(client), _server: Some(server) });
+        }
         let mut opts = OpenOptions::new();
         opts.read(true);
         if exclusive && kind == VolumeKind::BlockDevice {
@@ -90,21 +126,16 @@ impl Volume {
         unsafe {
             libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
         }
-        Ok(Volume { path: path.to_path_buf(), kind, size, file: Arc::new(file) })
+        Ok(Volume { path: path.to_path_buf(), kind, size, source: Arc::new(file), _server: None })
     }
 
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the volume are an error.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if offset + buf.len() as u64 > self.size {
-            bail!("read past the end of {} ({} + {} > {})", self.path.display(), offset, buf.len(), self.size);
-        }
-        self.file
-            .read_exact_at(buf, offset)
-            .with_context(|| format!("read error on {} at byte {offset}", self.path.display()))
+        self.region().read_at(offset, buf)
     }
 
     /// The whole volume as a region.
     pub fn region(&self) -> Region {
-        Region { file: self.file.clone(), path: self.path.clone(), start: 0, len: self.size }
+        Region { source: self.source.clone(), path: self.path.clone(), start: 0, len: self.size }
     }
 }

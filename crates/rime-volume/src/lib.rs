@@ -3,7 +3,9 @@
 
 pub mod device;
 pub mod fs;
+pub mod nbd;
+pub mod qemu;
 pub mod usedmap;
 
-pub use device::{Region, Volume, VolumeKind};
+pub use device::{BlockSource, Region, Volume, VolumeKind};
 pub use usedmap::{AllBlocks, UsedMap};

@@ -228,7 +228,7 @@ fn archive_all(
         entries.push(VolumeEntry {
             name: ov.name.clone(),
             source: volume.path.display().to_string(),
-            kind: volume.kind.as_str().to_string(),
+            kind: volume.kind.as_str(),
             size: volume.size,
             chunk_size,
             filesystem,

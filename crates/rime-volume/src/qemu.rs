@@ -1,0 +1,132 @@
+//! VM disk images: recognising their formats and serving them with a private, read-only
+//! `qemu-nbd` on a unix socket (backing chains are followed by qemu).
+
+use crate::nbd::NbdClient;
+use anyhow::{bail, Context, Result};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The qemu format name of a disk image file, from its magic bytes; `None` for raw data.
+pub fn image_format(path: &Path) -> Result<Option<String>> {
+    let file = std::fs::File::open(path).with_context(|| format!("cannot open volume {}", path.display()))?;
+    let size = file.metadata()?.len();
+    let mut head = [0u8; 512];
+    let n = file.take(512).read(&mut head)?;
+    let head = &head[..n];
+    let format = if head.starts_with(b"QFI\xfb") {
+        Some("qcow2")
+    } else if head.starts_with(b"vhdxfile") {
+        Some("vhdx")
+    } else if head.starts_with(b"KDMV") || head.starts_with(b"# Disk DescriptorFile") {
+        Some("vmdk")
+    } else if head.starts_with(b"conectix") {
+        Some("vpc") // dynamic VHD: footer copy at the start
+    } else if head.starts_with(b"QED\0") {
+        Some("qed")
+    } else if n >= 0x44 && head[0x40..0x44] == [0x7f, 0x10, 0xda, 0xbe] {
+        Some("vdi")
+    } else if size >= 512 && {
+        let mut footer = [0u8; 8];
+        std::fs::File::open(path)?.read_exact_at(&mut footer, size - 512).is_ok() && &footer == b"conectix"
+    } {
+        Some("vpc") // fixed VHD: raw data followed by a 512-byte footer
+    } else {
+        None
+    };
+    Ok(format.map(str::to_string))
+}
+
+/// A `qemu-nbd --read-only` serving one image on a private unix socket; stopped on drop.
+pub struct QemuNbd {
+    image: PathBuf,
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+}
+
+impl QemuNbd {
+    pub fn start(image: &Path, format: &str) -> Result<QemuNbd> {
+        let dir = std::env::temp_dir().join(format!("rime-nbd-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir_all(&dir)?;
+        let socket = dir.join("sock");
+        let child = Command::new("qemu-nbd")
+            .arg("--read-only")
+            .arg(format!("--format={format}"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--cache=none")
+            .arg("--aio=threads")
+            .arg(image)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    bail!("{} is a {format} disk image, and reading it needs qemu-nbd (install qemu-utils)", image.display());
+                }
+                return Err(e).context("start qemu-nbd");
+            }
+        };
+        let mut server = QemuNbd { image: image.to_path_buf(), child, dir, socket };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !server.socket.exists() {
+            if server.child.try_wait()?.is_some() {
+                let why = server.failure();
+                bail!("qemu-nbd cannot open {} as {format}: {why}", image.display());
+            }
+            if Instant::now() > deadline {
+                bail!("qemu-nbd did not start serving {} within 20 s", image.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    pub fn connect(&mut self) -> Result<NbdClient> {
+        match NbdClient::connect_unix(&self.socket) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                // qemu-nbd binds its socket before opening the image: a refused connection
+                // usually means it could not open the image. Say why, if it did.
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < deadline {
+                    if self.child.try_wait()?.is_some() {
+                        let why = self.failure();
+                        bail!("qemu-nbd cannot open {}: {why}", self.image.display());
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The last line qemu-nbd printed on stderr, after it exited.
+    fn failure(&mut self) -> String {
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        err.lines().last().unwrap_or("it exited").trim().to_string()
+    }
+}
+
+fn unique() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("{:x}", t.as_nanos())
+}
+
+impl Drop for QemuNbd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
