@@ -40,9 +40,31 @@ pub struct VolumeEntry {
     pub chunks: u64,
     pub zero_chunks: u64,
     pub new_chunks: u64,
+    /// "gpt" or "mbr" when the volume is a partitioned disk.
+    #[serde(default)]
+    pub partition_table: Option<String>,
+    #[serde(default)]
+    pub partitions: Vec<PartitionEntry>,
     /// Object path of the volume index, and its BLAKE3 digest.
     pub index: String,
     pub index_digest: String,
+}
+
+/// One partition of a whole-disk volume.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartitionEntry {
+    /// 1-based, as Linux numbers partitions (`--volume disk:2`).
+    pub number: u32,
+    /// Byte offset within the volume.
+    pub start: u64,
+    pub size: u64,
+    /// GPT type GUID or MBR type byte.
+    #[serde(rename = "type")]
+    pub type_id: String,
+    #[serde(default)]
+    pub name: String,
+    pub filesystem: Option<String>,
+    pub map: String,
 }
 
 impl Manifest {

@@ -3,7 +3,9 @@
 
 pub mod device;
 pub mod fs;
+pub mod layout;
 pub mod nbd;
+pub mod partition;
 pub mod qemu;
 pub mod usedmap;
 

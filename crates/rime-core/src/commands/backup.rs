@@ -13,8 +13,9 @@ use rime_repo::lock::LockMode;
 use rime_repo::pack::{index_path, pack_path, FinishedPack};
 use rime_repo::snapshot::volume_index_path;
 use rime_repo::volume_index::VolumeIndexWriter;
+use rime_repo::snapshot::PartitionEntry;
 use rime_repo::{Compression, Manifest, Repository, SnapshotId, VolumeEntry};
-use rime_volume::{fs, AllBlocks, UsedMap, Volume};
+use rime_volume::{layout, Volume};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -193,17 +194,17 @@ fn archive_all(
     let mut entries = Vec::new();
     for (number, ov) in volumes.iter().enumerate() {
         let volume = &ov.volume;
-        let (mut map, filesystem): (Box<dyn UsedMap>, Option<String>) = if opts.all_blocks {
-            (Box::new(AllBlocks { reason: "all blocks (--all-blocks)".into() }), None)
+        let mut layout = if opts.all_blocks {
+            layout::all_blocks("all blocks (--all-blocks)")
         } else {
-            let detected = fs::detect(&volume.region());
-            if let Some(w) = detected.warning {
-                progress.warn(&w);
-                warnings.push(w);
-            }
-            let fs_name = detected.map.filesystem().map(str::to_string);
-            (detected.map, fs_name)
+            layout::map_volume(&volume.region()).with_context(|| format!("{}", volume.path.display()))?
         };
+        for w in layout.warnings.drain(..) {
+            progress.warn(&w);
+            warnings.push(w);
+        }
+        let filesystem = layout.map.filesystem().map(str::to_string);
+        let mut map = layout.map;
         let map_description = map.describe();
         let mut vidx = VolumeIndexWriter::create(repo.backend.as_ref(), chunk_size, volume.size)?;
         progress.begin(&ov.name, volume.size);
@@ -239,6 +240,20 @@ fn archive_all(
             chunks: stats.chunks,
             zero_chunks: stats.zero_chunks,
             new_chunks: stats.new_chunks,
+            partition_table: layout.table,
+            partitions: layout
+                .partitions
+                .into_iter()
+                .map(|p| PartitionEntry {
+                    number: p.partition.number,
+                    start: p.partition.start,
+                    size: p.partition.len,
+                    type_id: p.partition.type_id,
+                    name: p.partition.name,
+                    filesystem: p.filesystem,
+                    map: p.map,
+                })
+                .collect(),
             index: index_path,
             index_digest: digest,
         });

@@ -1,0 +1,127 @@
+//! What is on a volume: one filesystem, or a partitioned disk whose partitions each carry
+//! their own map. `map_volume` is the entry point the backup uses.
+
+use crate::device::Region;
+use crate::fs;
+use crate::partition::{self, Partition, PartitionTable};
+use crate::usedmap::{push_range, AllBlocks, UsedMap};
+use anyhow::Result;
+use std::ops::Range;
+
+/// One partition as mapped, for the snapshot manifest.
+#[derive(Clone, Debug)]
+pub struct MappedPartition {
+    pub partition: Partition,
+    pub filesystem: Option<String>,
+    pub map: String,
+}
+
+pub struct Layout {
+    pub map: Box<dyn UsedMap>,
+    pub table: Option<String>,
+    pub partitions: Vec<MappedPartition>,
+    pub warnings: Vec<String>,
+}
+
+/// Finds the layout of a volume: a GPT disk, else a filesystem, else an MBR disk, else raw
+/// data (all non-zero chunks). GPT comes first because its checksums make it unambiguous; an
+/// MBR signature is shared with FAT and NTFS boot sectors, so filesystems are tried before it.
+pub fn map_volume(volume: &Region) -> Result<Layout> {
+    let table = partition::read(volume)?;
+    if let Some(t) = table.as_ref().filter(|t| t.kind == partition::TableKind::Gpt) {
+        return Ok(disk_layout(volume, t));
+    }
+    let detected = fs::detect(volume);
+    if detected.map.filesystem().is_none() && detected.warning.is_none() {
+        if let Some(t) = table.as_ref() {
+            return Ok(disk_layout(volume, t));
+        }
+    }
+    Ok(Layout { map: detected.map, table: None, partitions: Vec::new(), warnings: detected.warning.into_iter().collect() })
+}
+
+fn disk_layout(disk: &Region, table: &PartitionTable) -> Layout {
+    let mut segments = Vec::new();
+    let mut partitions = Vec::new();
+    let mut warnings = Vec::new();
+    for p in &table.partitions {
+        let region = disk.sub(p.start, p.len).expect("partition table checked against the disk");
+        let detected = fs::detect(&region);
+        if let Some(w) = detected.warning {
+            warnings.push(format!("partition {}: {w}", p.number));
+        }
+        partitions.push(MappedPartition {
+            partition: p.clone(),
+            filesystem: detected.map.filesystem().map(str::to_string),
+            map: detected.map.describe(),
+        });
+        segments.push(Segment { start: p.start, len: p.len, map: detected.map });
+    }
+    let summary = partitions
+        .iter()
+        .map(|p| format!("{}:{}", p.partition.number, p.filesystem.as_deref().unwrap_or("?")))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let map = DiskMap { segments, description: format!("{} partition table ({summary})", table.kind.as_str()) };
+    Layout { map: Box::new(map), table: Some(table.kind.as_str().to_string()), partitions, warnings }
+}
+
+struct Segment {
+    start: u64,
+    len: u64,
+    map: Box<dyn UsedMap>,
+}
+
+/// A whole disk: each partition through its own map; everything outside partitions (the
+/// partition table, boot loader gaps, the GPT backup) is kept, so a restored disk boots as the
+/// original did. All-zero chunks there are still stored as markers.
+struct DiskMap {
+    segments: Vec<Segment>,
+    description: String,
+}
+
+impl UsedMap for DiskMap {
+    fn filesystem(&self) -> Option<&str> {
+        None
+    }
+
+    fn describe(&self) -> String {
+        self.description.clone()
+    }
+
+    fn reported_used_bytes(&self) -> Option<u64> {
+        None
+    }
+
+    fn used_ranges(&mut self, start: u64, len: u64, out: &mut Vec<Range<u64>>) -> Result<()> {
+        let end = start + len;
+        let mut pos = start;
+        let mut inner = Vec::new();
+        for seg in self.segments.iter_mut() {
+            let (s, e) = (seg.start, seg.start + seg.len);
+            if e <= pos || s >= end {
+                continue;
+            }
+            // The gap before this partition is kept whole.
+            if s > pos {
+                push_range(out, pos..s);
+            }
+            let (from, to) = (pos.max(s), end.min(e));
+            inner.clear();
+            seg.map.used_ranges(from - s, to - from, &mut inner)?;
+            for r in &inner {
+                push_range(out, r.start + s..r.end + s);
+            }
+            pos = to;
+        }
+        if pos < end {
+            push_range(out, pos..end);
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the no-filesystem fallback available for callers that force it.
+pub fn all_blocks(reason: &str) -> Layout {
+    Layout { map: Box::new(AllBlocks { reason: reason.into() }), table: None, partitions: Vec::new(), warnings: Vec::new() }
+}
