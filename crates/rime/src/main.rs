@@ -61,6 +61,9 @@ enum Command {
         target: PathBuf,
         #[arg(long)]
         volume: Option<String>,
+        /// Write a raw image/device, or a new qcow2 image file.
+        #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
+        format: String,
     },
     /// Re-read and check every chunk that a snapshot (default: every snapshot) needs.
     Verify { snapshot: Option<String> },
@@ -166,9 +169,10 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = Repository::open(&location)?;
             output::snapshots(&snapshots::list(&repo)?, cli.json);
         }
-        Command::Restore { snapshot, target, volume } => {
+        Command::Restore { snapshot, target, volume, format } => {
             let repo = Repository::open(&location)?;
-            let opts = restore::RestoreOptions { snapshot, target, volume, threads };
+            let format = if format == "qcow2" { restore::TargetFormat::Qcow2 } else { restore::TargetFormat::Raw };
+            let opts = restore::RestoreOptions { snapshot, target, volume, threads, format };
             output::restore(&restore::restore(&repo, &opts, progress.as_ref())?, cli.json);
         }
         Command::Verify { snapshot } => {

@@ -22,12 +22,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TargetFormat {
+    /// Bytes as the volume held them: a device or a raw image file.
+    #[default]
+    Raw,
+    /// A new qcow2 image, converted by `qemu-img`.
+    Qcow2,
+}
+
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
     pub snapshot: String,
     pub target: PathBuf,
     pub volume: Option<String>,
     pub threads: usize,
+    pub format: TargetFormat,
 }
 
 #[derive(Debug, Serialize)]
@@ -59,6 +69,44 @@ struct Job {
 }
 
 pub fn restore(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreSummary> {
+    match opts.format {
+        TargetFormat::Raw => restore_raw(repo, opts, progress),
+        TargetFormat::Qcow2 => restore_qcow2(repo, opts, progress),
+    }
+}
+
+/// Restores to a sparse raw file beside the target, then converts it with `qemu-img`; the
+/// target appears only when the conversion succeeded.
+fn restore_qcow2(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreSummary> {
+    if opts.target.exists() {
+        bail!("{} exists; a qcow2 restore writes a new image file", opts.target.display());
+    }
+    let name = opts.target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let raw = opts.target.with_file_name(format!(".{name}.rime-raw"));
+    let partial = opts.target.with_file_name(format!(".{name}.rime-partial"));
+    let _ = std::fs::remove_file(&raw);
+    let result = (|| {
+        let mut summary = restore_raw(repo, &RestoreOptions { target: raw.clone(), format: TargetFormat::Raw, ..opts.clone() }, progress)?;
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "qcow2"])
+            .arg(&raw)
+            .arg(&partial)
+            .output()
+            .map_err(|e| anyhow!("cannot run qemu-img (install qemu-utils): {e}"))?;
+        if !out.status.success() {
+            bail!("qemu-img convert failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        std::fs::File::open(&partial)?.sync_all()?;
+        std::fs::rename(&partial, &opts.target)?;
+        summary.target = opts.target.display().to_string();
+        Ok(summary)
+    })();
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_file(&partial);
+    result
+}
+
+fn restore_raw(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreSummary> {
     let started = Instant::now();
     let _lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
     let manifest = repo.resolve(&opts.snapshot)?;
