@@ -89,21 +89,23 @@ impl QemuNbd {
         Ok(server)
     }
 
+    /// Connects, retrying while qemu-nbd is still starting: it binds its socket before it
+    /// listens, and before it opens the image. If it exits instead, its own reason is reported.
     pub fn connect(&mut self) -> Result<NbdClient> {
-        match NbdClient::connect_unix(&self.socket) {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                // qemu-nbd binds its socket before opening the image: a refused connection
-                // usually means it could not open the image. Say why, if it did.
-                let deadline = Instant::now() + Duration::from_secs(2);
-                while Instant::now() < deadline {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match NbdClient::connect_unix(&self.socket) {
+                Ok(c) => return Ok(c),
+                Err(e) => {
                     if self.child.try_wait()?.is_some() {
                         let why = self.failure();
                         bail!("qemu-nbd cannot open {}: {why}", self.image.display());
                     }
+                    if Instant::now() > deadline {
+                        return Err(e);
+                    }
                     std::thread::sleep(Duration::from_millis(20));
                 }
-                Err(e)
             }
         }
     }
