@@ -1,8 +1,6 @@
 //! Filesystem detection: picks the used-block map for a region of a volume.
 
 pub mod ext4;
-pub mod xfs;
-pub mod ext4_files;
 pub mod fat;
 
 use crate::device::Region;
@@ -16,7 +14,6 @@ type Probe = fn(&Region) -> Result<Option<Box<dyn UsedMap>>>;
 /// Every filesystem Rime can map, tried in order. One line per filesystem.
 const PROBES: &[(&str, Probe)] = &[
     ("ext2/3/4", |r| Ok(ext4::Ext4Map::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
-    ("xfs", |r| Ok(xfs::XfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
     ("FAT", |r| Ok(fat::FatMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
 ];
 
