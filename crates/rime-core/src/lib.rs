@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod commands;
+pub mod exclusions;
 pub mod inuse;
 pub mod progress;
 pub mod references;

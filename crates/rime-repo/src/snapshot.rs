@@ -40,6 +40,9 @@ pub struct VolumeEntry {
     pub chunks: u64,
     pub zero_chunks: u64,
     pub new_chunks: u64,
+    /// Files whose data was left out (`--exclude-file`, swap files).
+    #[serde(default)]
+    pub excluded: Vec<ExcludedFile>,
     /// "gpt" or "mbr" when the volume is a partitioned disk.
     #[serde(default)]
     pub partition_table: Option<String>,
@@ -48,6 +51,17 @@ pub struct VolumeEntry {
     /// Object path of the volume index, and its BLAKE3 digest.
     pub index: String,
     pub index_digest: String,
+}
+
+/// A file whose data blocks were left out of the image: restored with its size and zeros.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExcludedFile {
+    pub path: String,
+    pub size: u64,
+    /// Bytes of the volume the file's data occupied.
+    pub bytes: u64,
+    /// "requested" (`--exclude-file`) or "swap file" (found by its signature).
+    pub reason: String,
 }
 
 /// One partition of a whole-disk volume.

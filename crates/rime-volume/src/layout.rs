@@ -4,7 +4,7 @@
 use crate::device::Region;
 use crate::fs;
 use crate::partition::{self, Partition, PartitionTable};
-use crate::usedmap::{push_range, AllBlocks, UsedMap};
+use crate::usedmap::{push_range, AllBlocks, FileExtents, UsedMap};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -91,6 +91,38 @@ impl UsedMap for DiskMap {
 
     fn reported_used_bytes(&self) -> Option<u64> {
         None
+    }
+
+    /// A path names a file in whichever partitions hold one; their data is all excluded.
+    fn file_extents(&mut self, path: &str) -> Result<Option<FileExtents>> {
+        let mut found: Option<FileExtents> = None;
+        for seg in self.segments.iter_mut() {
+            if seg.map.filesystem().is_none() {
+                continue;
+            }
+            if let Ok(Some(mut fe)) = seg.map.file_extents(path) {
+                for e in fe.extents.iter_mut() {
+                    e.range = e.range.start + seg.start..e.range.end + seg.start;
+                }
+                match found.as_mut() {
+                    Some(f) => f.extents.extend(fe.extents),
+                    None => found = Some(fe),
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    fn swap_files(&mut self) -> Result<Vec<String>> {
+        let mut all = Vec::new();
+        for seg in self.segments.iter_mut() {
+            for f in seg.map.swap_files().unwrap_or_default() {
+                if !all.contains(&f) {
+                    all.push(f);
+                }
+            }
+        }
+        Ok(all)
     }
 
     fn used_ranges(&mut self, start: u64, len: u64, out: &mut Vec<Range<u64>>) -> Result<()> {

@@ -18,6 +18,109 @@ pub trait UsedMap: Send {
     }
     /// Appends the used ranges inside `[start, start + len)` to `out`, in order.
     fn used_ranges(&mut self, start: u64, len: u64, out: &mut Vec<Range<u64>>) -> Result<()>;
+
+    /// Where the data of the file at `path` lies (for `--exclude-file`); `Ok(None)` when there
+    /// is no such file. Only the file's data: the metadata that describes it stays.
+    fn file_extents(&mut self, _path: &str) -> Result<Option<FileExtents>> {
+        anyhow::bail!("excluding files is not supported on {}", self.describe())
+    }
+
+    /// Files this filesystem identifies as swap or hibernation files, left out by default.
+    fn swap_files(&mut self) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The data of one file: its size and where its bytes lie, in file order. Holes (sparse
+/// parts) have no extent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileExtents {
+    pub size: u64,
+    pub extents: Vec<FileExtent>,
+}
+
+/// Bytes `[file_offset, file_offset + range.len())` of a file lie at `range` of the region.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileExtent {
+    pub file_offset: u64,
+    pub range: Range<u64>,
+}
+
+impl FileExtents {
+    /// The region ranges holding the file's bytes from `from` on.
+    pub fn ranges_from(&self, from: u64) -> Vec<Range<u64>> {
+        self.extents
+            .iter()
+            .filter_map(|e| {
+                let len = e.range.end - e.range.start;
+                let skip = from.saturating_sub(e.file_offset).min(len);
+                (skip < len).then(|| e.range.start + skip..e.range.end)
+            })
+            .collect()
+    }
+}
+
+/// Where Linux distributions put swap files; a candidate counts only if it carries the swap
+/// signature.
+pub const SWAP_FILE_CANDIDATES: &[&str] = &["/swapfile", "/swap.img", "/swap/swapfile", "/var/swap", "/swapfile1"];
+
+/// A map with some byte ranges (excluded files' data) taken out.
+pub struct Excluding {
+    pub inner: Box<dyn UsedMap>,
+    /// Sorted, non-overlapping.
+    excluded: Vec<Range<u64>>,
+    pub excluded_bytes: u64,
+}
+
+impl Excluding {
+    pub fn new(inner: Box<dyn UsedMap>, mut excluded: Vec<Range<u64>>) -> Excluding {
+        excluded.sort_by_key(|r| r.start);
+        let mut merged: Vec<Range<u64>> = Vec::new();
+        for r in excluded {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let excluded_bytes = merged.iter().map(|r| r.end - r.start).sum();
+        Excluding { inner, excluded: merged, excluded_bytes }
+    }
+}
+
+impl UsedMap for Excluding {
+    fn filesystem(&self) -> Option<&str> {
+        self.inner.filesystem()
+    }
+    fn describe(&self) -> String {
+        format!("{} minus {} excluded bytes", self.inner.describe(), self.excluded_bytes)
+    }
+    fn reported_used_bytes(&self) -> Option<u64> {
+        self.inner.reported_used_bytes()
+    }
+    fn used_ranges(&mut self, start: u64, len: u64, out: &mut Vec<Range<u64>>) -> Result<()> {
+        let mut used = Vec::new();
+        self.inner.used_ranges(start, len, &mut used)?;
+        let first = self.excluded.partition_point(|r| r.end <= start);
+        for r in used {
+            let mut pos = r.start;
+            for x in self.excluded[first..].iter().take_while(|x| x.start < r.end) {
+                if x.end <= pos {
+                    continue;
+                }
+                if x.start > pos {
+                    push_range(out, pos..x.start.min(r.end));
+                }
+                pos = pos.max(x.end);
+                if pos >= r.end {
+                    break;
+                }
+            }
+            if pos < r.end {
+                push_range(out, pos..r.end);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Every byte is "used": for `--all-blocks` and unknown filesystems (whose all-zero chunks the

@@ -130,3 +130,29 @@ fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
     let vol = Volume::open(&path, false).unwrap();
     assert!(Ext4Map::probe(&vol.region()).is_err());
 }
+
+#[test]
+fn swap_files_are_recognised_by_their_signature() {
+    let dir = tempfile::tempdir().unwrap();
+    let content = dir.path().join("content");
+    std::fs::create_dir(&content).unwrap();
+    let swap = content.join("swapfile");
+    std::fs::write(&swap, vec![0x55u8; 6 << 20]).unwrap();
+    assert!(Command::new("mkswap").arg(&swap).output().unwrap().status.success());
+    std::fs::write(content.join("swap.img"), vec![0x55u8; 1 << 20]).unwrap(); // no signature
+    for args in [vec![], vec!["-b", "4096"]] {
+        let img = mkfs(dir.path(), "swap.img", 64, &args, Some(&content));
+        let vol = Volume::open(&img, false).unwrap();
+        let mut map = Ext4Map::probe(&vol.region()).unwrap().unwrap();
+
+        assert_eq!(map.swap_files().unwrap(), vec!["/swapfile".to_string()], "{args:?}");
+        let fe = map.file_extents("/swapfile").unwrap().unwrap();
+        assert_eq!(fe.size, 6 << 20);
+        // The extents hold the file's bytes: the signature is where the file says.
+        let sig_extent = fe.extents.iter().find(|e| e.file_offset <= 4086 && 4086 < e.file_offset + (e.range.end - e.range.start)).unwrap();
+        let mut sig = [0u8; 10];
+        vol.read_at(sig_extent.range.start + 4086 - sig_extent.file_offset, &mut sig).unwrap();
+        assert_eq!(&sig, b"SWAPSPACE2");
+        assert!(map.file_extents("/nope").unwrap().is_none());
+    }
+}

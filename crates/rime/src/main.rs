@@ -49,6 +49,10 @@ enum Command {
         /// Image every block, not only those the filesystem uses.
         #[arg(long)]
         all_blocks: bool,
+        /// Leave out the data of this file (a path inside the volume's filesystem, e.g.
+        /// /swapfile); it is restored with its size, reading as zeros. Repeatable.
+        #[arg(long = "exclude-file", value_name = "PATH")]
+        exclude_files: Vec<String>,
         /// Cyclic backup: keep the last N snapshots of this set of volumes, prune the rest.
         #[arg(long)]
         keep_last: Option<usize>,
@@ -132,7 +136,7 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = rime_core::commands::init::init(&location, chunk_size)?;
             output::init(&repo, cli.json);
         }
-        Command::Backup { volumes, tags, compression, mode, all_blocks, keep_last } => {
+        Command::Backup { volumes, tags, compression, mode, all_blocks, exclude_files, keep_last } => {
             let mut volumes = volumes;
             if volumes.is_empty() {
                 let sample = sample::ensure_sample_volume(&data_dir()?)?;
@@ -157,6 +161,7 @@ fn run(cli: Cli) -> Result<i32> {
                 tags,
                 compression: Compression::parse(&compression)?,
                 all_blocks,
+                exclude_files,
                 mode: backup::Mode::parse(&mode)?,
                 keep_last,
                 threads,

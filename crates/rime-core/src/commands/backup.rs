@@ -49,6 +49,8 @@ pub struct BackupOptions {
     pub tags: Vec<String>,
     pub compression: Compression,
     pub all_blocks: bool,
+    /// Paths inside the volumes' filesystems whose data is left out.
+    pub exclude_files: Vec<String>,
     pub mode: Mode,
     pub keep_last: Option<usize>,
     pub threads: usize,
@@ -72,6 +74,29 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     let started = Instant::now();
     let mut warnings = Vec::new();
     let volumes = open_volumes(&opts.volumes, opts.mode)?;
+    let mut layouts = Vec::new();
+    for ov in &volumes {
+        let mut layout = if opts.all_blocks {
+            if !opts.exclude_files.is_empty() {
+                bail!("--exclude-file cannot be combined with --all-blocks");
+            }
+            layout::all_blocks("all blocks (--all-blocks)")
+        } else {
+            layout::map_volume(&ov.volume.region()).with_context(|| format!("{}", ov.volume.path.display()))?
+        };
+        for w in layout.warnings.drain(..) {
+            progress.warn(&w);
+            warnings.push(w);
+        }
+        layouts.push(layout);
+    }
+    let excluded = crate::exclusions::apply(&mut layouts, &opts.exclude_files, &mut warnings)?;
+    let planned: Vec<Planned> = volumes
+        .into_iter()
+        .zip(layouts)
+        .zip(excluded)
+        .map(|((volume, layout), excluded)| Planned { volume, layout, excluded })
+        .collect();
 
     let lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
     let (index, bad) = repo.load_index()?;
@@ -84,7 +109,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     let snapshot = SnapshotId::random();
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
 
-    let result = archive_all(repo, opts, &volumes, &snapshot, &mut sink, &mut warnings, progress);
+    let result = archive_all(repo, opts, planned, &snapshot, &mut sink, progress);
     let entries = match result.and_then(|entries| sink.flush().map(|_| entries)) {
         Ok(entries) => entries,
         Err(e) => {
@@ -146,6 +171,13 @@ struct OpenVolume {
     name: String,
 }
 
+/// A volume with its map decided.
+struct Planned {
+    volume: OpenVolume,
+    layout: layout::Layout,
+    excluded: Vec<rime_repo::snapshot::ExcludedFile>,
+}
+
 fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
     let mut out: Vec<OpenVolume> = Vec::new();
     for path in paths {
@@ -184,25 +216,15 @@ fn unique_name(existing: &[OpenVolume], path: &Path) -> String {
 fn archive_all(
     repo: &Repository,
     opts: &BackupOptions,
-    volumes: &[OpenVolume],
+    planned: Vec<Planned>,
     snapshot: &SnapshotId,
     sink: &mut PackSink,
-    warnings: &mut Vec<String>,
     progress: &dyn Progress,
 ) -> Result<Vec<VolumeEntry>> {
     let chunk_size = repo.config.chunk_size;
     let mut entries = Vec::new();
-    for (number, ov) in volumes.iter().enumerate() {
+    for (number, Planned { volume: ov, layout, excluded }) in planned.into_iter().enumerate() {
         let volume = &ov.volume;
-        let mut layout = if opts.all_blocks {
-            layout::all_blocks("all blocks (--all-blocks)")
-        } else {
-            layout::map_volume(&volume.region()).with_context(|| format!("{}", volume.path.display()))?
-        };
-        for w in layout.warnings.drain(..) {
-            progress.warn(&w);
-            warnings.push(w);
-        }
         let filesystem = layout.map.filesystem().map(str::to_string);
         let mut map = layout.map;
         let map_description = map.describe();
@@ -240,6 +262,7 @@ fn archive_all(
             chunks: stats.chunks,
             zero_chunks: stats.zero_chunks,
             new_chunks: stats.new_chunks,
+            excluded,
             partition_table: layout.table,
             partitions: layout
                 .partitions

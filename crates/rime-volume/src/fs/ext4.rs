@@ -34,6 +34,7 @@ fn le32(b: &[u8], o: usize) -> u32 {
 #[derive(Clone, Copy, Debug)]
 struct Group {
     block_bitmap: u64,
+    inode_table: u64,
     block_uninit: bool,
 }
 
@@ -259,7 +260,7 @@ impl Ext4Map {
             metadata.push(block_bitmap..block_bitmap + 1);
             metadata.push(inode_bitmap..inode_bitmap + 1);
             metadata.push(inode_table..inode_table + itb);
-            groups.push(Group { block_bitmap, block_uninit: flags & BG_BLOCK_UNINIT != 0 });
+            groups.push(Group { block_bitmap, inode_table, block_uninit: flags & BG_BLOCK_UNINIT != 0 });
         }
         metadata.sort_by_key(|r| r.start);
         let honour_uninit = sb.has_group_desc_csum();
@@ -268,6 +269,13 @@ impl Ext4Map {
 
     pub fn superblock(&self) -> &Superblock {
         &self.sb
+    }
+
+    /// A reader for files and directories of this filesystem.
+    pub fn files(&self) -> crate::fs::ext4_files::Ext4Files<'_> {
+        crate::fs::ext4_files::Ext4Files::new(&self.region, &self.sb, |g| {
+            self.groups.get(g as usize).map(|gr| gr.inode_table)
+        })
     }
 
     /// Loads group `g`'s block bitmap into the one-group cache.
@@ -337,6 +345,21 @@ impl Ext4Map {
 impl UsedMap for Ext4Map {
     fn filesystem(&self) -> Option<&str> {
         Some(self.name)
+    }
+
+    fn file_extents(&mut self, path: &str) -> Result<Option<crate::usedmap::FileExtents>> {
+        self.files().data_extents(path)
+    }
+
+    fn swap_files(&mut self) -> Result<Vec<String>> {
+        let files = self.files();
+        let mut found = Vec::new();
+        for candidate in crate::usedmap::SWAP_FILE_CANDIDATES {
+            if files.is_swap_file(candidate)? {
+                found.push(candidate.to_string());
+            }
+        }
+        Ok(found)
     }
 
     fn describe(&self) -> String {
