@@ -4,7 +4,7 @@
 use crate::device::Region;
 use crate::fs;
 use crate::partition::{self, Partition, PartitionTable};
-use crate::usedmap::{push_range, AllBlocks, FileExtents, UsedMap};
+use crate::usedmap::{push_range, AllBlocks, FallbackOnError, FileExtents, UsedMap};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -37,7 +37,12 @@ pub fn map_volume(volume: &Region) -> Result<Layout> {
             return Ok(disk_layout(volume, t));
         }
     }
-    Ok(Layout { map: detected.map, table: None, partitions: Vec::new(), warnings: detected.warning.into_iter().collect() })
+    Ok(Layout {
+        map: Box::new(FallbackOnError::new(detected.map)),
+        table: None,
+        partitions: Vec::new(),
+        warnings: detected.warning.into_iter().collect(),
+    })
 }
 
 fn disk_layout(disk: &Region, table: &PartitionTable) -> Layout {
@@ -55,7 +60,7 @@ fn disk_layout(disk: &Region, table: &PartitionTable) -> Layout {
             filesystem: detected.map.filesystem().map(str::to_string),
             map: detected.map.describe(),
         });
-        segments.push(Segment { start: p.start, len: p.len, map: detected.map });
+        segments.push(Segment { start: p.start, len: p.len, map: Box::new(FallbackOnError::new(detected.map)) });
     }
     let summary = partitions
         .iter()
@@ -111,6 +116,14 @@ impl UsedMap for DiskMap {
             }
         }
         Ok(found)
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        let mut all = Vec::new();
+        for seg in self.segments.iter_mut() {
+            all.extend(seg.map.take_warnings().into_iter().map(|w| format!("partition at byte {}: {w}", seg.start)));
+        }
+        all
     }
 
     fn swap_files(&mut self) -> Result<Vec<String>> {

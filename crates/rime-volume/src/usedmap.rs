@@ -29,6 +29,74 @@ pub trait UsedMap: Send {
     fn swap_files(&mut self) -> Result<Vec<String>> {
         Ok(Vec::new())
     }
+
+    /// Warnings gathered while mapping (for example a fallback), to show the user.
+    fn take_warnings(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// Wraps a filesystem map so that a structure found to be damaged in the middle of a backup
+/// does not fail it: from the first error on, every byte counts as used (all non-zero chunks
+/// are imaged), and a warning says so.
+pub struct FallbackOnError {
+    inner: Box<dyn UsedMap>,
+    failed: Option<String>,
+    reported: bool,
+}
+
+impl FallbackOnError {
+    pub fn new(inner: Box<dyn UsedMap>) -> FallbackOnError {
+        FallbackOnError { inner, failed: None, reported: false }
+    }
+}
+
+impl UsedMap for FallbackOnError {
+    fn filesystem(&self) -> Option<&str> {
+        self.inner.filesystem()
+    }
+    fn describe(&self) -> String {
+        match &self.failed {
+            None => self.inner.describe(),
+            Some(_) => format!("{} (then non-zero chunks after an error)", self.inner.describe()),
+        }
+    }
+    fn reported_used_bytes(&self) -> Option<u64> {
+        self.inner.reported_used_bytes()
+    }
+    fn used_ranges(&mut self, start: u64, len: u64, out: &mut Vec<Range<u64>>) -> Result<()> {
+        if self.failed.is_none() {
+            let mut ranges = Vec::new();
+            match self.inner.used_ranges(start, len, &mut ranges) {
+                Ok(()) => {
+                    for r in ranges {
+                        push_range(out, r);
+                    }
+                    return Ok(());
+                }
+                Err(e) => self.failed = Some(format!("{e:#}")),
+            }
+        }
+        push_range(out, start..start + len);
+        Ok(())
+    }
+    fn file_extents(&mut self, path: &str) -> Result<Option<FileExtents>> {
+        self.inner.file_extents(path)
+    }
+    fn swap_files(&mut self) -> Result<Vec<String>> {
+        self.inner.swap_files()
+    }
+    fn take_warnings(&mut self) -> Vec<String> {
+        let mut w = self.inner.take_warnings();
+        if let (Some(e), false) = (&self.failed, self.reported) {
+            self.reported = true;
+            w.push(format!(
+                "the {} structures turned out damaged during the backup ({e}); the rest was imaged as all non-zero blocks",
+                self.inner.filesystem().unwrap_or("filesystem")
+            ));
+        }
+        w
+    }
 }
 
 /// The data of one file: its size and where its bytes lie, in file order. Holes (sparse
@@ -93,6 +161,9 @@ impl UsedMap for Excluding {
     }
     fn describe(&self) -> String {
         format!("{} minus {} excluded bytes", self.inner.describe(), self.excluded_bytes)
+    }
+    fn take_warnings(&mut self) -> Vec<String> {
+        self.inner.take_warnings()
     }
     fn reported_used_bytes(&self) -> Option<u64> {
         self.inner.reported_used_bytes()

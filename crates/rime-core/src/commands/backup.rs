@@ -246,6 +246,9 @@ fn archive_all(
             }
         };
         progress.end();
+        for w in map.take_warnings() {
+            progress.warn(&format!("{}: {w}", volume.path.display()));
+        }
         let index_path = volume_index_path(snapshot, number);
         let digest = vidx.finish(repo.backend.as_ref(), &index_path)?;
         entries.push(VolumeEntry {
