@@ -60,6 +60,11 @@ pub struct Region {
 }
 
 impl Region {
+    /// A region over any block source (a snapshot's volume in the repository, say).
+    pub fn from_source(source: Arc<dyn BlockSource>, path: impl Into<PathBuf>, len: u64) -> Region {
+        Region { source, path: path.into(), start: 0, len }
+    }
+
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64);
         if end.is_none_or(|e| e > self.len) {
