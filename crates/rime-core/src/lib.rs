@@ -8,6 +8,7 @@ pub mod inuse;
 pub mod progress;
 pub mod references;
 pub mod retention;
+pub mod snapshot_reader;
 pub mod target;
 
 pub use progress::{NoProgress, Progress};
