@@ -3,6 +3,7 @@
 pub mod ext4;
 pub mod ext4_files;
 pub mod fat;
+pub mod ntfs;
 
 use crate::device::Region;
 use crate::usedmap::{AllBlocks, UsedMap};
@@ -15,6 +16,7 @@ type Probe = fn(&Region) -> Result<Option<Box<dyn UsedMap>>>;
 /// Every filesystem Rime can map, tried in order. One line per filesystem.
 const PROBES: &[(&str, Probe)] = &[
     ("ext2/3/4", |r| Ok(ext4::Ext4Map::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
+    ("NTFS", |r| Ok(ntfs::NtfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
     ("FAT", |r| Ok(fat::FatMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
 ];
 
