@@ -1,6 +1,7 @@
 //! Filesystem detection: picks the used-block map for a region of a volume.
 
 pub mod ext4;
+pub mod xfs;
 pub mod ext4_files;
 pub mod fat;
 pub mod ntfs;
@@ -16,6 +17,7 @@ type Probe = fn(&Region) -> Result<Option<Box<dyn UsedMap>>>;
 /// Every filesystem Rime can map, tried in order. One line per filesystem.
 const PROBES: &[(&str, Probe)] = &[
     ("ext2/3/4", |r| Ok(ext4::Ext4Map::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
+    ("xfs", |r| Ok(xfs::XfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
     ("NTFS", |r| Ok(ntfs::NtfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
     ("FAT", |r| Ok(fat::FatMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
 ];
