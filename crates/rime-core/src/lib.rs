@@ -4,6 +4,7 @@
 pub mod archive;
 pub mod commands;
 pub mod exclusions;
+pub mod explorer;
 pub mod inuse;
 pub mod progress;
 pub mod references;

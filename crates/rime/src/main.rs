@@ -6,7 +6,7 @@ mod sample;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use rime_core::commands::{backup, forget, prune, restore, snapshots, verify};
+use rime_core::commands::{backup, extract, forget, ls, prune, restore, snapshots, verify};
 use rime_core::retention::Policy;
 use rime_repo::{Compression, Repository};
 use std::path::PathBuf;
@@ -91,6 +91,40 @@ enum Command {
     },
     /// Delete data that no snapshot references.
     Prune,
+    /// List a folder inside a backed-up volume (image explorer).
+    Ls {
+        snapshot: String,
+        /// Path inside the volume's filesystem.
+        #[arg(default_value = "/")]
+        path: String,
+        /// Volume name, or NAME:N for partition N of a whole-disk volume (e.g. disk.img:2).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Show type, permissions, links, owner, size, modification time and symlink targets.
+        #[arg(long, short = 'l')]
+        long: bool,
+        /// Chunk cache size in MiB (default 64).
+        #[arg(long, value_name = "MIB")]
+        cache_size: Option<u64>,
+    },
+    /// Restore files and folders from inside a backed-up volume into a directory.
+    Extract {
+        snapshot: String,
+        /// Paths inside the volume's filesystem; each lands in DIR under its own name (/ = all).
+        #[arg(required = true)]
+        paths: Vec<String>,
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// Volume name, or NAME:N for partition N of a whole-disk volume (e.g. disk.img:2).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Replace existing files in DIR.
+        #[arg(long)]
+        overwrite: bool,
+        /// Chunk cache size in MiB (default 64).
+        #[arg(long, value_name = "MIB")]
+        cache_size: Option<u64>,
+    },
 }
 
 fn main() {
@@ -211,6 +245,20 @@ fn run(cli: Cli) -> Result<i32> {
             if and_prune && !dry_run {
                 let summary = prune::prune(&repo, progress.as_ref(), lock_wait)?;
                 output::prune(&summary, Some(&removed), cli.json);
+            }
+        }
+        Command::Ls { snapshot, path, volume, long, cache_size } => {
+            let repo = Repository::open(&location)?;
+            let opts = ls::LsOptions { snapshot, path, volume, cache_bytes: cache_size.map(|m| m << 20) };
+            output::ls(&ls::ls(repo, &opts)?, long, cli.json);
+        }
+        Command::Extract { snapshot, paths, to, volume, overwrite, cache_size } => {
+            let repo = Repository::open(&location)?;
+            let opts = extract::ExtractOptions { snapshot, paths, to, volume, overwrite, cache_bytes: cache_size.map(|m| m << 20) };
+            let summary = extract::extract(repo, &opts)?;
+            output::extract(&summary, cli.json);
+            if !summary.skipped.is_empty() {
+                return Ok(2);
             }
         }
         Command::Prune => {

@@ -1,6 +1,8 @@
 //! What each command prints: a human summary, or one JSON document with `--json`.
 
 use rime_core::commands::backup::BackupSummary;
+use rime_core::commands::extract::ExtractSummary;
+use rime_core::commands::ls::LsListing;
 use rime_core::commands::prune::PruneSummary;
 use rime_core::commands::restore::RestoreSummary;
 use rime_core::commands::verify::VerifyReport;
@@ -171,5 +173,57 @@ pub fn prune(s: &PruneSummary, forgotten: Option<&[String]>, json: bool) {
         s.orphan_packs_deleted,
         s.chunks_deleted,
         size(s.bytes_freed)
+    );
+}
+
+pub fn ls(l: &LsListing, long: bool, json: bool) {
+    if json {
+        print_json(&serde_json::to_value(l).expect("listing serialises"));
+        return;
+    }
+    for e in &l.entries {
+        let name = match &e.target {
+            Some(t) if long => format!("{} -> {t}", e.name),
+            _ => e.name.clone(),
+        };
+        if !long {
+            println!("{name}");
+            continue;
+        }
+        let when = chrono::DateTime::from_timestamp(e.mtime, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+            .unwrap_or_else(|| e.mtime.to_string());
+        let size = match e.rdev {
+            Some((ma, mi)) => format!("{ma}, {mi}"),
+            None => e.size.to_string(),
+        };
+        println!("{} {:>3} {:>5} {:>5} {:>12} {when} {name}", e.permissions, e.nlink, e.uid, e.gid, size);
+    }
+}
+
+pub fn extract(s: &ExtractSummary, json: bool) {
+    for k in &s.skipped {
+        eprintln!("rime: skipped {}: {}", k.path, k.reason);
+    }
+    for w in &s.warnings {
+        eprintln!("warning: {w}");
+    }
+    if json {
+        print_json(&serde_json::to_value(s).expect("summary serialises"));
+        return;
+    }
+    println!(
+        "extracted {} files, {} dirs, {} symlinks, {} hard links ({}) from volume {} of snapshot {} to {} in {:.1} s; read {} from the repository{}",
+        s.files,
+        s.dirs,
+        s.symlinks,
+        s.hardlinks,
+        size(s.bytes),
+        s.volume,
+        &s.snapshot[..8],
+        s.to,
+        s.seconds,
+        size(s.stats.repo_bytes_read),
+        if s.skipped.is_empty() { String::new() } else { format!("; {} skipped", s.skipped.len()) }
     );
 }

@@ -1,8 +1,10 @@
 //! One module per command.
 
 pub mod backup;
+pub mod extract;
 pub mod forget;
 pub mod init;
+pub mod ls;
 pub mod prune;
 pub mod restore;
 pub mod snapshots;
