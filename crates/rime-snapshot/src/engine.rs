@@ -168,6 +168,7 @@ impl Engine {
             std::os::unix::fs::OpenOptionsExt::custom_flags(&mut opts, libc::O_EXCL);
         }
         let file = opts.open(path).with_context(|| format!("cannot open volume {} for writing", path.display()))?;
+        let path = &std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         let size = {
             use std::io::{Seek, SeekFrom};
             (&file).seek(SeekFrom::End(0))?

@@ -14,3 +14,8 @@ pub mod store;
 
 pub use bitmap::Bitmap;
 pub use engine::{Engine, EngineConfig, SnapshotLimits};
+pub mod client;
+pub mod control;
+pub mod fuse;
+pub mod nbd;
+pub mod serve;

@@ -3,6 +3,7 @@
 mod output;
 mod progress_bar;
 mod sample;
+mod serve_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -125,6 +126,9 @@ enum Command {
         #[arg(long, value_name = "MIB")]
         cache_size: Option<u64>,
     },
+    /// Protect a volume: serve it over NBD and/or FUSE through the copy-on-write engine, with
+    /// changed-block tracking, so that `rime backup --mode online` can image it while in use.
+    Serve(serve_cmd::ServeArgs),
 }
 
 fn main() {
@@ -134,7 +138,11 @@ fn main() {
         .without_time()
         .init();
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.command {
+        Command::Serve(args) => serve_cmd::run(args).map(|()| 0),
+        command => run(Cli { command, ..cli }),
+    };
+    match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
@@ -265,6 +273,7 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = Repository::open(&location)?;
             output::prune(&prune::prune(&repo, progress.as_ref(), lock_wait)?, None, cli.json);
         }
+        Command::Serve(_) => unreachable!("handled in main"),
     }
     Ok(0)
 }

@@ -1,0 +1,365 @@
+//! An NBD server for a protected volume: fixed newstyle handshake (`NBD_OPT_EXPORT_NAME`,
+//! `NBD_OPT_INFO`, `NBD_OPT_GO`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`), simple replies, and the
+//! commands read, write (with FUA), flush, trim, write-zeroes and disconnect. Every write goes
+//! through the copy-on-write engine. Listens on TCP or on a unix socket.
+//!
+//! Protocol facts from the NBD protocol document (`doc/proto.md` of the NBD project).
+
+use crate::engine::Engine;
+use anyhow::{Context, Result};
+use std::io::{BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+const REQUEST_MAGIC: u32 = 0x2560_9513;
+const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+const FLAG_NO_ZEROES: u16 = 1 << 1;
+
+const OPT_EXPORT_NAME: u32 = 1;
+const OPT_ABORT: u32 = 2;
+const OPT_LIST: u32 = 3;
+const OPT_INFO: u32 = 6;
+const OPT_GO: u32 = 7;
+
+const REP_ACK: u32 = 1;
+const REP_SERVER: u32 = 2;
+const REP_INFO: u32 = 3;
+const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+
+const INFO_EXPORT: u16 = 0;
+const INFO_NAME: u16 = 1;
+const INFO_DESCRIPTION: u16 = 2;
+const INFO_BLOCK_SIZE: u16 = 3;
+
+const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+const TFLAG_SEND_FUA: u16 = 1 << 3;
+const TFLAG_SEND_TRIM: u16 = 1 << 5;
+const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+const CMD_FLAG_FUA: u16 = 1 << 0;
+
+const CMD_READ: u16 = 0;
+const CMD_WRITE: u16 = 1;
+const CMD_DISC: u16 = 2;
+const CMD_FLUSH: u16 = 3;
+const CMD_TRIM: u16 = 4;
+const CMD_WRITE_ZEROES: u16 = 6;
+
+const EIO: u32 = 5;
+const EINVAL: u32 = 22;
+const ENOSPC: u32 = 28;
+const ENOTSUP: u32 = 95;
+
+/// Largest read or write payload accepted (the protocol's customary 32 MiB).
+const MAX_PAYLOAD: u32 = 32 << 20;
+
+/// Where to listen: `HOST:PORT` (TCP) or a unix socket path (`unix:PATH` or a path with a `/`).
+#[derive(Clone, Debug)]
+pub enum Address {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Address {
+    pub fn parse(s: &str) -> Address {
+        if let Some(p) = s.strip_prefix("unix:") {
+            Address::Unix(p.into())
+        } else if s.contains('/') {
+            Address::Unix(s.into())
+        } else {
+            Address::Tcp(s.to_string())
+        }
+    }
+}
+
+pub struct NbdServer {
+    engine: Arc<Engine>,
+    name: String,
+}
+
+trait Stream: Read + Write + Send {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>>;
+}
+impl Stream for std::net::TcpStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+impl Stream for std::os::unix::net::UnixStream {
+    fn try_clone_box(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(Box::new(self.try_clone()?))
+    }
+}
+
+impl NbdServer {
+    /// `name` is the export's name; the default (empty) name is accepted too.
+    pub fn new(engine: Arc<Engine>, name: String) -> Arc<NbdServer> {
+        Arc::new(NbdServer { engine, name })
+    }
+
+    /// Binds and serves in background threads, one per connection.
+    pub fn listen(self: &Arc<Self>, addr: &Address) -> Result<()> {
+        match addr {
+            Address::Tcp(a) => {
+                let l = TcpListener::bind(a).with_context(|| format!("listen for NBD on {a}"))?;
+                let me = self.clone();
+                std::thread::Builder::new().name("nbd-accept".into()).spawn(move || {
+                    for s in l.incoming().flatten() {
+                        let _ = s.set_nodelay(true);
+                        me.spawn_conn(Box::new(s));
+                    }
+                })?;
+            }
+            Address::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                let l = UnixListener::bind(p).with_context(|| format!("listen for NBD on {}", p.display()))?;
+                let me = self.clone();
+                std::thread::Builder::new().name("nbd-accept".into()).spawn(move || {
+                    for s in l.incoming().flatten() {
+                        me.spawn_conn(Box::new(s));
+                    }
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_conn(self: &Arc<Self>, s: Box<dyn Stream>) {
+        let me = self.clone();
+        let _ = std::thread::Builder::new().name("nbd-conn".into()).spawn(move || {
+            if let Err(e) = me.serve(s) {
+                tracing::debug!("NBD connection ended: {e:#}");
+            }
+        });
+    }
+
+    fn serve(&self, s: Box<dyn Stream>) -> Result<()> {
+        let mut w = s.try_clone_box()?;
+        let mut r = BufReader::with_capacity(256 << 10, s);
+        let mut hello = Vec::with_capacity(18);
+        hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+        hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        w.write_all(&hello)?;
+        let client_flags = read_u32(&mut r)?;
+        let no_zeroes = client_flags & FLAG_NO_ZEROES as u32 != 0;
+        if !self.negotiate(&mut r, w.as_mut(), no_zeroes)? {
+            return Ok(());
+        }
+        self.transmission(&mut r, w.as_mut())
+    }
+
+    fn tflags(&self) -> u16 {
+        TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_CAN_MULTI_CONN
+    }
+
+    fn known(&self, name: &str) -> bool {
+        name.is_empty() || name == self.name
+    }
+
+    /// Option haggling; true when the client moves on to transmission.
+    fn negotiate(&self, r: &mut impl Read, w: &mut dyn Stream, no_zeroes: bool) -> Result<bool> {
+        loop {
+            let magic = read_u64(r)?;
+            anyhow::ensure!(magic == IHAVEOPT, "bad option magic");
+            let opt = read_u32(r)?;
+            let len = read_u32(r)?;
+            anyhow::ensure!(len <= 1 << 20, "option too long");
+            let mut data = vec![0u8; len as usize];
+            r.read_exact(&mut data)?;
+            match opt {
+                OPT_EXPORT_NAME => {
+                    let name = String::from_utf8_lossy(&data);
+                    if !self.known(&name) {
+                        anyhow::bail!("unknown export {name:?}");
+                    }
+                    let mut out = Vec::new();
+                    out.extend_from_slice(&self.engine.size().to_be_bytes());
+                    out.extend_from_slice(&self.tflags().to_be_bytes());
+                    if !no_zeroes {
+                        out.extend_from_slice(&[0u8; 124]);
+                    }
+                    w.write_all(&out)?;
+                    return Ok(true);
+                }
+                OPT_ABORT => {
+                    let _ = reply(w, opt, REP_ACK, &[]);
+                    return Ok(false);
+                }
+                OPT_LIST => {
+                    if !data.is_empty() {
+                        reply(w, opt, REP_ERR_INVALID, b"NBD_OPT_LIST takes no data")?;
+                        continue;
+                    }
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(self.name.as_bytes());
+                    d.extend_from_slice(b"rime protected volume");
+                    reply(w, opt, REP_SERVER, &d)?;
+                    reply(w, opt, REP_ACK, &[])?;
+                }
+                OPT_INFO | OPT_GO => {
+                    let parsed = (|| {
+                        let nlen = u32::from_be_bytes(data.get(0..4)?.try_into().ok()?) as usize;
+                        let name = String::from_utf8_lossy(data.get(4..4 + nlen)?).into_owned();
+                        let n = u16::from_be_bytes(data.get(4 + nlen..6 + nlen)?.try_into().ok()?) as usize;
+                        let reqs = data.get(6 + nlen..6 + nlen + 2 * n)?;
+                        (reqs.len() == 2 * n && data.len() == 6 + nlen + 2 * n).then_some((name, reqs.to_vec()))
+                    })();
+                    let Some((name, reqs)) = parsed else {
+                        reply(w, opt, REP_ERR_INVALID, b"malformed request")?;
+                        continue;
+                    };
+                    if !self.known(&name) {
+                        reply(w, opt, REP_ERR_UNKNOWN, format!("no export named {name:?}").as_bytes())?;
+                        continue;
+                    }
+                    let mut info = Vec::new();
+                    info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+                    info.extend_from_slice(&self.engine.size().to_be_bytes());
+                    info.extend_from_slice(&self.tflags().to_be_bytes());
+                    reply(w, opt, REP_INFO, &info)?;
+                    for kind in reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])) {
+                        let mut d = kind.to_be_bytes().to_vec();
+                        match kind {
+                            INFO_NAME => d.extend_from_slice(self.name.as_bytes()),
+                            INFO_DESCRIPTION => d.extend_from_slice(b"rime protected volume"),
+                            INFO_BLOCK_SIZE => {
+                                d.extend_from_slice(&1u32.to_be_bytes());
+                                d.extend_from_slice(&4096u32.to_be_bytes());
+                                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                            }
+                            _ => continue,
+                        }
+                        reply(w, opt, REP_INFO, &d)?;
+                    }
+                    reply(w, opt, REP_ACK, &[])?;
+                    if opt == OPT_GO {
+                        return Ok(true);
+                    }
+                }
+                _ => reply(w, opt, REP_ERR_UNSUP, b"option not supported")?,
+            }
+        }
+    }
+
+    fn transmission(&self, r: &mut impl Read, w: &mut dyn Stream) -> Result<()> {
+        let mut hdr = [0u8; 28];
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            r.read_exact(&mut hdr)?;
+            let magic = u32::from_be_bytes(hdr[0..4].try_into().unwrap());
+            anyhow::ensure!(magic == REQUEST_MAGIC, "bad request magic {magic:#x}");
+            let flags = u16::from_be_bytes(hdr[4..6].try_into().unwrap());
+            let cmd = u16::from_be_bytes(hdr[6..8].try_into().unwrap());
+            let handle: [u8; 8] = hdr[8..16].try_into().unwrap();
+            let offset = u64::from_be_bytes(hdr[16..24].try_into().unwrap());
+            let len = u32::from_be_bytes(hdr[24..28].try_into().unwrap());
+            let fua = flags & CMD_FLAG_FUA != 0;
+            let in_range = offset.checked_add(len as u64).is_some_and(|e| e <= self.engine.size());
+            let errno = |e: std::io::Error| e.raw_os_error().map(|n| n as u32).unwrap_or(EIO);
+            match cmd {
+                CMD_READ => {
+                    if len > MAX_PAYLOAD || !in_range {
+                        simple_reply(w, EINVAL, handle, &[])?;
+                        continue;
+                    }
+                    buf.resize(16 + len as usize, 0);
+                    match self.engine.read(offset, &mut buf[16..]) {
+                        Ok(()) => {
+                            buf[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+                            buf[4..8].copy_from_slice(&0u32.to_be_bytes());
+                            buf[8..16].copy_from_slice(&handle);
+                            w.write_all(&buf)?;
+                        }
+                        Err(e) => simple_reply(w, errno(e), handle, &[])?,
+                    }
+                }
+                CMD_WRITE => {
+                    anyhow::ensure!(len <= MAX_PAYLOAD, "write of {len} bytes is too large");
+                    buf.resize(len as usize, 0);
+                    r.read_exact(&mut buf)?;
+                    let err = if !in_range {
+                        ENOSPC
+                    } else {
+                        self.engine.write(offset, &buf, fua).err().map(errno).unwrap_or(0)
+                    };
+                    simple_reply(w, err, handle, &[])?;
+                }
+                CMD_FLUSH => {
+                    let err = self.engine.sync().err().map(errno).unwrap_or(0);
+                    simple_reply(w, err, handle, &[])?;
+                }
+                CMD_TRIM => {
+                    let err = if !in_range {
+                        EINVAL
+                    } else {
+                        let mut e = self.engine.trim(offset, len as u64).err().map(errno).unwrap_or(0);
+                        if e == 0 && fua {
+                            e = self.engine.sync().err().map(errno).unwrap_or(0);
+                        }
+                        e
+                    };
+                    simple_reply(w, err, handle, &[])?;
+                }
+                CMD_WRITE_ZEROES => {
+                    let err = if !in_range {
+                        ENOSPC
+                    } else {
+                        self.engine.write_zeroes(offset, len as u64, fua).err().map(errno).unwrap_or(0)
+                    };
+                    simple_reply(w, err, handle, &[])?;
+                }
+                CMD_DISC => {
+                    let _ = self.engine.sync();
+                    return Ok(());
+                }
+                _ => simple_reply(w, ENOTSUP, handle, &[])?,
+            }
+        }
+    }
+}
+
+fn reply(w: &mut dyn Stream, opt: u32, kind: u32, data: &[u8]) -> Result<()> {
+    let mut out = Vec::with_capacity(20 + data.len());
+    out.extend_from_slice(&REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&opt.to_be_bytes());
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    out.extend_from_slice(data);
+    w.write_all(&out)?;
+    Ok(())
+}
+
+fn simple_reply(w: &mut dyn Stream, error: u32, handle: [u8; 8], data: &[u8]) -> Result<()> {
+    let mut out = Vec::with_capacity(16 + data.len());
+    out.extend_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&error.to_be_bytes());
+    out.extend_from_slice(&handle);
+    out.extend_from_slice(data);
+    w.write_all(&out)?;
+    Ok(())
+}
+
+fn read_u32(r: &mut impl Read) -> Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
