@@ -7,7 +7,7 @@ mod serve_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use rime_core::commands::{backup, extract, forget, ls, prune, restore, snapshots, verify};
+use rime_core::commands::{backup, extract, forget, ls, mount, prune, restore, snapshots, verify};
 use rime_core::retention::Policy;
 use rime_repo::{Compression, Repository};
 use std::path::PathBuf;
@@ -122,6 +122,19 @@ enum Command {
         /// Replace existing files in DIR.
         #[arg(long)]
         overwrite: bool,
+        /// Chunk cache size in MiB (default 64).
+        #[arg(long, value_name = "MIB")]
+        cache_size: Option<u64>,
+    },
+    /// Read-only FUSE view of a snapshot: one image file per volume, and browsable file trees.
+    /// Runs until unmounted (Ctrl-C, or `fusermount -u MOUNTPOINT`).
+    Mount {
+        snapshot: String,
+        /// An existing, empty directory.
+        mountpoint: PathBuf,
+        /// Let other users read the view (FUSE allow_other).
+        #[arg(long)]
+        allow_other: bool,
         /// Chunk cache size in MiB (default 64).
         #[arg(long, value_name = "MIB")]
         cache_size: Option<u64>,
@@ -268,6 +281,13 @@ fn run(cli: Cli) -> Result<i32> {
             if !summary.skipped.is_empty() {
                 return Ok(2);
             }
+        }
+        Command::Mount { snapshot, mountpoint, allow_other, cache_size } => {
+            let repo = Repository::open(&location)?;
+            let opts = mount::MountOptions { snapshot, mountpoint, cache_bytes: cache_size.map(|m| m << 20), allow_other };
+            let json = cli.json;
+            let summary = mount::mount(repo, &opts, &|s| output::mounted(s, json))?;
+            output::unmounted(&summary, cli.json);
         }
         Command::Prune => {
             let repo = Repository::open(&location)?;

@@ -3,6 +3,7 @@
 use rime_core::commands::backup::BackupSummary;
 use rime_core::commands::extract::ExtractSummary;
 use rime_core::commands::ls::LsListing;
+use rime_core::commands::mount::MountSummary;
 use rime_core::commands::prune::PruneSummary;
 use rime_core::commands::restore::RestoreSummary;
 use rime_core::commands::verify::VerifyReport;
@@ -226,4 +227,31 @@ pub fn extract(s: &ExtractSummary, json: bool) {
         size(s.stats.repo_bytes_read),
         if s.skipped.is_empty() { String::new() } else { format!("; {} skipped", s.skipped.len()) }
     );
+}
+
+/// The view is mounted: one line (or one JSON line) on stdout, flushed, so scripts can wait for it.
+pub fn mounted(s: &MountSummary, json: bool) {
+    use std::io::Write;
+    if json {
+        println!("{}", serde_json::to_string(&json!({"event": "mounted", "snapshot": s.snapshot, "mountpoint": s.mountpoint, "volumes": s.volumes})).expect("serialises"));
+    } else {
+        let trees: Vec<String> = s.volumes.iter().flat_map(|v| v.trees.iter().map(|(d, fs)| format!("{d} ({fs})"))).collect();
+        println!(
+            "mounted snapshot {} at {}: {} volume image(s){}; Ctrl-C or `fusermount -u {}` unmounts",
+            &s.snapshot[..8],
+            s.mountpoint,
+            s.volumes.len(),
+            if trees.is_empty() { String::new() } else { format!(", file trees {}", trees.join(", ")) },
+            s.mountpoint
+        );
+    }
+    let _ = std::io::stdout().flush();
+}
+
+pub fn unmounted(s: &MountSummary, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(&json!({"event": "unmounted", "summary": s})).expect("serialises"));
+    } else {
+        println!("unmounted {} after {:.1} s; read {} from the repository", s.mountpoint, s.seconds, size(s.stats.repo_bytes_read));
+    }
 }

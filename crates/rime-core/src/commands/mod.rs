@@ -5,6 +5,7 @@ pub mod extract;
 pub mod forget;
 pub mod init;
 pub mod ls;
+pub mod mount;
 pub mod prune;
 pub mod restore;
 pub mod snapshots;
