@@ -2,6 +2,7 @@
 
 pub mod ext4;
 pub mod xfs;
+pub mod btrfs;
 pub mod ext4_files;
 pub mod fat;
 pub mod ntfs;
@@ -18,6 +19,7 @@ type Probe = fn(&Region) -> Result<Option<Box<dyn UsedMap>>>;
 const PROBES: &[(&str, Probe)] = &[
     ("ext2/3/4", |r| Ok(ext4::Ext4Map::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
     ("xfs", |r| Ok(xfs::XfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
+    ("btrfs", |r| Ok(btrfs::BtrfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
     ("NTFS", |r| Ok(ntfs::NtfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
     ("FAT", |r| Ok(fat::FatMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
 ];
