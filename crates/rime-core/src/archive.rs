@@ -133,6 +133,8 @@ impl PackSink {
 struct Job {
     seq: u64,
     data: Option<Vec<u8>>,
+    /// Unchanged since a previous snapshot: its chunk id, not read.
+    reused: Option<ChunkId>,
 }
 
 enum Outcome {
@@ -154,6 +156,9 @@ pub struct ArchiveInput<'a> {
     pub chunk_size: u32,
     pub compression: Compression,
     pub threads: usize,
+    /// For incremental backups: the chunk id of chunk `n` when it is known unchanged since a
+    /// previous snapshot (changed-block tracking); such chunks are not read.
+    pub reuse: Option<&'a mut (dyn FnMut(u64) -> Option<ChunkId> + Send)>,
 }
 
 /// Images one volume into `vidx`, storing new chunks through `sink`.
@@ -163,7 +168,7 @@ pub fn archive_volume(
     vidx: &mut VolumeIndexWriter,
     progress: &dyn Progress,
 ) -> Result<ArchiveStats> {
-    let ArchiveInput { volume, map, chunk_size, compression, threads } = input;
+    let ArchiveInput { volume, map, chunk_size, compression, threads, reuse } = input;
     let cs = chunk_size as u64;
     let count = volume.size.div_ceil(cs);
     let threads = threads.max(1);
@@ -172,9 +177,15 @@ pub fn archive_volume(
     let (res_tx, res_rx) = bounded::<Result<(u64, Outcome)>>(window);
     let (token_tx, token_rx) = bounded::<()>(window);
     let existing = sink.existing.clone();
+    let known = existing.clone();
+    let mut reuse = reuse.map(|f| {
+        // Only ids the repository still holds.
+        move |seq: u64| f(seq).filter(|id| *id == ChunkId::ZERO || known.contains(id))
+    });
 
     std::thread::scope(|s| -> Result<ArchiveStats> {
-        let reader = s.spawn(move || read_chunks(volume, map, cs, count, job_tx, token_tx));
+        let reuse = reuse.as_mut().map(|f| f as &mut (dyn FnMut(u64) -> Option<ChunkId> + Send));
+        let reader = s.spawn(move || read_chunks(volume, map, cs, count, job_tx, token_tx, reuse));
         for _ in 0..threads {
             let (job_rx, res_tx, existing) = (job_rx.clone(), res_tx.clone(), existing.clone());
             s.spawn(move || process_chunks(job_rx, res_tx, &existing, compression));
@@ -204,6 +215,7 @@ fn read_chunks(
     count: u64,
     jobs: Sender<Job>,
     tokens: Sender<()>,
+    mut reuse: Option<&mut (dyn FnMut(u64) -> Option<ChunkId> + Send)>,
 ) -> Result<(u64, u64)> {
     let mut ranges: Vec<Range<u64>> = Vec::new();
     let (mut used, mut read) = (0u64, 0u64);
@@ -216,7 +228,11 @@ fn read_chunks(
         ranges.clear();
         map.used_ranges(start, len, &mut ranges)
             .with_context(|| format!("used-block map of {}", volume.path.display()))?;
-        let data = if ranges.is_empty() {
+        let reused = if ranges.is_empty() { None } else { reuse.as_mut().and_then(|f| f(seq)) };
+        if reused.is_some() {
+            used += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+        }
+        let data = if ranges.is_empty() || reused.is_some() {
             None
         } else {
             // One read of the whole chunk, then blank what the filesystem does not use: unused
@@ -234,7 +250,7 @@ fn read_chunks(
             buf[(pos - start) as usize..].fill(0);
             Some(buf)
         };
-        if jobs.send(Job { seq, data }).is_err() {
+        if jobs.send(Job { seq, data, reused }).is_err() {
             break;
         }
     }
@@ -251,6 +267,7 @@ fn process_chunks(jobs: Receiver<Job>, results: Sender<Result<(u64, Outcome)>>, 
     };
     for job in jobs {
         let outcome = match job.data {
+            None if job.reused.is_some_and(|id| id != ChunkId::ZERO) => Ok(Outcome::Known(job.reused.unwrap())),
             None => Ok(Outcome::Zero),
             Some(data) if is_all_zero(&data) => Ok(Outcome::Zero),
             Some(data) => {

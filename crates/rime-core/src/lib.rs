@@ -6,6 +6,7 @@ pub mod commands;
 pub mod exclusions;
 pub mod explorer;
 pub mod inuse;
+pub mod online;
 pub mod progress;
 pub mod references;
 pub mod retention;

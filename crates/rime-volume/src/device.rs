@@ -134,6 +134,12 @@ impl Volume {
         Ok(Volume { path: path.to_path_buf(), kind, size, source: Arc::new(file), _server: None })
     }
 
+    /// A volume read through any block source (for example a snapshot view served by
+    /// `rime serve`); `path` names the volume itself.
+    pub fn from_source(path: PathBuf, kind: VolumeKind, size: u64, source: Arc<dyn BlockSource>) -> Volume {
+        Volume { path, kind, size, source, _server: None }
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset`; bytes past the end of the volume are an error.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.region().read_at(offset, buf)

@@ -91,6 +91,14 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         layouts.push(layout);
     }
     let excluded = crate::exclusions::apply(&mut layouts, &opts.exclude_files, &mut warnings)?;
+    // Protected volumes: the map is final now; narrow their snapshots' protection areas.
+    let mut online = Vec::new();
+    for (ov, layout) in volumes.iter().zip(layouts.iter_mut()) {
+        online.push(match &ov.online {
+            Some(source) => Some(crate::online::prepare(repo, source.clone(), &ov.volume, &mut layout.map, repo.config.chunk_size)?),
+            None => None,
+        });
+    }
     let planned: Vec<Planned> = volumes
         .into_iter()
         .zip(layouts)
@@ -109,7 +117,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     let snapshot = SnapshotId::random();
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
 
-    let result = archive_all(repo, opts, planned, &snapshot, &mut sink, progress);
+    let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress);
     let entries = match result.and_then(|entries| sink.flush().map(|_| entries)) {
         Ok(entries) => entries,
         Err(e) => {
@@ -136,6 +144,13 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         return Err(e.context("writing the snapshot manifest"));
     }
     drop(lock);
+    for o in online.iter().flatten() {
+        if let Err(e) = o.finish(&snapshot.0) {
+            let w = format!("backup succeeded, but rime serve did not take note of it (the next backup reads everything): {e:#}");
+            progress.warn(&w);
+            warnings.push(w);
+        }
+    }
 
     let (mut forgotten, mut pruned) = (Vec::new(), None);
     if let Some(n) = opts.keep_last {
@@ -169,6 +184,8 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
 struct OpenVolume {
     volume: Volume,
     name: String,
+    /// A protected volume's snapshot (`rime serve`), which `volume` reads.
+    online: Option<Arc<rime_snapshot::client::SnapshotSource>>,
 }
 
 /// A volume with its map decided.
@@ -181,6 +198,18 @@ struct Planned {
 fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
     let mut out: Vec<OpenVolume> = Vec::new();
     for path in paths {
+        if let Some(control) = crate::online::protected(path) {
+            if mode == Mode::Offline {
+                bail!(
+                    "{} is protected by rime serve and may be written at any moment; --mode offline backs up only volumes not in use",
+                    path.display()
+                );
+            }
+            let (volume, source) = crate::online::open(&control)?;
+            let name = unique_name(&out, &volume.path);
+            out.push(OpenVolume { volume, name, online: Some(source) });
+            continue;
+        }
         match inuse::check(path) {
             Usage::Idle => {}
             Usage::InUse(why) => match mode {
@@ -197,7 +226,7 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
         // Exclusive open: the kernel refuses it if someone mounts the device meanwhile.
         let volume = Volume::open(path, true)?;
         let name = unique_name(&out, path);
-        out.push(OpenVolume { volume, name });
+        out.push(OpenVolume { volume, name, online: None });
     }
     Ok(out)
 }
@@ -217,6 +246,7 @@ fn archive_all(
     repo: &Repository,
     opts: &BackupOptions,
     planned: Vec<Planned>,
+    online: &mut [Option<crate::online::OnlineVolume>],
     snapshot: &SnapshotId,
     sink: &mut PackSink,
     progress: &dyn Progress,
@@ -227,7 +257,12 @@ fn archive_all(
         let volume = &ov.volume;
         let filesystem = layout.map.filesystem().map(str::to_string);
         let mut map = layout.map;
-        let map_description = map.describe();
+        let mut map_description = map.describe();
+        let online = online[number].as_mut();
+        if let Some(o) = &online {
+            map_description = format!("{map_description}; {}", o.describe());
+        }
+        let mut reuse = online.and_then(|o| o.reuse_fn());
         let mut vidx = VolumeIndexWriter::create(repo.backend.as_ref(), chunk_size, volume.size)?;
         progress.begin(&ov.name, volume.size);
         let input = ArchiveInput {
@@ -236,6 +271,7 @@ fn archive_all(
             chunk_size,
             compression: opts.compression,
             threads: opts.threads,
+            reuse: reuse.as_mut().map(|f| f as &mut (dyn FnMut(u64) -> Option<rime_repo::ChunkId> + Send)),
         };
         let stats = match archive_volume(input, sink, &mut vidx, progress) {
             Ok(stats) => stats,
