@@ -461,9 +461,9 @@ impl ExtTree {
             // i_block: 4-byte parent inode, then entries; the rest in system.data.
             let data = self.inline_data(inode)?;
             if data.len() > 4 {
-                self.parse_dir_block(&data[4..60.min(data.len())], &mut out);
+                self.parse_dir_block(&data[4..60.min(data.len())], false, &mut out);
                 if data.len() > 60 {
-                    self.parse_dir_block(&data[60..], &mut out);
+                    self.parse_dir_block(&data[60..], false, &mut out);
                 }
             }
             return Ok(out);
@@ -480,14 +480,18 @@ impl ExtTree {
                     break;
                 }
                 let block = self.block(r.physical + k)?;
-                self.parse_dir_block(&block, &mut out);
+                self.parse_dir_block(&block, r.logical + k == 0, &mut out);
             }
         }
         Ok(out)
     }
 
-    fn parse_dir_block(&self, block: &[u8], out: &mut Vec<DirEntry>) {
+    /// Parses one directory block. Only the real `.` and `..` (the first two records of the
+    /// first block) are left out: any other entry with such a name is hostile and is returned,
+    /// for callers to refuse.
+    fn parse_dir_block(&self, block: &[u8], first_block: bool, out: &mut Vec<DirEntry>) {
         let mut off = 0;
+        let mut record = 0;
         while off + 8 <= block.len() {
             let ino = le32(block, off) as u64;
             let mut rec_len = le16(block, off + 4) as usize;
@@ -499,9 +503,11 @@ impl ExtTree {
                 break; // damaged record: stop reading this block
             }
             let name = &block[off + 8..off + 8 + name_len];
-            if ino != 0 && name != b"." && name != b".." {
+            let special = first_block && ((record == 0 && name == b".") || (record == 1 && name == b".."));
+            if ino != 0 && !special {
                 out.push(DirEntry { name: name.to_vec(), id: ino });
             }
+            record += 1;
             off += rec_len;
         }
     }

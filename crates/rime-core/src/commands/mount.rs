@@ -302,7 +302,7 @@ impl Filesystem for SnapshotFs {
                 };
                 for e in list {
                     // Names the kernel cannot carry are left out.
-                    if e.name.contains(&b'/') || e.name.contains(&0) || e.name.is_empty() {
+                    if e.name.contains(&b'/') || e.name.contains(&0) || e.name.is_empty() || e.name == b"." || e.name == b".." {
                         continue;
                     }
                     let kind = fs.stat(e.id).map(|s| file_type(s.kind)).unwrap_or(FileType::RegularFile);
