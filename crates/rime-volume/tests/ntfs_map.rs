@@ -475,6 +475,17 @@ fn nonsense_is_an_error() {
 }
 
 #[test]
+fn a_dirty_volume_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = make_ntfs(dir.path(), "dirty.img", 16 * MIB, &[], MIB, 5);
+    assert!(NtfsMap::probe(&Volume::open(&img, false).unwrap().region()).unwrap().is_some());
+    // ntfsfix schedules a check: it sets the dirty flag.
+    run("ntfsfix", &[s(&img)]);
+    let err = NtfsMap::probe(&Volume::open(&img, false).unwrap().region()).err().expect("a dirty volume is an error");
+    assert!(format!("{err:#}").contains("dirty"), "{err:#}");
+}
+
+#[test]
 fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
     let dir = tempfile::tempdir().unwrap();
     let (img, _) = make_ntfs(dir.path(), "good.img", 24 * MIB, &[], 6 * MIB, 11);
@@ -489,6 +500,7 @@ fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
             let pos = match round % 4 {
                 0 => rng.next() as usize % 512,
                 1 => mft + 6 * rb + rng.next() as usize % rb,
+                2 if round % 8 == 2 => mft + 3 * rb + rng.next() as usize % rb,
                 2 => mft + rng.next() as usize % rb,
                 _ => mft + 5 * rb + rng.next() as usize % rb,
             };

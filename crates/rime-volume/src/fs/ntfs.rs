@@ -7,7 +7,8 @@
 //! one 64 KiB window, so memory stays bounded whatever the volume size.
 //!
 //! Used: every cluster whose bitmap bit is set, the boot sector, and every byte past the last
-//! cluster (the backup boot sector sits in the volume's last sector). Every number read from disk
+//! cluster (the backup boot sector sits in the volume's last sector). A volume marked dirty
+//! (check scheduled, unclean shutdown) is refused: its bitmap may lag behind its allocations. Every number read from disk
 //! — record and index sizes, attribute offsets, data run lengths and offsets — is checked before
 //! use; nonsense is an error, never a panic or a read outside the region.
 //!
@@ -28,6 +29,7 @@ const MAX_SMALL_STREAM: u64 = 4 << 20;
 
 const ATTR_LIST: u32 = 0x20;
 const ATTR_FILE_NAME: u32 = 0x30;
+const ATTR_VOLUME_INFORMATION: u32 = 0x70;
 const ATTR_DATA: u32 = 0x80;
 const ATTR_INDEX_ROOT: u32 = 0x90;
 const ATTR_INDEX_ALLOCATION: u32 = 0xA0;
@@ -36,8 +38,11 @@ const ATTR_END: u32 = 0xFFFF_FFFF;
 
 const RECORD_IN_USE: u16 = 0x1;
 const RECORD_IS_DIRECTORY: u16 = 0x2;
+/// $VOLUME_INFORMATION flag: a check is scheduled, or the volume was not shut down cleanly.
+const VOLUME_IS_DIRTY: u16 = 0x1;
 
 const MFT_RECORD: u64 = 0;
+const VOLUME_RECORD: u64 = 3;
 const ROOT_RECORD: u64 = 5;
 const BITMAP_RECORD: u64 = 6;
 
@@ -400,6 +405,20 @@ impl NtfsMap {
             _ => bail!("$MFT has no non-resident data"),
         }
         ensure!(map.mft_records > BITMAP_RECORD.max(ROOT_RECORD), "the MFT has only {} records", map.mft_records);
+
+        // A dirty volume may carry allocations its $Bitmap does not show yet (partclone and
+        // ntfsprogs refuse such volumes too): better to image all of it.
+        let rec3 = map.read_record(VOLUME_RECORD)?;
+        match map.stream(VOLUME_RECORD, &rec3, ATTR_VOLUME_INFORMATION, &[]).context("$Volume")? {
+            Some(Stream::Resident(v)) => {
+                let flags = r16(&v, 0x0A).context("$VOLUME_INFORMATION")?;
+                ensure!(
+                    flags & VOLUME_IS_DIRTY == 0,
+                    "the volume is marked dirty (a check is scheduled or it was not shut down cleanly), so its $Bitmap cannot be trusted"
+                );
+            }
+            _ => bail!("$Volume has no (resident) volume information"),
+        }
 
         let rec6 = map.read_record(BITMAP_RECORD)?;
         ensure!(r16(&rec6, 0x16)? & RECORD_IN_USE != 0, "MFT record 6 ($Bitmap) is not in use");
