@@ -10,7 +10,7 @@
 use rime_volume::fs::fat::FatMap;
 use rime_volume::{UsedMap, Volume};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 const MIB: u64 = 1 << 20;
