@@ -150,7 +150,7 @@ impl FileTree for FatTree {
     }
 
     fn stat(&self, id: NodeId) -> Result<Stat> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let n = Self::node(&inner, id)?;
         let mode = if n.is_dir {
             0o755
@@ -177,7 +177,7 @@ impl FileTree for FatTree {
     }
 
     fn read_dir(&self, id: NodeId) -> Result<Vec<DirEntry>> {
-        let mut guard = self.inner.lock().unwrap();
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let inner = &mut *guard;
         let me = Self::node(inner, id)?;
         ensure!(me.is_dir, "not a directory");
@@ -230,7 +230,7 @@ impl FileTree for FatTree {
     }
 
     fn read_at(&self, id: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let inner = self.inner.lock().unwrap();
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let n = Self::node(&inner, id)?;
         ensure!(!n.is_dir, "is a directory");
         if offset >= n.size {

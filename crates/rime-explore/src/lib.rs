@@ -161,13 +161,55 @@ pub fn open(region: &Region) -> Result<Option<Box<dyn FileTree>>> {
     if let Some(fs) = ext::ExtTree::open(region.clone())? {
         return Ok(Some(Box::new(fs)));
     }
-    if let Some(fs) = ntfs::NtfsTree::open(region.clone())? {
-        return Ok(Some(Box::new(fs)));
+    if let Some(fs) = no_panic("NTFS", || ntfs::NtfsTree::open(region.clone()))? {
+        return Ok(Some(Box::new(Guarded(fs))));
     }
-    if let Some(fs) = fat::FatTree::open(region.clone())? {
-        return Ok(Some(Box::new(fs)));
+    if let Some(fs) = no_panic("FAT", || fat::FatTree::open(region.clone()))? {
+        return Ok(Some(Box::new(Guarded(fs))));
     }
     Ok(None)
+}
+
+/// Runs `f`, turning a panic inside a third-party filesystem crate (a hostile image can reach
+/// code paths that assert) into an error for that one call.
+fn no_panic<R>(what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            bail!("damaged {what} filesystem (the reader gave up: {msg})")
+        }
+    }
+}
+
+/// A `FileTree` whose every call is guarded by [`no_panic`].
+struct Guarded<T>(T);
+
+impl<T: FileTree> FileTree for Guarded<T> {
+    fn fs_type(&self) -> &str {
+        self.0.fs_type()
+    }
+    fn root(&self) -> NodeId {
+        self.0.root()
+    }
+    fn stat(&self, id: NodeId) -> Result<Stat> {
+        no_panic(self.0.fs_type(), || self.0.stat(id))
+    }
+    fn read_dir(&self, id: NodeId) -> Result<Vec<DirEntry>> {
+        no_panic(self.0.fs_type(), || self.0.read_dir(id))
+    }
+    fn read_at(&self, id: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        no_panic(self.0.fs_type(), || self.0.read_at(id, offset, buf))
+    }
+    fn read_link(&self, id: NodeId) -> Result<Vec<u8>> {
+        no_panic(self.0.fs_type(), || self.0.read_link(id))
+    }
+    fn xattrs(&self, id: NodeId) -> Result<Vec<Xattr>> {
+        no_panic(self.0.fs_type(), || self.0.xattrs(id))
+    }
+    fn data_ranges(&self, id: NodeId) -> Result<Vec<Range<u64>>> {
+        no_panic(self.0.fs_type(), || self.0.data_ranges(id))
+    }
 }
 
 /// Splits a path inside the image into its components; `.` and empty parts are dropped.

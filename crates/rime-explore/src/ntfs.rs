@@ -222,7 +222,7 @@ impl FileTree for NtfsTree {
     }
 
     fn stat(&self, id: NodeId) -> Result<Stat> {
-        let mut io = self.io.lock().unwrap();
+        let mut io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         let f = self.facts(&mut io, id)?;
         let attrs = f.info.file_attributes().bits();
         let mode = match f.kind {
@@ -250,7 +250,7 @@ impl FileTree for NtfsTree {
     }
 
     fn read_dir(&self, id: NodeId) -> Result<Vec<DirEntry>> {
-        let mut guard = self.io.lock().unwrap();
+        let mut guard = self.io.lock().unwrap_or_else(|e| e.into_inner());
         let io = &mut *guard;
         let file = self.file(io, id)?;
         ensure!(file.is_directory(), "not a directory");
@@ -279,14 +279,14 @@ impl FileTree for NtfsTree {
     }
 
     fn read_at(&self, id: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let mut io = self.io.lock().unwrap();
+        let mut io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         let file = self.file(&mut io, id)?;
         ensure!(!file.is_directory(), "is a directory");
         self.read_data(&mut io, &file, offset, buf)
     }
 
     fn read_link(&self, id: NodeId) -> Result<Vec<u8>> {
-        let mut io = self.io.lock().unwrap();
+        let mut io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         match self.facts(&mut io, id)?.link {
             Some(t) => Ok(t),
             None => bail!("not a symlink"),
@@ -294,7 +294,7 @@ impl FileTree for NtfsTree {
     }
 
     fn data_ranges(&self, id: NodeId) -> Result<Vec<Range<u64>>> {
-        let mut guard = self.io.lock().unwrap();
+        let mut guard = self.io.lock().unwrap_or_else(|e| e.into_inner());
         let io = &mut *guard;
         let file = self.file(io, id)?;
         let Some(item) = file.data(io, "") else { return Ok(Vec::new()) };
