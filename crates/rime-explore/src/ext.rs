@@ -88,7 +88,7 @@ pub struct ExtTree {
 
 fn has_super(sb: &Superblock, g: u64) -> bool {
     fn is_power_of(mut n: u64, p: u64) -> bool {
-        while n > 1 && n % p == 0 {
+        while n > 1 && n.is_multiple_of(p) {
             n /= p;
         }
         n == 1

@@ -16,6 +16,9 @@
 //! Names are returned as raw bytes exactly as stored: a hostile image may hold names containing
 //! `/`, NUL, `.` or `..`, which callers that create files (extract) must refuse.
 
+// A file's data ranges are a list; one range covering the whole file is a list of one.
+#![allow(clippy::single_range_in_vec_init)]
+
 pub mod ext;
 pub mod fat;
 pub mod io;

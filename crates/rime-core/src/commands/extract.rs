@@ -225,6 +225,7 @@ impl<'a> Extractor<'a> {
 
     /// Restores node `id` as `name` inside `dir`. `rel` is the path from --to (for hard links)
     /// and `shown` the path inside the image (for messages).
+    #[allow(clippy::too_many_arguments)]
     fn node(&mut self, root: &OwnedFd, dir: &OwnedFd, rel: &[CString], name: &[u8], id: NodeId, shown: &str, depth: usize) {
         if let Some(why) = unsafe_name(name) {
             self.skip(shown, format!("unsafe name ({why})"));
