@@ -9,7 +9,11 @@
 //! time the whole structure is checked once — superblock, every AGF, every bnobt block (magic,
 //! level, record counts, CRCs and owner on v5, sibling links, key order, block numbers inside the
 //! AG, the sum of the free extents against the AGF's free count) — so that a damaged filesystem
-//! is refused before the backup starts. `used_ranges` then walks one AG's bnobt at a time,
+//! is refused before the backup starts. The internal log is read too: the btrees on disk are
+//! trusted only when the log is clean (unmounted) or merely covered (frozen), never while it holds
+//! metadata changes still to be replayed, as in a crash-consistent copy of a mounted filesystem.
+//! An external log cannot be checked, so such filesystems are refused (the caller falls back to
+//! imaging all non-zero blocks). `used_ranges` then walks one AG's bnobt at a time,
 //! lazily and in order, holding one root-to-leaf path of blocks: memory stays bounded however
 //! large or fragmented the filesystem is.
 //!
@@ -17,7 +21,7 @@
 
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::ops::Range;
 
 const SB_MAGIC: u32 = 0x5846_5342; // "XFSB"
@@ -257,6 +261,13 @@ impl XfsMap {
         }
         ensure!(free <= map.sb.dblocks, "the AGFs count {free} free blocks in a {} block filesystem", map.sb.dblocks);
         map.fs_free_blocks = free;
+        match log_state(&map.region, &map.sb)? {
+            LogState::Clean | LogState::Covered => {}
+            LogState::Dirty(why) => bail!(
+                "the log holds metadata changes not yet written in place ({why}): the free-space btrees may be \
+                 stale until the log is replayed (mount the filesystem, or freeze it before taking a snapshot)"
+            ),
+        }
         Ok(Some(map))
     }
 
@@ -548,6 +559,204 @@ impl BnoWalk {
             self.visit(region, sb, ptr, level, Some(key))?;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The internal log: may the on-disk metadata be trusted as it stands?
+// ---------------------------------------------------------------------------------------------
+//
+// XFS writes metadata changes to its log first and in place later. Until the log is replayed,
+// the free-space btrees on disk may lack recent allocations, so a map read from them could call
+// freshly written blocks free. That is the state of a crash-consistent copy of a mounted
+// filesystem. Two states are safe: a clean log (the last record is an unmount record that is its
+// own tail) and a covered log (what freezing leaves: every record from the tail on logs nothing
+// but the primary superblock, which the map does not rely on).
+
+const LOG_MAGIC: u32 = 0xFEED_BABE;
+const BB: usize = 512;
+const CYCLE_SLOTS: usize = 64; // cycle-data words per (extended) record header
+const XLOG_CONTINUE_TRANS: u8 = 0x04;
+const XLOG_WAS_CONT_TRANS: u8 = 0x08;
+const XLOG_UNMOUNT_TRANS: u8 = 0x20;
+const TRANS_HEADER_MAGIC: u32 = 0x5452_414E; // "TRAN", host order (little-endian logs only)
+const LI_BUF: u16 = 0x123C;
+/// Records from the tail to the head examined before calling the log dirty.
+const MAX_COVERING_RECORDS: usize = 64;
+
+#[derive(Debug, PartialEq, Eq)]
+enum LogState {
+    Clean,
+    Covered,
+    Dirty(String),
+}
+
+/// A log record: header facts and its data (first words of each block restored).
+struct LogRecord {
+    lsn: u64,
+    tail: u64,
+    num_ops: u32,
+    /// Blocks the record takes: headers + data.
+    blocks: u64,
+    data: Vec<u8>,
+}
+
+struct Log<'a> {
+    region: &'a Region,
+    start: u64,
+    bbs: u64,
+}
+
+impl Log<'_> {
+    /// `count` basic blocks from `first`, wrapping at the end of the log.
+    fn read(&self, first: u64, count: u64) -> Result<Vec<u8>> {
+        ensure!(count <= self.bbs, "log record longer than the log");
+        let mut out = vec![0u8; count as usize * BB];
+        let head = count.min(self.bbs - first);
+        self.region.read_at(self.start + first * BB as u64, &mut out[..head as usize * BB])?;
+        if head < count {
+            self.region.read_at(self.start, &mut out[head as usize * BB..])?;
+        }
+        Ok(out)
+    }
+
+    /// Reads the record whose header is at block `at`; `None` when it is incomplete (torn).
+    fn record(&self, at: u64) -> Result<Option<LogRecord>> {
+        let h = self.read(at, 1)?;
+        ensure!(be32(&h, 0) == LOG_MAGIC, "no log record header at log block {at}");
+        let cycle = be32(&h, 4);
+        let version = be32(&h, 8);
+        let len = be32(&h, 12) as u64;
+        let lsn = be64(&h, 16);
+        ensure!((version == 1 || version == 2) && lsn >> 32 == cycle as u64 && lsn & 0xFFFF_FFFF == at, "log record header at block {at} is inconsistent");
+        ensure!(len <= 2 << 20, "log record at block {at} claims {len} bytes");
+        let size = be32(&h, 320) as u64;
+        let hblks = if version == 2 && size > 32768 { size.div_ceil(32768) } else { 1 };
+        let dblks = len.div_ceil(BB as u64);
+        let all = self.read(at, hblks + dblks)?;
+        // Blocks past the end of the log were written with the next cycle number.
+        let stamp = |k: u64| {
+            if at + k >= self.bbs {
+                let c = cycle.wrapping_add(1);
+                if c == LOG_MAGIC { c.wrapping_add(1) } else { c }
+            } else {
+                cycle
+            }
+        };
+        for k in 1..hblks {
+            if be32(&all, k as usize * BB) != stamp(k) {
+                return Ok(None);
+            }
+        }
+        let mut data = all[hblks as usize * BB..].to_vec();
+        for j in 0..dblks as usize {
+            if be32(&data, j * BB) != stamp(hblks + j as u64) {
+                return Ok(None);
+            }
+            let saved = if j < CYCLE_SLOTS { be32(&all, 44 + 4 * j) } else { be32(&all, (j / CYCLE_SLOTS) * BB + 4 + 4 * (j % CYCLE_SLOTS)) };
+            data[j * BB..j * BB + 4].copy_from_slice(&saved.to_be_bytes());
+        }
+        data.truncate(len as usize);
+        Ok(Some(LogRecord { lsn, tail: be64(&h, 24), num_ops: be32(&h, 40), blocks: hblks + dblks, data }))
+    }
+}
+
+/// The log operations of a record: (flags, region).
+fn log_ops(r: &LogRecord) -> Result<Vec<(u8, &[u8])>> {
+    let mut ops = Vec::new();
+    let mut o = 0usize;
+    for _ in 0..r.num_ops {
+        ensure!(o + 12 <= r.data.len(), "log record {:#x} is truncated", r.lsn);
+        let len = be32(&r.data, o + 4) as usize;
+        let flags = r.data[o + 9];
+        let end = (o + 12).checked_add(len).filter(|&e| e <= r.data.len()).context("log operation runs past its record")?;
+        ops.push((flags, &r.data[o + 12..end]));
+        o = end;
+    }
+    Ok(ops)
+}
+
+/// Whether a record logs nothing but the primary superblock (the log covering that freezing
+/// and idling do), in self-contained transactions.
+fn logs_only_the_superblock(r: &LogRecord) -> Result<bool> {
+    let mut skip = 0u32;
+    for (flags, region) in log_ops(r)? {
+        if flags & (XLOG_CONTINUE_TRANS | XLOG_WAS_CONT_TRANS) != 0 {
+            return Ok(false);
+        }
+        if region.is_empty() {
+            continue;
+        }
+        if skip > 0 {
+            skip -= 1;
+            continue;
+        }
+        let le32 = |o: usize| u32::from_le_bytes(region[o..o + 4].try_into().unwrap());
+        if region.len() >= 4 && le32(0) == TRANS_HEADER_MAGIC {
+            continue;
+        }
+        if region.len() >= 16 && u16::from_le_bytes([region[0], region[1]]) == LI_BUF {
+            let blkno = u64::from_le_bytes(region[8..16].try_into().unwrap());
+            let regions = u16::from_le_bytes([region[2], region[3]]) as u32;
+            if blkno != 0 || regions == 0 {
+                return Ok(false);
+            }
+            skip = regions - 1;
+            continue;
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}
+
+fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
+    let Some((ag, agbno, blocks)) = sb.log else {
+        bail!("the log is on an external device, so whether it is clean cannot be checked")
+    };
+    let log = Log { region, start: (ag * sb.agblocks + agbno) * sb.block_size, bbs: blocks * sb.block_size / BB as u64 };
+    // The head: the record header with the highest sequence number.
+    let mut best: Option<(u64, u64)> = None; // (lsn, block)
+    let step = 2048u64; // blocks per read (1 MiB)
+    let mut at = 0;
+    while at < log.bbs {
+        let n = step.min(log.bbs - at);
+        let buf = log.read(at, n)?;
+        for k in 0..n as usize {
+            let b = &buf[k * BB..(k + 1) * BB];
+            if be32(b, 0) != LOG_MAGIC {
+                continue;
+            }
+            let (cycle, version, lsn) = (be32(b, 4), be32(b, 8), be64(b, 16));
+            if (version == 1 || version == 2) && cycle != 0 && lsn >> 32 == cycle as u64 && lsn & 0xFFFF_FFFF == at + k as u64 && best.is_none_or(|(l, _)| lsn > l) {
+                best = Some((lsn, at + k as u64));
+            }
+        }
+        at += n;
+    }
+    let Some((_, head_at)) = best else { return Ok(LogState::Dirty("no log record found".into())) };
+    let Some(last) = log.record(head_at)? else { return Ok(LogState::Dirty("the last log record is torn".into())) };
+    if last.tail == last.lsn && last.num_ops == 1 && log_ops(&last)?[0].0 & XLOG_UNMOUNT_TRANS != 0 {
+        return Ok(LogState::Clean);
+    }
+    // Walk from the tail to the head: covered when every record logs only the superblock.
+    let mut lsn = last.tail;
+    for _ in 0..MAX_COVERING_RECORDS {
+        let at = lsn & 0xFFFF_FFFF;
+        ensure!(at < log.bbs, "log tail {lsn:#x} lies outside the log");
+        let Some(r) = log.record(at)? else { return Ok(LogState::Dirty(format!("log record at block {at} is torn"))) };
+        if r.lsn != lsn {
+            return Ok(LogState::Dirty(format!("the log tail {lsn:#x} holds record {:#x}", r.lsn)));
+        }
+        if !logs_only_the_superblock(&r)? {
+            return Ok(LogState::Dirty(format!("log record {lsn:#x} changes metadata")));
+        }
+        if r.lsn == last.lsn {
+            return Ok(LogState::Covered);
+        }
+        let next = at + r.blocks;
+        let cycle = (lsn >> 32) + if next >= log.bbs { 1 } else { 0 };
+        lsn = cycle << 32 | (next % log.bbs);
+    }
+    Ok(LogState::Dirty(format!("more than {MAX_COVERING_RECORDS} log records await replay")))
 }
 
 // ---------------------------------------------------------------------------------------------
