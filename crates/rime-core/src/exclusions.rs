@@ -2,16 +2,13 @@
 //!
 //! Only a file's data blocks are left out; its inode, size and extent tree stay, so after a
 //! restore the filesystem is consistent and the file exists with its size, reading as zeros.
-//! Swap files found by their signature keep their first page, so the restored file is still a
-//! valid (empty) swap area.
+//! Linux swap files found by their signature keep their first page, so the restored file is
+//! still a valid (empty) swap area; Windows page and hibernation files keep nothing.
 
 use anyhow::{bail, Result};
 use rime_repo::snapshot::ExcludedFile;
 use rime_volume::layout::Layout;
 use rime_volume::usedmap::Excluding;
-
-/// Bytes at the start of a swap file kept by the default exclusion: its header page.
-const SWAP_HEADER: u64 = 4096;
 
 /// Applies exclusions to each volume's layout; returns what each volume excludes. A requested
 /// path that exists on none of the volumes is an error (a typo must not go unnoticed).
@@ -19,12 +16,14 @@ pub fn apply(layouts: &mut [Layout], requested: &[String], warnings: &mut Vec<St
     let mut per_volume = Vec::new();
     let mut found_somewhere = vec![false; requested.len()];
     for layout in layouts.iter_mut() {
-        let mut wanted: Vec<(String, &'static str)> = requested.iter().map(|p| (p.clone(), "requested")).collect();
+        // (path, reason, bytes at the start to keep)
+        let mut wanted: Vec<(String, &'static str, u64)> =
+            requested.iter().map(|p| (p.clone(), "requested", 0)).collect();
         match layout.map.swap_files() {
             Ok(swaps) => {
                 for s in swaps {
-                    if !wanted.iter().any(|(p, _)| *p == s) {
-                        wanted.push((s, "swap file"));
+                    if !wanted.iter().any(|(p, _, _)| *p == s.path) {
+                        wanted.push((s.path, "swap file", s.keep_header));
                     }
                 }
             }
@@ -32,14 +31,12 @@ pub fn apply(layouts: &mut [Layout], requested: &[String], warnings: &mut Vec<St
         }
         let mut excluded = Vec::new();
         let mut ranges = Vec::new();
-        for (path, reason) in wanted {
+        for (path, reason, keep) in wanted {
             match layout.map.file_extents(&path) {
                 Ok(Some(fe)) => {
                     if let Some(i) = requested.iter().position(|p| *p == path) {
                         found_somewhere[i] = true;
                     }
-                    // Swap files keep their header page, so `swapon` accepts the restored file.
-                    let keep = if reason == "swap file" { SWAP_HEADER } else { 0 };
                     let file_ranges = fe.ranges_from(keep);
                     let bytes = file_ranges.iter().map(|r| r.end - r.start).sum();
                     ranges.extend(file_ranges);

@@ -4,7 +4,7 @@
 use crate::device::Region;
 use crate::fs;
 use crate::partition::{self, Partition, PartitionTable};
-use crate::usedmap::{push_range, AllBlocks, FallbackOnError, FileExtents, UsedMap};
+use crate::usedmap::{push_range, AllBlocks, FallbackOnError, FileExtents, SwapFile, UsedMap};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -126,7 +126,7 @@ impl UsedMap for DiskMap {
         all
     }
 
-    fn swap_files(&mut self) -> Result<Vec<String>> {
+    fn swap_files(&mut self) -> Result<Vec<SwapFile>> {
         let mut all = Vec::new();
         for seg in self.segments.iter_mut() {
             for f in seg.map.swap_files().unwrap_or_default() {

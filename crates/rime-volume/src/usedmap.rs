@@ -25,8 +25,8 @@ pub trait UsedMap: Send {
         anyhow::bail!("excluding files is not supported on {}", self.describe())
     }
 
-    /// Files this filesystem identifies as swap or hibernation files, left out by default.
-    fn swap_files(&mut self) -> Result<Vec<String>> {
+    /// Files this filesystem identifies as swap, page or hibernation files, left out by default.
+    fn swap_files(&mut self) -> Result<Vec<SwapFile>> {
         Ok(Vec::new())
     }
 
@@ -83,7 +83,7 @@ impl UsedMap for FallbackOnError {
     fn file_extents(&mut self, path: &str) -> Result<Option<FileExtents>> {
         self.inner.file_extents(path)
     }
-    fn swap_files(&mut self) -> Result<Vec<String>> {
+    fn swap_files(&mut self) -> Result<Vec<SwapFile>> {
         self.inner.swap_files()
     }
     fn take_warnings(&mut self) -> Vec<String> {
@@ -97,6 +97,15 @@ impl UsedMap for FallbackOnError {
         }
         w
     }
+}
+
+/// A swap, page or hibernation file found by the filesystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SwapFile {
+    pub path: String,
+    /// Bytes at the start to keep: a Linux swap file's header page, so that `swapon` still
+    /// accepts the restored file; Windows recreates its page files, so they keep nothing.
+    pub keep_header: u64,
 }
 
 /// The data of one file: its size and where its bytes lie, in file order. Holes (sparse

@@ -145,7 +145,8 @@ fn swap_files_are_recognised_by_their_signature() {
         let vol = Volume::open(&img, false).unwrap();
         let mut map = Ext4Map::probe(&vol.region()).unwrap().unwrap();
 
-        assert_eq!(map.swap_files().unwrap(), vec!["/swapfile".to_string()], "{args:?}");
+        let swaps: Vec<String> = map.swap_files().unwrap().into_iter().map(|s| s.path).collect();
+        assert_eq!(swaps, vec!["/swapfile".to_string()], "{args:?}");
         let fe = map.file_extents("/swapfile").unwrap().unwrap();
         assert_eq!(fe.size, 6 << 20);
         // The extents hold the file's bytes: the signature is where the file says.

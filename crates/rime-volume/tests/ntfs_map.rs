@@ -299,7 +299,7 @@ fn file_extents_hold_the_files_contents() {
             ("/many/ENTRY-0000.TXT", "Many/entry-0000.txt"),
             ("//Docs//Deep/file-002.bin", "Docs/Deep/file-002.bin"),
         ] {
-            let (size, ranges) = map.file_extents(path).unwrap_or_else(|e| panic!("{opts:?} {path}: {e:#}")).unwrap_or_else(|| panic!("{path} not found"));
+            let (size, ranges) = fx(&mut map, path).unwrap_or_else(|e| panic!("{opts:?} {path}: {e:#}")).unwrap_or_else(|| panic!("{path} not found"));
             let data = content(rel);
             assert_eq!(size, data.len() as u64, "{path}: size");
             if data.len() > 1024 {
@@ -316,25 +316,25 @@ fn file_extents_hold_the_files_contents() {
         }
         // With 4 KiB clusters ntfs-3g places the appends apart: the fragmented file really is
         // fragmented, and its pieces came back in file order above.
-        let (_, frag) = map.file_extents("/frag-b").unwrap().unwrap();
+        let (_, frag) = fx(&mut map, "/frag-b").unwrap().unwrap();
         assert!(i != 0 || frag.len() > 1, "{opts:?}: frag-b should have several extents: {frag:?}");
-        let (_, very) = map.file_extents("/Docs/very-frag").unwrap().unwrap();
+        let (_, very) = fx(&mut map, "/Docs/very-frag").unwrap().unwrap();
         assert!(i != 0 || very.len() > 150, "{opts:?}: very-frag should have its runs in several records: {} extents", very.len());
         // Resident files: their size, no extents.
-        assert_eq!(map.file_extents("/tiny.txt").unwrap(), Some((12, vec![])));
-        assert_eq!(map.file_extents("/Many/entry-0042.txt").unwrap(), Some((content("Many/entry-0042.txt").len() as u64, vec![])));
-        assert_eq!(map.file_extents("/empty").unwrap(), Some((0, vec![])));
+        assert_eq!(fx(&mut map, "/tiny.txt").unwrap(), Some((12, vec![])));
+        assert_eq!(fx(&mut map, "/Many/entry-0042.txt").unwrap(), Some((content("Many/entry-0042.txt").len() as u64, vec![])));
+        assert_eq!(fx(&mut map, "/empty").unwrap(), Some((0, vec![])));
         // The sparse file: only its data clusters, no hole.
-        let (size, sparse) = map.file_extents("/sparse.bin").unwrap().unwrap();
+        let (size, sparse) = fx(&mut map, "/sparse.bin").unwrap().unwrap();
         assert_eq!(size, 2 * MIB + 100_000);
         assert!(total(&sparse) < 200_000, "sparse.bin's hole holds no clusters: {sparse:?}");
         // Missing files and paths through files are not there; directories are not files.
-        assert_eq!(map.file_extents("/hiberfil.sys").unwrap(), None);
-        assert_eq!(map.file_extents("/Docs/nope").unwrap(), None);
-        assert_eq!(map.file_extents("/nodir/pagefile.sys").unwrap(), None);
-        assert_eq!(map.file_extents("/tiny.txt/below").unwrap(), None);
-        assert!(map.file_extents("/Docs").is_err());
-        assert!(map.file_extents("/").is_err());
+        assert_eq!(fx(&mut map, "/hiberfil.sys").unwrap(), None);
+        assert_eq!(fx(&mut map, "/Docs/nope").unwrap(), None);
+        assert_eq!(fx(&mut map, "/nodir/pagefile.sys").unwrap(), None);
+        assert_eq!(fx(&mut map, "/tiny.txt/below").unwrap(), None);
+        assert!(fx(&mut map, "/Docs").is_err());
+        assert!(fx(&mut map, "/").is_err());
         // The map still works after the lookups.
         assert!(total(&walk(&mut map, vol.size, 8 * MIB)) > 20 * MIB);
     }
@@ -522,7 +522,7 @@ fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
                     off += len;
                 }
                 for p in ["/pagefile.sys", "/Docs/Deep/Deeper/a long name with spaces.dat", "/Many/entry-0007.txt"] {
-                    if let Ok(Some((_, ranges))) = map.file_extents(p) {
+                    if let Ok(Some((_, ranges))) = fx(&mut map, p) {
                         assert!(ranges.iter().all(|r| r.start < r.end && r.end <= size), "{p}: {ranges:?}");
                     }
                 }
@@ -532,4 +532,16 @@ fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
     }
     assert!(rejected > 0, "no corruption was ever detected");
     assert!(mapped > 0, "every corruption was rejected");
+}
+
+/// `file_extents` as (size, ranges), checking that file offsets run in order without overlap.
+fn fx(map: &mut NtfsMap, path: &str) -> anyhow::Result<Option<(u64, Vec<std::ops::Range<u64>>)>> {
+    Ok(map.file_extents(path)?.map(|fe| {
+        let mut next = 0;
+        for e in &fe.extents {
+            assert!(e.file_offset >= next, "{path}: extents out of file order");
+            next = e.file_offset + (e.range.end - e.range.start);
+        }
+        (fe.size, fe.extents.into_iter().map(|e| e.range).collect())
+    }))
 }

@@ -351,12 +351,12 @@ impl UsedMap for Ext4Map {
         self.files().data_extents(path)
     }
 
-    fn swap_files(&mut self) -> Result<Vec<String>> {
+    fn swap_files(&mut self) -> Result<Vec<crate::usedmap::SwapFile>> {
         let files = self.files();
         let mut found = Vec::new();
         for candidate in crate::usedmap::SWAP_FILE_CANDIDATES {
             if files.is_swap_file(candidate)? {
-                found.push(candidate.to_string());
+                found.push(crate::usedmap::SwapFile { path: candidate.to_string(), keep_header: 4096 });
             }
         }
         Ok(found)

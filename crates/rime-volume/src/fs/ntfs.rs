@@ -16,7 +16,7 @@
 //! Windows does) and returns where a file's data lives, for `--exclude-file`.
 
 use crate::device::Region;
-use crate::usedmap::{push_range, UsedMap};
+use crate::usedmap::{push_range, FileExtent, FileExtents, SwapFile, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
 use std::ops::Range;
 
@@ -604,7 +604,7 @@ impl NtfsMap {
     /// the byte ranges of the region holding its non-resident unnamed `$DATA` runs, in file
     /// order (sparse runs hold no clusters and are left out). A resident (small) file has no
     /// ranges. Names match case-insensitively, as Windows resolves them. `Ok(None)`: no such file.
-    pub fn file_extents(&mut self, path: &str) -> Result<Option<(u64, Vec<Range<u64>>)>> {
+    pub fn file_extents(&mut self, path: &str) -> Result<Option<FileExtents>> {
         let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
         ensure!(!parts.is_empty(), "{path:?} does not name a file");
         let mut no = ROOT_RECORD;
@@ -621,18 +621,21 @@ impl NtfsMap {
         let cb = self.geo.cluster_bytes;
         match self.stream(no, &rec, ATTR_DATA, &[]).with_context(|| format!("{path}: $DATA"))? {
             None => bail!("{path} has no data stream"),
-            Some(Stream::Resident(v)) => Ok(Some((v.len() as u64, Vec::new()))),
+            Some(Stream::Resident(v)) => Ok(Some(FileExtents { size: v.len() as u64, extents: Vec::new() })),
             Some(Stream::NonResident(nr)) => {
-                let mut ranges: Vec<Range<u64>> = Vec::new();
+                let mut extents: Vec<FileExtent> = Vec::new();
+                let mut vcn = 0u64;
                 for r in &nr.runs {
-                    let Some(lcn) = r.lcn else { continue };
-                    let range = lcn * cb..(lcn + r.len) * cb;
-                    match ranges.last_mut() {
-                        Some(last) if last.end == range.start => last.end = range.end,
-                        _ => ranges.push(range),
+                    if let Some(lcn) = r.lcn {
+                        let range = lcn * cb..(lcn + r.len) * cb;
+                        match extents.last_mut() {
+                            Some(last) if last.range.end == range.start => last.range.end = range.end,
+                            _ => extents.push(FileExtent { file_offset: vcn * cb, range }),
+                        }
                     }
+                    vcn += r.len;
                 }
-                Ok(Some((nr.data_size, ranges)))
+                Ok(Some(FileExtents { size: nr.data_size, extents }))
             }
         }
     }
@@ -757,6 +760,21 @@ fn scan_entries(b: &[u8], target: &[u16], found: &mut Found) -> Result<()> {
 }
 
 impl UsedMap for NtfsMap {
+    fn file_extents(&mut self, path: &str) -> Result<Option<FileExtents>> {
+        NtfsMap::file_extents(self, path)
+    }
+
+    /// Windows' page, swap and hibernation files, when present.
+    fn swap_files(&mut self) -> Result<Vec<SwapFile>> {
+        let mut found = Vec::new();
+        for name in default_exclusions() {
+            if matches!(NtfsMap::file_extents(self, name), Ok(Some(_))) {
+                found.push(SwapFile { path: name.to_string(), keep_header: 0 });
+            }
+        }
+        Ok(found)
+    }
+
     fn filesystem(&self) -> Option<&str> {
         Some("ntfs")
     }
