@@ -195,7 +195,8 @@ fn expected_used(img: &Path) -> Vec<Range<u64>> {
         .unwrap();
     let ch = chunks(img);
     let out = sh("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", p(img)]);
-    let mut v = vec![0..MIB];
+    let mut v = Vec::new();
+    v.push(0..MIB);
     for m in [64 * MIB, 256 << 30] {
         if m < size {
             v.push(m..m + 4096);
@@ -203,7 +204,7 @@ fn expected_used(img: &Path) -> Vec<Range<u64>> {
     }
     for line in out.lines().map(str::trim) {
         let Some(rest) = line.split(" key (").nth(1) else { continue };
-        let f: Vec<&str> = rest.split(|c| c == ' ' || c == ')').collect();
+        let f: Vec<&str> = rest.split([' ', ')']).collect();
         let len = match f[1] {
             "EXTENT_ITEM" => f[2].parse::<u64>().unwrap(),
             "METADATA_ITEM" => nodesize,
@@ -458,7 +459,7 @@ fn damaged_filesystems_are_refused_or_mapped_without_panics() {
             // item data sit at its start and end.
             let span = if round % 4 == 0 { 0xB2B } else { len };
             for _ in 0..1 + rng.next() % 4 {
-                let pos = if round % 4 != 0 && rng.next() % 2 == 0 { len - 1 - rng.next() % 2000 } else { rng.next() % span };
+                let pos = if round % 4 != 0 && rng.next().is_multiple_of(2) { len - 1 - rng.next() % 2000 } else { rng.next() % span };
                 b[pos as usize] = rng.next() as u8;
             }
             if crc && round % 8 >= 4 {
@@ -508,7 +509,8 @@ fn targeted_damage_is_refused() {
     let first_ptr = 101 + 17;
     let root_blk = scratch.bytes(physical(&ch, extent_root)[0], ns);
     let child0 = le64(&root_blk, first_ptr);
-    let cases: Vec<(&str, Vec<(u64, Vec<u8>)>)> = vec![
+    type Edits = Vec<(u64, Vec<u8>)>;
+    let cases: Vec<(&str, Edits)> = vec![
         ("two devices", sb(&|b| set64(b, 0x88, 2))),
         ("a filesystem larger than the volume", sb(&|b| set64(b, 0xC9 + 8, 1 << 40))),
         ("a wrong bytes_used", sb(&|b| {

@@ -513,7 +513,8 @@ fn targeted_damage_is_refused() {
         fix_crc(&mut b, 0, bs, 52);
         (at, b)
     };
-    let cases: Vec<(&str, Vec<(usize, Vec<u8>)>)> = vec![
+    type Edits = Vec<(usize, Vec<u8>)>;
+    let cases: Vec<(&str, Edits)> = vec![
         (
             "a filesystem larger than the volume",
             vec![sb(&|b| {

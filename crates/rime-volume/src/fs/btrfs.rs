@@ -197,7 +197,7 @@ impl Chunk {
         let sub_stripes = le16(b, 46) as u64;
         ensure!(num >= 1 && b.len() >= 48 + 32 * num, "chunk at {logical} has {num} stripes in a {} byte item", b.len());
         ensure!(
-            length > 0 && length % sb.sectorsize == 0 && logical % sb.sectorsize == 0,
+            length > 0 && length.is_multiple_of(sb.sectorsize) && logical.is_multiple_of(sb.sectorsize),
             "chunk at {logical} has invalid length {length}"
         );
         ensure!(logical.checked_add(length).is_some(), "chunk at {logical} wraps around");
@@ -211,7 +211,7 @@ impl Chunk {
             BG_RAID1C3 => num == 3,
             BG_RAID1C4 => num == 4,
             BG_RAID0 => true,
-            BG_RAID10 => sub_stripes >= 1 && num as u64 % sub_stripes == 0,
+            BG_RAID10 => sub_stripes >= 1 && (num as u64).is_multiple_of(sub_stripes),
             BG_RAID5 => num >= 2,
             BG_RAID6 => num >= 3,
             _ => false,
@@ -301,7 +301,7 @@ impl Fs {
     fn read_block(&self, logical: u64, level: u8, generation: u64, first_key: Option<Key>, is_root: bool) -> Result<Vec<u8>> {
         let Some(ci) = self.chunk_of(logical) else { bail!("tree block {logical} lies in no chunk") };
         let ns = self.sb.nodesize;
-        ensure!(logical % self.sb.sectorsize == 0, "tree block {logical} is misaligned");
+        ensure!(logical.is_multiple_of(self.sb.sectorsize), "tree block {logical} is misaligned");
         let copies = self.chunks[ci].copies(logical, ns)?;
         let mut first_err = None;
         for phys in copies {
@@ -653,7 +653,7 @@ fn extent_of(sb: &Superblock, key: &Key) -> Result<Option<Range<u64>>> {
         }
         _ => return Ok(None),
     };
-    ensure!(len > 0 && key.objectid % sb.sectorsize == 0, "extent item {key:?} is invalid");
+    ensure!(len > 0 && key.objectid.is_multiple_of(sb.sectorsize), "extent item {key:?} is invalid");
     let end = key.objectid.checked_add(len).context("extent wraps around")?;
     Ok(Some(key.objectid..end))
 }

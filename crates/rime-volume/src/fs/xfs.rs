@@ -306,7 +306,8 @@ impl XfsMap {
         let btreeblks = be32(&b, 60);
         ensure!(free_blocks as u64 <= ag_len && longest <= free_blocks.max(1), "AG {ag}: free block counts are invalid");
         ensure!(btreeblks as u64 <= ag_len, "AG {ag}: btree block count {btreeblks} is invalid");
-        let mut pinned = vec![0..hdr];
+        let mut pinned = Vec::with_capacity(6);
+        pinned.push(0..hdr);
         let mut pin = |bno: u32| {
             if in_ag(bno) {
                 pinned.push(bno as u64..bno as u64 + 1);
@@ -632,6 +633,7 @@ impl Log<'_> {
         let size = be32(&h, 320) as u64;
         let hblks = if version == 2 && size > 32768 { size.div_ceil(32768) } else { 1 };
         let dblks = len.div_ceil(BB as u64);
+        ensure!(dblks <= hblks * CYCLE_SLOTS as u64, "log record at block {at} has more blocks than its headers describe");
         let all = self.read(at, hblks + dblks)?;
         // Blocks past the end of the log were written with the next cycle number.
         let stamp = |k: u64| {
