@@ -156,9 +156,18 @@ pub struct ArchiveInput<'a> {
     pub chunk_size: u32,
     pub compression: Compression,
     pub threads: usize,
-    /// For incremental backups: the chunk id of chunk `n` when it is known unchanged since a
-    /// previous snapshot (changed-block tracking); such chunks are not read.
-    pub reuse: Option<&'a mut (dyn FnMut(u64) -> Option<ChunkId> + Send)>,
+    /// For incremental backups (changed-block tracking): what a previous snapshot says about
+    /// chunk `n`, so that only changed blocks are read from the volume.
+    pub prior: Option<&'a mut (dyn FnMut(u64) -> Result<Option<Prior>> + Send)>,
+}
+
+/// A previous snapshot's knowledge of one chunk.
+pub enum Prior {
+    /// Nothing in the chunk changed: its id in the previous snapshot.
+    Same(ChunkId),
+    /// The previous snapshot's bytes of the chunk, and the byte ranges of the volume (inside
+    /// the chunk, in order) that changed since and must be read.
+    Patch(Vec<u8>, Vec<Range<u64>>),
 }
 
 /// Images one volume into `vidx`, storing new chunks through `sink`.
@@ -168,7 +177,7 @@ pub fn archive_volume(
     vidx: &mut VolumeIndexWriter,
     progress: &dyn Progress,
 ) -> Result<ArchiveStats> {
-    let ArchiveInput { volume, map, chunk_size, compression, threads, reuse } = input;
+    let ArchiveInput { volume, map, chunk_size, compression, threads, prior } = input;
     let cs = chunk_size as u64;
     let count = volume.size.div_ceil(cs);
     let threads = threads.max(1);
@@ -178,14 +187,19 @@ pub fn archive_volume(
     let (token_tx, token_rx) = bounded::<()>(window);
     let existing = sink.existing.clone();
     let known = existing.clone();
-    let mut reuse = reuse.map(|f| {
+    let mut prior = prior.map(|f| {
         // Only ids the repository still holds.
-        move |seq: u64| f(seq).filter(|id| *id == ChunkId::ZERO || known.contains(id))
+        move |seq: u64| match f(seq)? {
+            Some(Prior::Same(id)) if id != ChunkId::ZERO && !known.contains(&id) => {
+                bail!("chunk {id} of the previous snapshot is no longer in the repository")
+            }
+            other => Ok(other),
+        }
     });
 
     std::thread::scope(|s| -> Result<ArchiveStats> {
-        let reuse = reuse.as_mut().map(|f| f as &mut (dyn FnMut(u64) -> Option<ChunkId> + Send));
-        let reader = s.spawn(move || read_chunks(volume, map, cs, count, job_tx, token_tx, reuse));
+        let prior = prior.as_mut().map(|f| f as &mut (dyn FnMut(u64) -> Result<Option<Prior>> + Send));
+        let reader = s.spawn(move || read_chunks(volume, map, cs, count, job_tx, token_tx, prior));
         for _ in 0..threads {
             let (job_rx, res_tx, existing) = (job_rx.clone(), res_tx.clone(), existing.clone());
             s.spawn(move || process_chunks(job_rx, res_tx, &existing, compression));
@@ -215,7 +229,7 @@ fn read_chunks(
     count: u64,
     jobs: Sender<Job>,
     tokens: Sender<()>,
-    mut reuse: Option<&mut (dyn FnMut(u64) -> Option<ChunkId> + Send)>,
+    mut prior: Option<&mut (dyn FnMut(u64) -> Result<Option<Prior>> + Send)>,
 ) -> Result<(u64, u64)> {
     let mut ranges: Vec<Range<u64>> = Vec::new();
     let (mut used, mut read) = (0u64, 0u64);
@@ -228,18 +242,47 @@ fn read_chunks(
         ranges.clear();
         map.used_ranges(start, len, &mut ranges)
             .with_context(|| format!("used-block map of {}", volume.path.display()))?;
-        let reused = if ranges.is_empty() { None } else { reuse.as_mut().and_then(|f| f(seq)) };
+        let (mut reused, mut patch) = (None, None);
+        let known = match prior.as_mut() {
+            Some(f) if !ranges.is_empty() => f(seq)?,
+            _ => None,
+        };
+        match known {
+            Some(Prior::Same(id)) => reused = Some(id),
+            Some(Prior::Patch(base, changed)) => {
+                if base.len() as u64 != len {
+                    bail!("the previous snapshot's chunk {seq} has {} bytes, not {len}", base.len());
+                }
+                patch = Some((base, changed))
+            }
+            None => {}
+        }
         if reused.is_some() {
             used += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
         }
         let data = if ranges.is_empty() || reused.is_some() {
             None
         } else {
-            // One read of the whole chunk, then blank what the filesystem does not use: unused
-            // blocks restore as zeros and their stale contents never reach the repository.
-            let mut buf = vec![0u8; len as usize];
-            volume.read_at(start, &mut buf)?;
-            read += len;
+            // One read of the whole chunk (or of its changed ranges over the previous
+            // snapshot's bytes), then blank what the filesystem does not use: unused blocks
+            // restore as zeros and their stale contents never reach the repository.
+            let buf = match patch {
+                Some((mut base, changed)) => {
+                    for r in changed {
+                        debug_assert!(r.start >= start && r.end <= start + len);
+                        volume.read_at(r.start, &mut base[(r.start - start) as usize..(r.end - start) as usize])?;
+                        read += r.end - r.start;
+                    }
+                    base
+                }
+                None => {
+                    let mut buf = vec![0u8; len as usize];
+                    volume.read_at(start, &mut buf)?;
+                    read += len;
+                    buf
+                }
+            };
+            let mut buf = buf;
             let mut pos = start;
             for r in &ranges {
                 debug_assert!(r.start >= pos && r.end <= start + len, "map ranges in order and in bounds");

@@ -9,6 +9,8 @@
 //! server, whose changed-block map then counts from this snapshot's instant.
 
 use anyhow::{Context, Result};
+use crate::archive::Prior;
+use crate::snapshot_reader::{load_chunk_index, ReadCounter, SnapshotReader};
 use rime_repo::volume_index::VolumeIndexReader;
 use rime_repo::{ChunkId, Repository};
 use rime_snapshot::client::SnapshotSource;
@@ -37,7 +39,6 @@ pub struct OnlineVolume {
     used: Bitmap,
     partial: Bitmap,
     reuse: Option<Reuse>,
-    pub reused_chunks: u64,
 }
 
 /// Takes a snapshot through `control`; the returned volume reads the snapshot view.
@@ -77,32 +78,28 @@ pub fn prepare(
 
     let reuse = Reuse::find(repo, &source, volume, chunk_size, &used, &partial)?;
     let area = used_or_partial;
-    let mut reused_chunks = 0;
     if let Some(r) = &reuse {
-        let per = chunk_size as u64 / bs;
-        for c in r.chunks.ones_from(0, usize::MAX) {
-            for b in c * per..((c + 1) * per).min(blocks) {
-                area.clear(b);
-            }
-            reused_chunks += 1;
-        }
+        r.unprotect(&area);
     }
     source.protect(&area).context("narrowing the snapshot's protection area")?;
     source.start_archiving();
-    Ok(OnlineVolume { source, used, partial, reuse, reused_chunks })
+    Ok(OnlineVolume { source, used, partial, reuse })
 }
 
 impl OnlineVolume {
-    /// For `ArchiveInput::reuse`.
-    pub fn reuse_fn(&mut self) -> Option<impl FnMut(u64) -> Option<ChunkId> + Send + '_> {
+    /// For `ArchiveInput::prior`.
+    pub fn prior_fn(&mut self) -> Option<impl FnMut(u64) -> Result<Option<Prior>> + Send + '_> {
         self.reuse.as_mut().map(|r| move |seq| r.get(seq))
     }
 
     pub fn describe(&self) -> String {
         match &self.reuse {
             Some(r) => format!(
-                "online snapshot via rime serve; incremental from {}: {} chunks unchanged",
-                r.base, self.reused_chunks
+                "online snapshot via rime serve; incremental from {}: {} chunks unchanged, {} with {} changed blocks read anew",
+                r.base,
+                r.same.count(),
+                r.patch.count(),
+                r.changed.count()
             ),
             None => "online snapshot via rime serve".to_string(),
         }
@@ -114,19 +111,29 @@ impl OnlineVolume {
     }
 }
 
-/// Chunks an incremental backup takes from the previous snapshot instead of reading them.
+/// What an incremental backup takes from the previous snapshot instead of the volume.
 struct Reuse {
     base: String,
-    chunks: Bitmap,
+    /// Chunks unchanged since the base: their ids are reused.
+    same: Bitmap,
+    /// Chunks with a few changed blocks: the base's bytes with those blocks read anew.
+    patch: Bitmap,
+    /// Used blocks written since the base.
+    changed: Bitmap,
     index: VolumeIndexReader,
+    reader: SnapshotReader,
+    block: u64,
+    chunk: u64,
+    size: u64,
     cache_first: u64,
     cache: Vec<ChunkId>,
 }
 
 impl Reuse {
-    /// A chunk is reused when none of its blocks was written since the base snapshot's
-    /// instant, none is partly used, and its used blocks are the base backup's: then its bytes
-    /// (used blocks, zeros elsewhere) are exactly the base backup's chunk.
+    /// A chunk can use the base's copy when none of its blocks is partly used and its used
+    /// blocks are the base backup's: then its bytes (used blocks, zeros elsewhere) are the
+    /// base's chunk with the blocks written since replaced. With no used block written it is
+    /// the base's chunk itself.
     fn find(
         repo: &Repository,
         source: &SnapshotSource,
@@ -153,39 +160,103 @@ impl Reuse {
         else {
             return Ok(None);
         };
+        let counter = Arc::new(ReadCounter::default());
+        let chunk_index = load_chunk_index(repo, &counter)?;
         let index = VolumeIndexReader::open(repo.backend.as_ref(), &entry.index)?;
+        let reader = SnapshotReader::open(repo, chunk_index.clone(), entry, 4 * chunk_size as u64, counter)?;
         let per = chunk_size as u64 / bs;
         let blocks = source.blocks();
-        let count = volume.size.div_ceil(chunk_size as u64);
-        let chunks = Bitmap::new(count);
-        for c in 0..count {
-            let (b0, b1) = (c * per, ((c + 1) * per).min(blocks));
-            if changed.any_in(b0, b1) || partial.any_in(b0, b1) {
-                continue;
+        changed.and_with(used);
+        let (same, patch) = (Bitmap::new(index.header.chunk_count), Bitmap::new(index.header.chunk_count));
+        let mut ids = vec![ChunkId::ZERO; 4096];
+        let mut first = 0;
+        while first < index.header.chunk_count {
+            let n = (index.header.chunk_count - first).min(4096) as usize;
+            index.read_records(first, &mut ids[..n])?;
+            for (k, id) in ids[..n].iter().enumerate() {
+                let c = first + k as u64;
+                let (b0, b1) = (c * per, ((c + 1) * per).min(blocks));
+                if partial.any_in(b0, b1) || !(b0..b1).all(|b| used.get(b) == prev_used.get(b)) {
+                    continue;
+                }
+                // Only chunks the repository still holds.
+                if !id.is_zero_marker() && !chunk_index.contains(id) {
+                    continue;
+                }
+                let n_changed = (b0..b1).filter(|&b| changed.get(b)).count() as u64;
+                if n_changed == 0 {
+                    same.set(c);
+                } else if n_changed * 2 <= b1 - b0 {
+                    patch.set(c);
+                }
             }
-            if (b0..b1).all(|b| used.get(b) == prev_used.get(b)) {
-                chunks.set(c);
-            }
+            first += n as u64;
         }
-        Ok(Some(Reuse { base, chunks, index, cache_first: u64::MAX, cache: Vec::new() }))
+        Ok(Some(Reuse {
+            base,
+            same,
+            patch,
+            changed,
+            index,
+            reader,
+            block: bs,
+            chunk: chunk_size as u64,
+            size: volume.size,
+            cache_first: u64::MAX,
+            cache: Vec::new(),
+        }))
     }
 
-    fn get(&mut self, seq: u64) -> Option<ChunkId> {
-        if !self.chunks.get(seq) {
-            return None;
+    /// Blocks that must stay protected: those of chunks neither reused nor patched, and the
+    /// changed blocks of patched chunks.
+    fn unprotect(&self, area: &Bitmap) {
+        let per = self.chunk / self.block;
+        for c in self.same.ones_from(0, usize::MAX) {
+            for b in c * per..(c + 1) * per {
+                area.clear(b);
+            }
         }
+        for c in self.patch.ones_from(0, usize::MAX) {
+            for b in c * per..(c + 1) * per {
+                if !self.changed.get(b) {
+                    area.clear(b);
+                }
+            }
+        }
+    }
+
+    fn id(&mut self, seq: u64) -> Result<ChunkId> {
         const BATCH: u64 = 4096;
         if seq < self.cache_first || seq >= self.cache_first + self.cache.len() as u64 {
             let first = seq - seq % BATCH;
             let n = BATCH.min(self.index.header.chunk_count - first) as usize;
             self.cache = vec![ChunkId::ZERO; n];
-            if self.index.read_records(first, &mut self.cache).is_err() {
-                self.cache.clear();
-                return None;
-            }
+            self.index.read_records(first, &mut self.cache)?;
             self.cache_first = first;
         }
-        self.cache.get((seq - self.cache_first) as usize).copied()
+        Ok(self.cache[(seq - self.cache_first) as usize])
+    }
+
+    fn get(&mut self, seq: u64) -> Result<Option<Prior>> {
+        if self.same.get(seq) {
+            return Ok(Some(Prior::Same(self.id(seq)?)));
+        }
+        if !self.patch.get(seq) {
+            return Ok(None);
+        }
+        let start = seq * self.chunk;
+        let len = self.chunk.min(self.size - start);
+        let mut base = vec![0u8; len as usize];
+        self.reader.read_at(start, &mut base).with_context(|| format!("reading chunk {seq} of snapshot {}", self.base))?;
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        let per = self.chunk / self.block;
+        for b in seq * per..(seq + 1) * per {
+            if self.changed.get(b) {
+                let r = b * self.block..((b + 1) * self.block).min(start + len);
+                push_range(&mut ranges, r);
+            }
+        }
+        Ok(Some(Prior::Patch(base, ranges)))
     }
 }
 

@@ -262,7 +262,7 @@ fn archive_all(
         if let Some(o) = &online {
             map_description = format!("{map_description}; {}", o.describe());
         }
-        let mut reuse = online.and_then(|o| o.reuse_fn());
+        let mut prior = online.and_then(|o| o.prior_fn());
         let mut vidx = VolumeIndexWriter::create(repo.backend.as_ref(), chunk_size, volume.size)?;
         progress.begin(&ov.name, volume.size);
         let input = ArchiveInput {
@@ -271,7 +271,7 @@ fn archive_all(
             chunk_size,
             compression: opts.compression,
             threads: opts.threads,
-            reuse: reuse.as_mut().map(|f| f as &mut (dyn FnMut(u64) -> Option<rime_repo::ChunkId> + Send)),
+            prior: prior.as_mut().map(|f| f as &mut (dyn FnMut(u64) -> Result<Option<crate::archive::Prior>> + Send)),
         };
         let stats = match archive_volume(input, sink, &mut vidx, progress) {
             Ok(stats) => stats,
