@@ -182,13 +182,21 @@ fn btrfs_crash_copy_with_an_fsync_log_keeps_the_logged_file() {
     {
         let m = Mounted::new(&img, &d.join("live-mnt"), "");
         run("sync", &[]);
-        let mut f = std::fs::File::create(m.0.join("fsynced")).unwrap();
-        std::io::Write::write_all(&mut f, &payload).unwrap();
-        f.sync_all().unwrap();
-        std::fs::copy(&img, &copy).unwrap();
+        // A transaction commit between the fsync and the copy would clear the log; try again.
+        let mut logged = false;
+        for _ in 0..5 {
+            let mut f = std::fs::File::create(m.0.join("fsynced")).unwrap();
+            std::io::Write::write_all(&mut f, &payload).unwrap();
+            f.sync_all().unwrap();
+            std::fs::copy(&img, &copy).unwrap();
+            let sb = std::fs::read(&copy).unwrap()[65536..65536 + 4096].to_vec();
+            if u64::from_le_bytes(sb[0x60..0x68].try_into().unwrap()) != 0 {
+                logged = true;
+                break;
+            }
+        }
+        assert!(logged, "the copy should hold a log tree");
     }
-    let sb = std::fs::read(&copy).unwrap()[65536..65536 + 4096].to_vec();
-    assert_ne!(u64::from_le_bytes(sb[0x60..0x68].try_into().unwrap()), 0, "the copy should hold a log tree");
     let repo = d.join("repo");
     rime(&repo, &["init"]);
     let (v, err, _) = backup(&repo, &copy);
