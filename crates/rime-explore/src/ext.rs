@@ -633,3 +633,34 @@ impl FileTree for ExtTree {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acl_converts_short_and_long_entries() {
+        // ext4 ACL v1: USER_OBJ rw-, USER 1000 r--, GROUP_OBJ r--, MASK r--, OTHER ---.
+        let mut v = 1u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in [(0x01u16, 6u16, None), (0x02, 4, Some(1000u32)), (0x04, 4, None), (0x10, 4, None), (0x20, 0, None)] {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            if let Some(id) = id {
+                v.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+        let x = acl_to_xattr(&v).unwrap();
+        assert_eq!(x.len(), 4 + 5 * 8);
+        assert_eq!(le32(&x, 0), 2);
+        assert_eq!((le16(&x, 12), le16(&x, 14), le32(&x, 16)), (0x02, 4, 1000));
+        assert_eq!(le32(&x, 8), u32::MAX);
+        assert!(acl_to_xattr(&[2, 0, 0, 0]).is_err());
+        assert!(acl_to_xattr(&[1, 0, 0, 0, 2, 0, 4]).is_err());
+    }
+
+    #[test]
+    fn times_carry_epoch_bits_and_nanoseconds() {
+        assert_eq!(time(0xFFFF_FFFF, None), Time { sec: -1, nsec: 0 });
+        assert_eq!(time(5, Some((7 << 2) | 1)), Time { sec: 5 + (1 << 32), nsec: 7 });
+    }
+}

@@ -470,3 +470,18 @@ pub fn extract(repo: Repository, opts: &ExtractOptions) -> Result<ExtractSummary
     summary.stats = explorer.counter.stats();
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::unsafe_name;
+
+    #[test]
+    fn hostile_names_are_refused() {
+        for bad in [&b""[..], b".", b"..", b"a/b", b"/etc/passwd", b"a\0b", &[b'x'; 256][..]] {
+            assert!(unsafe_name(bad).is_some(), "{bad:?}");
+        }
+        for good in [&b"a"[..], b"...", b"..a", b".hidden", "ünï".as_bytes(), &[b'x'; 255][..]] {
+            assert!(unsafe_name(good).is_none(), "{good:?}");
+        }
+    }
+}
