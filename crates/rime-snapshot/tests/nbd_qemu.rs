@@ -85,6 +85,11 @@ fn qemu_tools_work_against_the_server() {
     // The changed-block map saw every write.
     assert!(engine.status().writes >= 5);
 
+    // QEMU's block layer reads the whole export (as a VM's disk driver would).
+    let copy = dir.path().join("copy.img");
+    run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, copy.to_str().unwrap()]);
+    assert!(std::fs::read(&copy).unwrap() == std::fs::read(engine.path()).unwrap());
+
     // TCP on 127.0.0.1.
     let server = NbdServer::new(engine.clone(), "vol".into());
     let port = 20000 + (std::process::id() % 20000) as u16;
