@@ -5,6 +5,7 @@
 
 use crate::device::Region;
 use anyhow::{bail, ensure, Result};
+use crate::bytes::{le32, le64};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableKind {
@@ -40,12 +41,6 @@ pub struct PartitionTable {
     pub partitions: Vec<Partition>,
 }
 
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
-}
 
 fn guid_text(g: &[u8]) -> String {
     format!(

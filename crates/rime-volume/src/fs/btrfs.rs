@@ -27,6 +27,7 @@ use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
 use std::ops::Range;
+use crate::bytes::{le16, le32, le64};
 
 const SUPER_OFFSET: u64 = 0x10000;
 const SUPER_SIZE: usize = 4096;
@@ -69,15 +70,6 @@ const INCOMPAT_METADATA_UUID: u64 = 0x400;
 /// raid56, skinny metadata, no holes, metadata uuid, raid1c34, simple quota.
 const KNOWN_INCOMPAT: u64 = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x10000;
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
-fn le64(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
-}
 
 /// A btree key: (objectid, type, offset), ordered in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

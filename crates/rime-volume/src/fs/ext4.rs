@@ -10,6 +10,7 @@ use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Result};
 use std::ops::Range;
+use crate::bytes::{le16, le32};
 
 const EXT_MAGIC: u16 = 0xEF53;
 const SUPERBLOCK_OFFSET: u64 = 1024;
@@ -24,12 +25,6 @@ const RO_COMPAT_BIGALLOC: u32 = 0x200;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const BG_BLOCK_UNINIT: u16 = 0x2;
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Group {

@@ -7,6 +7,7 @@ use super::ext4::Superblock;
 use crate::device::Region;
 use crate::usedmap::{FileExtent, FileExtents};
 use anyhow::{bail, ensure, Context, Result};
+use crate::bytes::{le16, le32};
 
 const ROOT_INODE: u32 = 2;
 const EXTENTS_FL: u32 = 0x80000;
@@ -17,12 +18,6 @@ const S_IFDIR: u16 = 0x4000;
 const S_IFREG: u16 = 0x8000;
 const MAX_DEPTH: u32 = 5;
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
 
 pub struct Inode {
     pub mode: u16,

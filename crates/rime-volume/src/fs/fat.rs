@@ -16,18 +16,13 @@ use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Result};
 use std::ops::Range;
+use crate::bytes::{le16, le32};
 
 /// Bytes of one FAT copy held in memory at a time (per copy).
 const WINDOW: u64 = 64 * 1024;
 /// More copies than this is nonsense (real filesystems have 1 or 2).
 const MAX_FATS: u64 = 16;
 
-fn le16(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn le32(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FatKind {

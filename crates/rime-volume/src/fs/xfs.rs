@@ -23,6 +23,7 @@ use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
 use std::ops::Range;
+use crate::bytes::{be16, be32, be64};
 
 const SB_MAGIC: u32 = 0x5846_5342; // "XFSB"
 const AGF_MAGIC: u32 = 0x5841_4746; // "XAGF"
@@ -45,15 +46,6 @@ const BB_UUID: usize = 32;
 const BB_OWNER: usize = 48;
 const BB_CRC: usize = 52;
 
-fn be16(b: &[u8], o: usize) -> u16 {
-    u16::from_be_bytes([b[o], b[o + 1]])
-}
-fn be32(b: &[u8], o: usize) -> u32 {
-    u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
-}
-fn be64(b: &[u8], o: usize) -> u64 {
-    u64::from_be_bytes(b[o..o + 8].try_into().unwrap())
-}
 
 /// Superblock facts the map needs, all range-checked.
 #[derive(Clone, Debug)]
