@@ -1,7 +1,8 @@
 //! Hot backup of a mounted ext4: the volume is served by `rime serve`, a loop device sits on
 //! its FUSE file and ext4 is mounted from it, and `fio` writes continuously (random 4 KiB
 //! writes with fsyncs) while `rime backup --mode online` images it. The filesystem is frozen
-//! only around the snapshot instant (as a freeze hook would), so the image is a clean ext4.
+//! only around the snapshot instant (as a freeze hook would), so the image is a clean ext4;
+//! `fstrim` discards free space while the backup runs.
 //! The restored image must equal the volume at the snapshot instant (dumped by the server at
 //! that instant) with free blocks zeroed, and pass `e2fsck -fn`. Then, with fio still
 //! writing, an incremental backup reads only changed blocks and restores just as exactly.
@@ -22,6 +23,9 @@ fn backup_frozen(env: &Env, served: &Served, mnt: &Path, volume_arg: &Path) -> s
     let guard = ChildGuard(Some(child));
     let taken = served.wait_state("active", Duration::from_secs(30));
     sh("fsfreeze", &["-u", mnt.to_str().unwrap()]);
+    // Discards during the backup (through the loop device, FUSE fallocate, the engine's trim)
+    // are copied before they punch holes, like writes.
+    sh("fstrim", &[mnt.to_str().unwrap()]);
     let mut guard = guard;
     let run = wait_run(guard.take(), "backup --mode online");
     assert!(taken.is_some(), "the snapshot was never taken:\n{run:?}");

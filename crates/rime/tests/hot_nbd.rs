@@ -1,5 +1,5 @@
 //! Hot backup of a volume written over NBD: `fio` (random 4 KiB writes in bursts) and a
-//! `qemu-io` writer (patterned 64 KiB writes) write through `rime serve` while
+//! `qemu-io` writer (patterned 64 KiB writes, discards and write-zeroes) write through `rime serve` while
 //! `rime backup --mode auto VOLUME` images it online (the volume is in use, so auto goes
 //! online; the server is found from the volume's path). The restored image equals the volume
 //! at the snapshot instant byte for byte. `--mode offline` refuses the protected volume.
@@ -38,7 +38,12 @@ fn volume_written_over_nbd_by_fio_and_qemu_io_backs_up_exactly() {
             for k in 0..16u64 {
                 let off = (round * 7919 + k * 104729) % (192 * 16 - 1);
                 args.push("-c".into());
-                args.push(format!("write -P {} {}k 64k", (round + k) % 255 + 1, off * 64));
+                // Mostly data; discards and write-zeroes must be copied first too.
+                args.push(match k {
+                    5 => format!("discard {}k 64k", off * 64),
+                    11 => format!("write -z {}k 64k", off * 64),
+                    _ => format!("write -P {} {}k 64k", (round + k) % 255 + 1, off * 64),
+                });
             }
             args.push(uri.clone());
             let out = std::process::Command::new("qemu-io").args(&args).output().unwrap();
