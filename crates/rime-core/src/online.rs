@@ -145,7 +145,7 @@ impl Reuse {
         let (base, changed, prev_used) = source.changes()?;
         let (Some(base), Some(prev_used)) = (base, prev_used) else { return Ok(None) };
         let bs = source.block_size as u64;
-        if chunk_size as u64 % bs != 0 {
+        if !(chunk_size as u64).is_multiple_of(bs) {
             return Ok(None);
         }
         let Ok(manifest) = repo.resolve(&base) else { return Ok(None) };
@@ -341,10 +341,10 @@ fn record(w: &mut impl Write, r: &Range<u64>, bs: u64, used: &Bitmap, partial: &
     if first_full < end_full {
         used.set_range(first_full, end_full);
     }
-    if r.start % bs != 0 {
+    if !r.start.is_multiple_of(bs) {
         partial.set(r.start / bs);
     }
-    if r.end % bs != 0 {
+    if !r.end.is_multiple_of(bs) {
         partial.set(r.end / bs);
     }
     if first_full > end_full {

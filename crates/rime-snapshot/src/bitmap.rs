@@ -53,7 +53,7 @@ impl Bitmap {
         let to = to.min(self.bits);
         let mut i = from;
         while i < to {
-            if i % 64 == 0 && i + 64 <= to {
+            if i.is_multiple_of(64) && i + 64 <= to {
                 self.words[(i / 64) as usize].store(u64::MAX, Relaxed);
                 i += 64;
             } else {
@@ -68,7 +68,7 @@ impl Bitmap {
         let to = to.min(self.bits);
         let mut i = from;
         while i < to {
-            if i % 64 == 0 && i + 64 <= to {
+            if i.is_multiple_of(64) && i + 64 <= to {
                 if self.words[(i / 64) as usize].load(Relaxed) != 0 {
                     return true;
                 }
@@ -140,7 +140,7 @@ impl Bitmap {
         let words = bytes.chunks_exact(8).map(|c| AtomicU64::new(u64::from_le_bytes(c.try_into().unwrap()))).collect();
         let b = Bitmap { words, bits };
         // Bits past the end stay clear.
-        if bits % 64 != 0 {
+        if !bits.is_multiple_of(64) {
             let last = &b.words[n - 1];
             last.fetch_and((1u64 << (bits % 64)) - 1, Relaxed);
         }

@@ -53,7 +53,7 @@ fn writers(e: &Arc<Engine>, n: usize, stop: &Arc<AtomicBool>, pause_every: u64) 
                 while !stop.load(Ordering::Relaxed) {
                     let b = rng(&mut seed) % blocks;
                     let len = (1 + rng(&mut seed) % 8).min(blocks - b);
-                    let data: Vec<u8> = (0..len * BS).map(|i| (i as u64 ^ seed) as u8).collect();
+                    let data: Vec<u8> = (0..len * BS).map(|i| (i ^ seed) as u8).collect();
                     // Odd offsets too: partial blocks must be saved whole.
                     let off = b * BS + if count % 3 == 0 { 512 } else { 0 };
                     let data = &data[..(data.len() as u64).min(e.size() - off) as usize];
