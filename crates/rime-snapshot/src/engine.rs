@@ -272,10 +272,14 @@ impl Engine {
         self.modify(offset, data.len() as u64, fua, || self.file.write_all_at(data, offset))
     }
 
-    /// Writes zeros (a hole in an image file, where the filesystem can).
-    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> std::io::Result<()> {
+    /// Writes zeros: a hole in an image file where the filesystem can and `may_punch`,
+    /// allocated zeros otherwise.
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_punch: bool) -> std::io::Result<()> {
         self.modify(offset, len, fua, || {
-            if self.is_file && self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok() {
+            if self.is_file
+                && may_punch
+                && self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok()
+            {
                 return Ok(());
             }
             let zeros = vec![0u8; (1 << 20).min(len) as usize];

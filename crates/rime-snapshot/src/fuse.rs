@@ -210,7 +210,7 @@ impl Filesystem for VolumeFs {
         let result = if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
             self.engine.trim(offset, length)
         } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
-            self.engine.write_zeroes(offset, length, false)
+            self.engine.write_zeroes(offset, length, false, false)
         } else if mode & !libc::FALLOC_FL_KEEP_SIZE == 0 {
             Ok(()) // every byte of a volume is allocated already
         } else {

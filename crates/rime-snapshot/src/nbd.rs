@@ -48,6 +48,7 @@ const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 const CMD_FLAG_FUA: u16 = 1 << 0;
+const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 const CMD_READ: u16 = 0;
 const CMD_WRITE: u16 = 1;
@@ -317,7 +318,7 @@ impl NbdServer {
                     let err = if !in_range {
                         ENOSPC
                     } else {
-                        self.engine.write_zeroes(offset, len as u64, fua).err().map(errno).unwrap_or(0)
+                        self.engine.write_zeroes(offset, len as u64, fua, flags & CMD_FLAG_NO_HOLE == 0).err().map(errno).unwrap_or(0)
                     };
                     simple_reply(w, err, handle, &[])?;
                 }
