@@ -28,10 +28,7 @@ const ENCRYPT_FL: u32 = 0x800;
 const EXTENT_MAGIC: u16 = 0xF30A;
 const XATTR_MAGIC: u32 = 0xEA02_0000;
 const INCOMPAT_FILETYPE: u32 = 0x2;
-const INCOMPAT_META_BG: u32 = 0x10;
 const INCOMPAT_64BIT: u32 = 0x80;
-const COMPAT_SPARSE_SUPER2: u32 = 0x200;
-const RO_COMPAT_SPARSE_SUPER: u32 = 0x1;
 const MAX_EXTENT_DEPTH: u32 = 5;
 /// Directories larger than this are refused (a hostile size would otherwise make us scan
 /// terabytes of holes).
@@ -86,38 +83,6 @@ pub struct ExtTree {
     runs: Mutex<HashMap<u64, Arc<Vec<Run>>>>,
 }
 
-fn has_super(sb: &Superblock, g: u64) -> bool {
-    fn is_power_of(mut n: u64, p: u64) -> bool {
-        while n > 1 && n.is_multiple_of(p) {
-            n /= p;
-        }
-        n == 1
-    }
-    if g == 0 {
-        return true;
-    }
-    if sb.compat & COMPAT_SPARSE_SUPER2 != 0 {
-        return g == sb.backup_bgs[0] || g == sb.backup_bgs[1];
-    }
-    if sb.ro_compat & RO_COMPAT_SPARSE_SUPER == 0 {
-        return true;
-    }
-    g == 1 || [3u64, 5, 7].iter().any(|&p| is_power_of(g, p))
-}
-
-/// Block holding the descriptor of group `g` (as `rime_volume::fs::ext4` places it).
-fn desc_block(sb: &Superblock, g: u64) -> u64 {
-    let dpb = sb.block_size / sb.desc_size;
-    let meta_bg = sb.incompat & INCOMPAT_META_BG != 0;
-    if !meta_bg || g / dpb < sb.first_meta_bg {
-        let sb_block = if sb.first_data_block == 0 && sb.block_size == 1024 { 1 } else { sb.first_data_block };
-        sb_block + 1 + g / dpb
-    } else {
-        let first_of_meta = (g / dpb) * dpb;
-        sb.first_data_block + first_of_meta * sb.blocks_per_group + u64::from(has_super(sb, first_of_meta))
-    }
-}
-
 fn time(seconds: u32, extra: Option<u32>) -> Time {
     let mut sec = seconds as i32 as i64;
     let mut nsec = 0;
@@ -131,12 +96,7 @@ fn time(seconds: u32, extra: Option<u32>) -> Time {
 impl ExtTree {
     /// Opens the ext filesystem on `region`; `Ok(None)` when there is none.
     pub fn open(region: Region) -> Result<Option<ExtTree>> {
-        if region.len < 2048 {
-            return Ok(None);
-        }
-        let mut raw = vec![0u8; 1024];
-        region.read_at(1024, &mut raw)?;
-        let Some(sb) = Superblock::parse(&raw)? else { return Ok(None) };
+        let Some(sb) = Superblock::read(&region)? else { return Ok(None) };
         ensure!(sb.inodes_per_group > 0, "ext superblock has no inodes per group");
         let journal = sb.compat & 0x4 != 0;
         let extents = sb.incompat & 0x40 != 0;
@@ -157,25 +117,8 @@ impl ExtTree {
             region.len
         );
         let filetype = sb.incompat & INCOMPAT_FILETYPE != 0;
-        let mut fs = ExtTree { region, sb, name, filetype, inode_tables: Vec::new(), runs: Mutex::new(HashMap::new()) };
-        let mut tables = Vec::with_capacity(groups as usize);
-        let mut cached: Option<(u64, Vec<u8>)> = None;
-        let dpb = fs.sb.block_size / fs.sb.desc_size;
-        for g in 0..groups {
-            let b = desc_block(&fs.sb, g);
-            if cached.as_ref().is_none_or(|(cb, _)| *cb != b) {
-                cached = Some((b, fs.block(b).context("read group descriptors")?));
-            }
-            let data = &cached.as_ref().unwrap().1;
-            let off = ((g % dpb) * fs.sb.desc_size) as usize;
-            let d = &data[off..off + fs.sb.desc_size as usize];
-            let mut table = le32(d, 8) as u64;
-            if fs.sb.desc_size >= 64 {
-                table |= (le32(d, 0x28) as u64) << 32;
-            }
-            tables.push(table);
-        }
-        fs.inode_tables = tables;
+        let inode_tables = sb.group_descs(&region)?.iter().map(|d| d.inode_table).collect();
+        let fs = ExtTree { region, sb, name, filetype, inode_tables, runs: Mutex::new(HashMap::new()) };
         Ok(Some(fs))
     }
 

@@ -26,11 +26,13 @@ const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const BG_BLOCK_UNINIT: u16 = 0x2;
 
 
+/// One block group's descriptor, as stored: callers check the numbers before using them.
 #[derive(Clone, Copy, Debug)]
-struct Group {
-    block_bitmap: u64,
-    inode_table: u64,
-    block_uninit: bool,
+pub struct GroupDesc {
+    pub block_bitmap: u64,
+    pub inode_bitmap: u64,
+    pub inode_table: u64,
+    pub flags: u16,
 }
 
 /// Superblock facts the map needs.
@@ -56,6 +58,16 @@ pub struct Superblock {
 }
 
 impl Superblock {
+    /// Reads and parses the primary superblock of `region`; `Ok(None)` when there is none.
+    pub fn read(region: &Region) -> Result<Option<Superblock>> {
+        if region.len < SUPERBLOCK_OFFSET + 1024 {
+            return Ok(None);
+        }
+        let mut raw = vec![0u8; 1024];
+        region.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
+        Superblock::parse(&raw)
+    }
+
     /// Parses the superblock; `Ok(None)` when there is no ext magic.
     pub fn parse(sb: &[u8]) -> Result<Option<Superblock>> {
         if sb.len() < 1024 || le16(sb, 0x38) != EXT_MAGIC {
@@ -179,6 +191,34 @@ impl Superblock {
     fn inode_table_blocks(&self) -> u64 {
         (self.inodes_per_group * self.inode_size).div_ceil(self.block_size)
     }
+
+    /// Every group's descriptor (32- or 64-bit, with or without meta_bg). Only the descriptor
+    /// blocks are checked here; the numbers they hold are the caller's to check.
+    pub fn group_descs(&self, region: &Region) -> Result<Vec<GroupDesc>> {
+        let groups_n = self.group_count();
+        let dpb = self.descs_per_block();
+        let mut descs = Vec::with_capacity(groups_n as usize);
+        let mut block = vec![0u8; self.block_size as usize];
+        let mut loaded_block = u64::MAX;
+        for g in 0..groups_n {
+            let db = self.desc_block(g);
+            ensure!(db < self.blocks_count, "descriptor block {db} of group {g} is outside the filesystem");
+            if db != loaded_block {
+                region.read_at(db * self.block_size, &mut block)?;
+                loaded_block = db;
+            }
+            let off = ((g % dpb) * self.desc_size) as usize;
+            let d = &block[off..off + self.desc_size as usize];
+            let hi = |o: usize| if self.desc_size >= 64 { (le32(d, o) as u64) << 32 } else { 0 };
+            descs.push(GroupDesc {
+                block_bitmap: le32(d, 0x0) as u64 | hi(0x20),
+                inode_bitmap: le32(d, 0x4) as u64 | hi(0x24),
+                inode_table: le32(d, 0x8) as u64 | hi(0x28),
+                flags: le16(d, 0x12),
+            });
+        }
+        Ok(descs)
+    }
 }
 
 fn is_power_of(mut n: u64, p: u64) -> bool {
@@ -192,7 +232,7 @@ pub struct Ext4Map {
     region: Region,
     sb: Superblock,
     name: &'static str,
-    groups: Vec<Group>,
+    groups: Vec<GroupDesc>,
     /// Block ranges of every group's bitmaps and inode table, sorted: used even where the
     /// owning group's bitmap is uninitialised (flex_bg puts them in other groups).
     metadata: Vec<Range<u64>>,
@@ -203,12 +243,7 @@ pub struct Ext4Map {
 impl Ext4Map {
     /// Recognises an ext2/3/4 filesystem. `Ok(None)`: not ext; `Err`: ext but unusable.
     pub fn probe(region: &Region) -> Result<Option<Ext4Map>> {
-        if region.len < SUPERBLOCK_OFFSET + 1024 {
-            return Ok(None);
-        }
-        let mut raw = vec![0u8; 1024];
-        region.read_at(SUPERBLOCK_OFFSET, &mut raw)?;
-        let Some(sb) = Superblock::parse(&raw)? else { return Ok(None) };
+        let Some(sb) = Superblock::read(region)? else { return Ok(None) };
         let fs_bytes = sb.blocks_count.checked_mul(sb.block_size).unwrap_or(u64::MAX);
         ensure!(
             fs_bytes <= region.len,
@@ -227,35 +262,18 @@ impl Ext4Map {
             "ext2"
         };
         let region = region.clone();
-        let groups_n = sb.group_count();
-        let dpb = sb.descs_per_block();
-        let mut groups = Vec::with_capacity(groups_n as usize);
-        let mut metadata = Vec::with_capacity(groups_n as usize * 3);
+        let groups = sb.group_descs(&region)?;
+        let mut metadata = Vec::with_capacity(groups.len() * 3);
         let itb = sb.inode_table_blocks();
-        let mut block = vec![0u8; sb.block_size as usize];
-        let mut loaded_block = u64::MAX;
         let in_fs = |start: u64, len: u64| start.checked_add(len).is_some_and(|e| e <= sb.blocks_count);
-        for g in 0..groups_n {
-            let db = sb.desc_block(g);
-            ensure!(in_fs(db, 1), "descriptor block {db} of group {g} is outside the filesystem");
-            if db != loaded_block {
-                region.read_at(db * sb.block_size, &mut block)?;
-                loaded_block = db;
-            }
-            let off = ((g % dpb) * sb.desc_size) as usize;
-            let d = &block[off..off + sb.desc_size as usize];
-            let hi = |o: usize| if sb.desc_size >= 64 { (le32(d, o) as u64) << 32 } else { 0 };
-            let block_bitmap = le32(d, 0x0) as u64 | hi(0x20);
-            let inode_bitmap = le32(d, 0x4) as u64 | hi(0x24);
-            let inode_table = le32(d, 0x8) as u64 | hi(0x28);
-            let flags = le16(d, 0x12);
+        for (g, d) in groups.iter().enumerate() {
+            let GroupDesc { block_bitmap, inode_bitmap, inode_table, .. } = *d;
             ensure!(in_fs(block_bitmap, 1), "block bitmap of group {g} ({block_bitmap}) is outside the filesystem");
             ensure!(in_fs(inode_bitmap, 1), "inode bitmap of group {g} ({inode_bitmap}) is outside the filesystem");
             ensure!(in_fs(inode_table, itb), "inode table of group {g} ({inode_table}) is outside the filesystem");
             metadata.push(block_bitmap..block_bitmap + 1);
             metadata.push(inode_bitmap..inode_bitmap + 1);
             metadata.push(inode_table..inode_table + itb);
-            groups.push(Group { block_bitmap, inode_table, block_uninit: flags & BG_BLOCK_UNINIT != 0 });
         }
         metadata.sort_by_key(|r| r.start);
         let honour_uninit = sb.has_group_desc_csum();
@@ -286,7 +304,7 @@ impl Ext4Map {
     /// Used blocks of group `g` within `[b0, b1)`, appended as block ranges.
     fn group_used(&mut self, g: u64, b0: u64, b1: u64, out: &mut Vec<Range<u64>>) -> Result<()> {
         let first = self.sb.group_first_block(g);
-        if self.honour_uninit && self.groups[g as usize].block_uninit {
+        if self.honour_uninit && self.groups[g as usize].flags & BG_BLOCK_UNINIT != 0 {
             // Only the group's own superblock/descriptor copies and metadata placed here.
             let mut ranges = Vec::new();
             if self.sb.has_super(g) {
