@@ -103,9 +103,17 @@ fn server_killed_mid_way_loses_no_written_data_and_cbt_says_all_changed() {
 
     // Writes (no flush), a backup under way, and the server is killed.
     qemu_io(&served.nbd_uri(), &(0..8).map(|i| format!("write -P 0x3c {}M 1M", 8 + i)).collect::<Vec<_>>());
-    let mut backup = slow_backup(&env, &served.control);
+    // Into another repository: no changed-block base there, so a full (slow) backup.
+    let repo2 = env.path("repo2");
+    rime_raw(&["--repo", repo2.to_str().unwrap(), "init"]).ok();
+    let mut backup = ChildGuard(Some(spawn_backup(
+        &repo2,
+        &served.control,
+        &["--mode", "online", "--compression", "best", "--threads", "1"],
+    )));
     assert!(served.wait_state("active", Duration::from_secs(30)).is_some());
     qemu_io(&served.nbd_uri(), &["write -P 0x4d 60M 2M".to_string()]);
+    assert!(backup.0.as_mut().unwrap().try_wait().unwrap().is_none(), "the backup finished before the server was killed");
     served.kill();
     let run = wait_run(backup.take(), "backup");
     let msg = run.fails();
