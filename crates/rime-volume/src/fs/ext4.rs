@@ -6,6 +6,7 @@
 //! groups (`BLOCK_UNINIT`, honoured only when group descriptor checksums make the flag
 //! trustworthy). Every number read from disk is range-checked before use.
 
+use super::ext4_files::Ext4Files;
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Result};
@@ -238,6 +239,7 @@ pub struct Ext4Map {
     metadata: Vec<Range<u64>>,
     honour_uninit: bool,
     cached: Option<(u64, Vec<u8>)>,
+    files: Ext4Files,
 }
 
 impl Ext4Map {
@@ -277,7 +279,8 @@ impl Ext4Map {
         }
         metadata.sort_by_key(|r| r.start);
         let honour_uninit = sb.has_group_desc_csum();
-        Ok(Some(Ext4Map { region, sb, name, groups, metadata, honour_uninit, cached: None }))
+        let files = Ext4Files::new(region.clone(), sb.clone(), groups.iter().map(|d| d.inode_table).collect());
+        Ok(Some(Ext4Map { region, sb, name, groups, metadata, honour_uninit, cached: None, files }))
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -285,10 +288,8 @@ impl Ext4Map {
     }
 
     /// A reader for files and directories of this filesystem.
-    pub fn files(&self) -> crate::fs::ext4_files::Ext4Files<'_> {
-        crate::fs::ext4_files::Ext4Files::new(&self.region, &self.sb, |g| {
-            self.groups.get(g as usize).map(|gr| gr.inode_table)
-        })
+    pub fn files(&self) -> &Ext4Files {
+        &self.files
     }
 
     /// Loads group `g`'s block bitmap into the one-group cache.
