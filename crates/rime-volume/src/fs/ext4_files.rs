@@ -435,6 +435,9 @@ impl Ext4Files {
                 ensure!(value_size <= 64 << 20, "xattr value too large");
                 let ea = self.inode(value_inum)?;
                 ensure!(ea.flags & EA_INODE_FL != 0, "xattr points at inode {value_inum}, which is no EA inode");
+                // Inline data is itself read from xattrs: an inline EA inode could hold its own
+                // value (a loop). The kernel writes EA inodes to blocks only.
+                ensure!(!ea.is_inline(), "EA inode {value_inum} claims inline data");
                 let mut v = vec![0u8; value_size];
                 let got = self.read(&ea, 0, &mut v)?;
                 v.truncate(got);
@@ -659,6 +662,53 @@ mod tests {
         assert_eq!(le32(&x, 8), u32::MAX);
         assert!(acl_to_xattr(&[2, 0, 0, 0]).is_err());
         assert!(acl_to_xattr(&[1, 0, 0, 0, 2, 0, 4]).is_err());
+    }
+
+    /// An image in memory.
+    struct Mem(Vec<u8>);
+
+    impl crate::device::BlockSource for Mem {
+        fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+            let src = usize::try_from(offset).ok().and_then(|o| self.0.get(o..o.checked_add(buf.len())?));
+            buf.copy_from_slice(src.ok_or(std::io::ErrorKind::UnexpectedEof)?);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_inline_ea_inode_holding_its_own_value_is_refused() {
+        // 64 blocks of 1 KiB, one group, 256-byte inodes, the inode table at block 10.
+        let (bs, isz, table) = (1024usize, 256usize, 10usize);
+        let mut img = vec![0u8; 64 * bs];
+        let ino = 12u32;
+        let i = table * bs + (ino as usize - 1) * isz;
+        img[i..i + 2].copy_from_slice(&(S_IFREG | 0o644).to_le_bytes());
+        img[i + 4..i + 8].copy_from_slice(&100u32.to_le_bytes());
+        img[i + 0x20..i + 0x24].copy_from_slice(&(EA_INODE_FL | INLINE_DATA_FL).to_le_bytes());
+        img[i + 0x80..i + 0x82].copy_from_slice(&32u16.to_le_bytes());
+        // In-inode xattrs: system.data, its value in EA inode 12, itself.
+        let x = i + 128 + 32;
+        img[x..x + 4].copy_from_slice(&XATTR_MAGIC.to_le_bytes());
+        let e = x + 4;
+        img[e] = 4;
+        img[e + 1] = 7;
+        img[e + 4..e + 8].copy_from_slice(&ino.to_le_bytes());
+        img[e + 8..e + 12].copy_from_slice(&40u32.to_le_bytes());
+        img[e + 16..e + 20].copy_from_slice(b"data");
+        let mut raw_sb = vec![0u8; 1024];
+        raw_sb[0x38..0x3A].copy_from_slice(&0xEF53u16.to_le_bytes());
+        raw_sb[0x4..0x8].copy_from_slice(&64u32.to_le_bytes());
+        raw_sb[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        raw_sb[0x20..0x24].copy_from_slice(&8192u32.to_le_bytes());
+        raw_sb[0x28..0x2C].copy_from_slice(&16u32.to_le_bytes());
+        raw_sb[0x4C..0x50].copy_from_slice(&1u32.to_le_bytes());
+        raw_sb[0x58..0x5A].copy_from_slice(&(isz as u16).to_le_bytes());
+        let sb = Superblock::parse(&raw_sb).unwrap().unwrap();
+        let len = img.len() as u64;
+        let files = Ext4Files::new(Region::from_source(Arc::new(Mem(img)), "mem", len), sb, vec![table as u64]);
+        let inode = files.inode(ino as u64).unwrap();
+        assert!(files.read(&inode, 0, &mut [0u8; 100]).is_err());
+        assert!(files.xattrs(&inode).is_err());
     }
 
     #[test]
