@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub struct ControlClient {
@@ -59,7 +59,9 @@ impl ControlClient {
 /// Dropping it without [`SnapshotSource::finish`] aborts the snapshot (closing the socket does
 /// too, even if the process dies).
 pub struct SnapshotSource {
-    client: Mutex<ControlClient>,
+    client: Arc<Mutex<ControlClient>>,
+    /// Stops the keepalive thread.
+    alive: Arc<AtomicBool>,
     pub id: u64,
     pub size: u64,
     pub block_size: u32,
@@ -106,13 +108,32 @@ impl SnapshotSource {
         let v = c.call(&req).with_context(|| format!("taking a snapshot of {}", volume.display()))?;
         let s = &v["snapshot"];
         let num = |k: &str| s[k].as_u64().ok_or_else(|| anyhow!("snapshot reply without {k}"));
+        let id = num("id")?;
+        let client = Arc::new(Mutex::new(c));
+        let alive = Arc::new(AtomicBool::new(true));
+        // Keepalive: the server aborts a snapshot whose backup stops asking (hangs).
+        let (c2, a2) = (client.clone(), alive.clone());
+        std::thread::Builder::new().name("snapshot-keepalive".into()).spawn(move || {
+            while a2.load(Ordering::SeqCst) {
+                for _ in 0..20 {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if !a2.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+                if c2.lock().unwrap().call(&json!({"op": "ping", "id": id})).is_err() {
+                    return;
+                }
+            }
+        })?;
         Ok(SnapshotSource {
-            id: num("id")?,
+            id,
+            alive,
             size: num("size")?,
             block_size: num("block_size")? as u32,
             taken_at: s["taken_at"].as_f64().unwrap_or(0.0),
             info: s.clone(),
-            client: Mutex::new(c),
+            client,
             volume,
             archiving: AtomicBool::new(false),
             early: Mutex::new(Early::default()),
@@ -235,6 +256,7 @@ impl rime_volume::BlockSource for SnapshotSource {
 
 impl Drop for SnapshotSource {
     fn drop(&mut self) {
+        self.alive.store(false, Ordering::SeqCst);
         self.abort();
     }
 }

@@ -12,10 +12,12 @@
 //! | `{"op":"changes","id":N}` | `{"ok":true,"base":ID?,"changed":HEX,"used":HEX?}` |
 //! | `{"op":"end","id":N,"backup":ID?,"used":HEX?,"partial":HEX?}` | `{"ok":true}`; with `backup`, the changed-block map becomes relative to it |
 //! | `{"op":"abort","id":N}` | `{"ok":true}` |
+//! | `{"op":"ping","id":N}` | `{"ok":true}`: the backup is alive (it sends one every 2 s) |
 //! | `{"op":"cbt"}` | `{"ok":true,"base":ID?,"changed_blocks":N,"origin":S,"changed":HEX}` |
 //!
 //! Failures reply `{"ok":false,"error":"..."}`. A snapshot belongs to the connection that began
-//! it: when that connection closes (the backup ended or died), the snapshot is aborted at once.
+//! it: when that connection closes (the backup ended or died), the snapshot is aborted at once;
+//! when the backup asks nothing for the backup timeout (it hangs), the snapshot is aborted too.
 
 use crate::bitmap::Bitmap;
 use crate::engine::{Engine, SnapshotLimits};
@@ -31,11 +33,20 @@ pub struct ControlServer {
     engine: Arc<Engine>,
     defaults: SnapshotLimits,
     fuse_file: Option<PathBuf>,
+    /// A snapshot whose backup asks nothing for this long is aborted.
+    pub backup_timeout: Duration,
 }
+
+/// Default for [`ControlServer::backup_timeout`]: many pings (every 2 s) missed in a row.
+pub const DEFAULT_BACKUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl ControlServer {
     pub fn new(engine: Arc<Engine>, defaults: SnapshotLimits, fuse_file: Option<PathBuf>) -> Arc<ControlServer> {
-        Arc::new(ControlServer { engine, defaults, fuse_file })
+        Arc::new(ControlServer { engine, defaults, fuse_file, backup_timeout: DEFAULT_BACKUP_TIMEOUT })
+    }
+
+    pub fn with_backup_timeout(engine: Arc<Engine>, defaults: SnapshotLimits, fuse_file: Option<PathBuf>, timeout: Duration) -> Arc<ControlServer> {
+        Arc::new(ControlServer { engine, defaults, fuse_file, backup_timeout: timeout })
     }
 
     pub fn listen(self: &Arc<Self>, path: &Path) -> Result<()> {
@@ -46,6 +57,11 @@ impl ControlServer {
         let l = UnixListener::bind(path).with_context(|| format!("listen on control socket {}", path.display()))?;
         // Only root (and the socket's owner) may take snapshots and read the volume.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let (engine, timeout) = (self.engine.clone(), self.backup_timeout);
+        std::thread::Builder::new().name("backup-watchdog".into()).spawn(move || loop {
+            std::thread::sleep(Duration::from_millis(500));
+            engine.abort_if_idle(timeout);
+        })?;
         let me = self.clone();
         std::thread::Builder::new().name("control-accept".into()).spawn(move || {
             for s in l.incoming().flatten() {
@@ -164,6 +180,10 @@ impl ControlServer {
                 let id = num("id")?;
                 self.engine.abort_snapshot(id, "aborted by the backup");
                 owned.retain(|&o| o != id);
+                Ok(json!({"ok": true}))
+            }
+            "ping" => {
+                self.engine.touch(num("id")?)?;
                 Ok(json!({"ok": true}))
             }
             "cbt" => {

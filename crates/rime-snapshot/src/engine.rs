@@ -121,6 +121,8 @@ struct Snap {
     store: DiffStore,
     /// Changed-block map up to the snapshot instant (merged back if the backup fails).
     delta: Bitmap,
+    /// When the backup last asked anything about this snapshot.
+    touched: Instant,
 }
 
 enum SnapState {
@@ -449,6 +451,7 @@ impl Engine {
             protect: Bitmap::full(blocks),
             store: DiffStore::new(self.bs as usize, self.cfg.store.clone()),
             delta: self.cbt.changed.take(),
+            touched: Instant::now(),
         };
         let taken_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
         let dump = self.cfg.dump_dir.as_ref().map(|d| d.join(format!("snapshot-{id}.img")));
@@ -490,7 +493,10 @@ impl Engine {
     fn with_snap<R>(&self, id: u64, f: impl FnOnce(&mut Snap) -> Result<R>) -> Result<R> {
         let mut st = self.snap.lock().unwrap();
         match &mut *st {
-            SnapState::Active(s) if s.id == id => f(s),
+            SnapState::Active(s) if s.id == id => {
+                s.touched = Instant::now();
+                f(s)
+            }
             SnapState::Aborted { id: a, reason } if *a == id => bail!("the snapshot was aborted: {reason}"),
             _ => bail!("snapshot {id} is not active"),
         }
@@ -603,6 +609,24 @@ impl Engine {
                 bail!("snapshot {id} is not active")
             }
         }
+    }
+
+    /// The backup is alive and holds snapshot `id`.
+    pub fn touch(&self, id: u64) -> Result<()> {
+        self.with_snap(id, |_| Ok(()))
+    }
+
+    /// Aborts the active snapshot if its backup has asked nothing for `limit` (it hangs).
+    pub fn abort_if_idle(&self, limit: Duration) -> Option<u64> {
+        let mut st = self.snap.lock().unwrap();
+        let id = match &*st {
+            SnapState::Active(s) if s.touched.elapsed() >= limit => s.id,
+            _ => return None,
+        };
+        let reason = format!("the backup made no request for {} s", limit.as_secs_f64());
+        tracing::warn!("snapshot {id} aborted: {reason}");
+        self.abort_locked(&mut st, reason);
+        Some(id)
     }
 
     /// Aborts snapshot `id` (the backup failed or went away).

@@ -23,6 +23,8 @@ pub struct ServeOptions {
     pub export_name: Option<String>,
     pub engine: EngineConfig,
     pub limits: SnapshotLimits,
+    /// A snapshot whose backup asks nothing for this long (it hangs) is aborted.
+    pub backup_timeout: std::time::Duration,
 }
 
 /// What a running server publishes about itself.
@@ -100,7 +102,8 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(&Registration)) -> Result<()
             None => None,
         };
         let fuse_file = fuse.as_ref().map(|f| f.file.clone());
-        crate::control::ControlServer::new(engine.clone(), opts.limits, fuse_file.clone()).listen(&control)?;
+        crate::control::ControlServer::with_backup_timeout(engine.clone(), opts.limits, fuse_file.clone(), opts.backup_timeout)
+            .listen(&control)?;
         let reg = Registration {
             pid: std::process::id(),
             volume: std::fs::canonicalize(&opts.volume).unwrap_or(opts.volume.clone()),

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Drain limit (in-flight writes finishing at the snapshot instant), in seconds.
     #[arg(long, default_value_t = 10.0)]
     drain_limit: f64,
+    /// Abort a snapshot whose backup has asked nothing for this many seconds (it hangs; a
+    /// running backup asks every 2 s).
+    #[arg(long, default_value_t = 30.0)]
+    backup_timeout: f64,
     /// Test aid: copy the whole volume into DIR at every snapshot instant.
     #[arg(long, hide = true, value_name = "DIR")]
     dump_snapshots: Option<PathBuf>,
@@ -58,7 +62,16 @@ pub fn run(a: ServeArgs) -> Result<()> {
         limit: Duration::from_secs_f64(a.snapshot_limit),
         drain: Duration::from_secs_f64(a.drain_limit),
     };
-    let opts = ServeOptions { volume: a.volume, nbd: a.nbd, fuse: a.fuse, control: a.control, export_name: a.name, engine, limits };
+    let opts = ServeOptions {
+        volume: a.volume,
+        nbd: a.nbd,
+        fuse: a.fuse,
+        control: a.control,
+        export_name: a.name,
+        engine,
+        limits,
+        backup_timeout: Duration::from_secs_f64(a.backup_timeout),
+    };
     serve(opts, |reg| {
         let mut what = vec![format!("control {}", reg.control.display())];
         what.extend(reg.nbd.iter().map(|n| format!("nbd {n}")));

@@ -82,6 +82,29 @@ fn backup_killed_mid_way_leaves_the_server_idle_within_10s() {
 }
 
 #[test]
+fn a_hung_backup_loses_its_snapshot_after_the_backup_timeout() {
+    let env = Env::new();
+    let image = env.path("vol.img");
+    urandom_file(&image, 96 * MIB);
+    let served = Served::start(env.dir.path(), &image, false, &["--wip-ms", "50", "--backup-timeout", "3"]);
+    let mut backup = slow_backup(&env, &served.control);
+    assert!(served.wait_state("active", Duration::from_secs(30)).is_some());
+    let pid = backup.0.as_ref().unwrap().id() as i32;
+    // A running backup keeps its snapshot past the timeout (it reads and pings).
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(served.status()["state"], "active", "a live backup lost its snapshot");
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let took = served.wait_state("aborted", Duration::from_secs(10));
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(took.is_some(), "a stopped backup kept its snapshot: {}", served.status());
+    let st = served.status();
+    assert_eq!(st["store"]["bytes"], 0, "{st}");
+    let msg = wait_run(backup.take(), "backup").fails();
+    assert!(msg.contains("made no request"), "{msg}");
+    assert!(served.wait_state("idle", Duration::from_secs(10)).is_some());
+}
+
+#[test]
 fn server_killed_mid_way_loses_no_written_data_and_cbt_says_all_changed() {
     if !have("qemu-io") {
         return;
