@@ -19,7 +19,7 @@ use rime_repo::index::IdSet;
 use rime_repo::pack::{FinishedPack, PackWriter};
 use rime_repo::volume_index::VolumeIndexWriter;
 use rime_repo::{ChunkId, ChunkIndex, Compression};
-use rime_volume::{UsedMap, Volume};
+use rime_volume::{AlignedBuf, UsedMap, Volume};
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -221,6 +221,28 @@ pub fn archive_volume(
     })
 }
 
+/// Chunks the reader plans ahead: their used ranges are looked up first, so that runs of
+/// consecutive chunks to read become one bulk read (up to this many chunks, and 1 MiB).
+const LOOKAHEAD: usize = 16;
+const BULK_BYTES: u64 = 1 << 20;
+
+/// What the reader decided for one chunk.
+struct Planned {
+    seq: u64,
+    start: u64,
+    len: u64,
+    ranges: Vec<Range<u64>>,
+    reused: Option<ChunkId>,
+    patch: Option<(Vec<u8>, Vec<Range<u64>>)>,
+}
+
+impl Planned {
+    /// A chunk read whole from the volume (not skipped, not reused, not patched).
+    fn reads_whole(&self) -> bool {
+        !self.ranges.is_empty() && self.reused.is_none() && self.patch.is_none()
+    }
+}
+
 /// Reader: returns (used bytes, bytes read).
 fn read_chunks(
     volume: &Volume,
@@ -231,70 +253,96 @@ fn read_chunks(
     tokens: Sender<()>,
     mut prior: Option<&mut (dyn FnMut(u64) -> Result<Option<Prior>> + Send)>,
 ) -> Result<(u64, u64)> {
-    let mut ranges: Vec<Range<u64>> = Vec::new();
     let (mut used, mut read) = (0u64, 0u64);
-    for seq in 0..count {
-        if tokens.send(()).is_err() {
-            break; // the writer stopped; its error is reported
-        }
-        let start = seq * cs;
-        let len = cs.min(volume.size - start);
-        ranges.clear();
-        map.used_ranges(start, len, &mut ranges)
-            .with_context(|| format!("used-block map of {}", volume.path.display()))?;
-        let (mut reused, mut patch) = (None, None);
-        let known = match prior.as_mut() {
-            Some(f) if !ranges.is_empty() => f(seq)?,
-            _ => None,
-        };
-        match known {
-            Some(Prior::Same(id)) => reused = Some(id),
-            Some(Prior::Patch(base, changed)) => {
-                if base.len() as u64 != len {
-                    bail!("the previous snapshot's chunk {seq} has {} bytes, not {len}", base.len());
-                }
-                patch = Some((base, changed))
-            }
-            None => {}
-        }
-        if reused.is_some() {
-            used += ranges.iter().map(|r| r.end - r.start).sum::<u64>();
-        }
-        let data = if ranges.is_empty() || reused.is_some() {
-            None
-        } else {
-            // One read of the whole chunk (or of its changed ranges over the previous
-            // snapshot's bytes), then blank what the filesystem does not use: unused blocks
-            // restore as zeros and their stale contents never reach the repository.
-            let buf = match patch {
-                Some((mut base, changed)) => {
-                    for r in changed {
-                        debug_assert!(r.start >= start && r.end <= start + len);
-                        volume.read_at(r.start, &mut base[(r.start - start) as usize..(r.end - start) as usize])?;
-                        read += r.end - r.start;
-                    }
-                    base
-                }
-                None => {
-                    let mut buf = vec![0u8; len as usize];
-                    volume.read_at(start, &mut buf)?;
-                    read += len;
-                    buf
-                }
+    let bulk_len = (BULK_BYTES.max(cs) as usize).div_ceil(rime_volume::device::ALIGN) * rime_volume::device::ALIGN;
+    let mut bulk = AlignedBuf::new(bulk_len);
+    let mut next = 0u64;
+    while next < count {
+        // Plan a batch: used ranges and what the previous snapshot offers, in chunk order.
+        let mut batch: Vec<Planned> = Vec::with_capacity(LOOKAHEAD);
+        while next < count && batch.len() < LOOKAHEAD {
+            let seq = next;
+            next += 1;
+            let start = seq * cs;
+            let len = cs.min(volume.size - start);
+            let mut ranges = Vec::new();
+            map.used_ranges(start, len, &mut ranges)
+                .with_context(|| format!("used-block map of {}", volume.path.display()))?;
+            let (mut reused, mut patch) = (None, None);
+            let known = match prior.as_mut() {
+                Some(f) if !ranges.is_empty() => f(seq)?,
+                _ => None,
             };
-            let mut buf = buf;
-            let mut pos = start;
-            for r in &ranges {
-                debug_assert!(r.start >= pos && r.end <= start + len, "map ranges in order and in bounds");
-                buf[(pos - start) as usize..(r.start - start) as usize].fill(0);
-                used += r.end - r.start;
-                pos = r.end;
+            match known {
+                Some(Prior::Same(id)) => reused = Some(id),
+                Some(Prior::Patch(base, changed)) => {
+                    if base.len() as u64 != len {
+                        bail!("the previous snapshot's chunk {seq} has {} bytes, not {len}", base.len());
+                    }
+                    patch = Some((base, changed))
+                }
+                None => {}
             }
-            buf[(pos - start) as usize..].fill(0);
-            Some(buf)
-        };
-        if jobs.send(Job { seq, data, reused }).is_err() {
-            break;
+            batch.push(Planned { seq, start, len, ranges, reused, patch });
+        }
+
+        let mut i = 0;
+        while i < batch.len() {
+            // A run of chunks read whole becomes one bulk read.
+            let mut run_end = i;
+            let mut run_bytes = 0u64;
+            while run_end < batch.len() && batch[run_end].reads_whole() && run_bytes + batch[run_end].len <= bulk_len as u64 {
+                run_bytes += batch[run_end].len;
+                run_end += 1;
+            }
+            let run_start = batch[i].start;
+            let bytes = if run_end > i { Some(volume.read_bulk(run_start, run_bytes as usize, &mut bulk)?) } else { None };
+            if run_end > i {
+                read += run_bytes;
+            }
+            for k in i..run_end.max(i + 1) {
+                if tokens.send(()).is_err() {
+                    return Ok((used, read)); // the writer stopped; its error is reported
+                }
+                let p = &mut batch[k];
+                if p.reused.is_some() {
+                    used += p.ranges.iter().map(|r| r.end - r.start).sum::<u64>();
+                }
+                let data = if p.ranges.is_empty() || p.reused.is_some() {
+                    None
+                } else {
+                    // The whole chunk (or its changed ranges over the previous snapshot's
+                    // bytes), then blank what the filesystem does not use: unused blocks
+                    // restore as zeros and their stale contents never reach the repository.
+                    let mut buf = match p.patch.take() {
+                        Some((mut base, changed)) => {
+                            for r in changed {
+                                debug_assert!(r.start >= p.start && r.end <= p.start + p.len);
+                                volume.read_at(r.start, &mut base[(r.start - p.start) as usize..(r.end - p.start) as usize])?;
+                                read += r.end - r.start;
+                            }
+                            base
+                        }
+                        None => {
+                            let at = (p.start - run_start) as usize;
+                            bytes.expect("a chunk read whole lies in the bulk read")[at..at + p.len as usize].to_vec()
+                        }
+                    };
+                    let mut pos = p.start;
+                    for r in &p.ranges {
+                        debug_assert!(r.start >= pos && r.end <= p.start + p.len, "map ranges in order and in bounds");
+                        buf[(pos - p.start) as usize..(r.start - p.start) as usize].fill(0);
+                        used += r.end - r.start;
+                        pos = r.end;
+                    }
+                    buf[(pos - p.start) as usize..].fill(0);
+                    Some(buf)
+                };
+                if jobs.send(Job { seq: p.seq, data, reused: p.reused }).is_err() {
+                    return Ok((used, read));
+                }
+            }
+            i = run_end.max(i + 1);
         }
     }
     Ok((used, read))

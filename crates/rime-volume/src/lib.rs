@@ -10,5 +10,5 @@ pub mod partition;
 pub mod qemu;
 pub mod usedmap;
 
-pub use device::{BlockSource, Region, Volume, VolumeKind};
+pub use device::{AlignedBuf, BlockSource, Region, Volume, VolumeKind};
 pub use usedmap::{AllBlocks, UsedMap};
