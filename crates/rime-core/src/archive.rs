@@ -181,8 +181,10 @@ pub fn archive_volume(
     let cs = chunk_size as u64;
     let count = volume.size.div_ceil(cs);
     let threads = threads.max(1);
-    let window = threads * 4 + 8;
-    let (job_tx, job_rx) = bounded::<Job>(threads * 2);
+    // Room for several bulk reads in flight, so the reader reads ahead while workers compress.
+    let window = (threads * 4 + 8).max(4 * LOOKAHEAD);
+    // Jobs queue up to a whole window: workers keep busy while the reader waits on a bulk read.
+    let (job_tx, job_rx) = bounded::<Job>(window);
     let (res_tx, res_rx) = bounded::<Result<(u64, Outcome)>>(window);
     let (token_tx, token_rx) = bounded::<()>(window);
     let existing = sink.existing.clone();
