@@ -7,61 +7,11 @@
 use rime_volume::fs::btrfs::BtrfsMap;
 use rime_volume::{UsedMap, Volume};
 use std::fs;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-const MIB: u64 = 1 << 20;
-
-#[track_caller]
-fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// xorshift64*: fast reproducible bytes.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-fn write_random(path: &Path, rng: &mut Rng, len: u64) {
-    let mut f = fs::File::create(path).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-}
+mod support;
+use support::*;
 
 /// Big and small random files (and text that compresses) under `dir`, about `target` bytes.
 fn populate(dir: &Path, seed: u64, target: u64, small_files: usize) {
@@ -85,40 +35,15 @@ fn populate(dir: &Path, seed: u64, target: u64, small_files: usize) {
     std::os::unix::fs::symlink("a/small-0", dir.join("link")).unwrap();
 }
 
-fn new_image(img: &Path, size_mib: u64) {
-    let _ = fs::remove_file(img);
-    fs::File::create(img).unwrap().set_len(size_mib * MIB).unwrap();
-}
-
 fn mkfs_btrfs(img: &Path, size_mib: u64, args: &[&str], rootdir: Option<&Path>) {
     new_image(img, size_mib);
     let mut all = vec!["-q", "-f"];
     all.extend(args);
     if let Some(r) = rootdir {
-        all.extend(["--rootdir", p(r)]);
+        all.extend(["--rootdir", s(r)]);
     }
-    all.push(p(img));
-    sh("mkfs.btrfs", &all);
-}
-
-/// A loop-mounted image, unmounted on drop.
-struct Mounted(PathBuf);
-impl Mounted {
-    fn new(img: &Path, dir: &Path, opts: &str) -> Mounted {
-        fs::create_dir_all(dir).unwrap();
-        sh("mount", &["-o", &format!("loop,{opts}"), p(img), p(dir)]);
-        Mounted(dir.to_path_buf())
-    }
-}
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
+    all.push(s(img));
+    run("mkfs.btrfs", &all);
 }
 
 /// Used ranges of the whole image through the map, in 64 KiB steps as the backup asks.
@@ -160,7 +85,7 @@ fn total(r: &[Range<u64>]) -> u64 {
 
 /// Chunks per `dump-tree -t chunk`: (logical, length, stripe offsets).
 fn chunks(img: &Path) -> Vec<(u64, u64, Vec<u64>)> {
-    let out = sh("btrfs", &["inspect-internal", "dump-tree", "-t", "chunk", p(img)]);
+    let out = run("btrfs", &["inspect-internal", "dump-tree", "-t", "chunk", s(img)]);
     let mut v: Vec<(u64, u64, Vec<u64>)> = Vec::new();
     for line in out.lines().map(str::trim) {
         if let Some(rest) = line.split("key (FIRST_CHUNK_TREE CHUNK_ITEM ").nth(1) {
@@ -186,7 +111,7 @@ fn physical(chunks: &[(u64, u64, Vec<u64>)], l: u64) -> Vec<u64> {
 /// superblock mirrors.
 fn expected_used(img: &Path) -> Vec<Range<u64>> {
     let size = fs::metadata(img).unwrap().len();
-    let nodesize: u64 = sh("btrfs", &["inspect-internal", "dump-super", p(img)])
+    let nodesize: u64 = run("btrfs", &["inspect-internal", "dump-super", s(img)])
         .lines()
         .find_map(|l| l.strip_prefix("nodesize"))
         .unwrap()
@@ -194,7 +119,7 @@ fn expected_used(img: &Path) -> Vec<Range<u64>> {
         .parse()
         .unwrap();
     let ch = chunks(img);
-    let out = sh("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", p(img)]);
+    let out = run("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", s(img)]);
     let mut v = Vec::new();
     v.push(0..MIB);
     for m in [64 * MIB, 256 << 30] {
@@ -219,7 +144,7 @@ fn expected_used(img: &Path) -> Vec<Range<u64>> {
 }
 
 fn extent_tree_level(img: &Path) -> u64 {
-    let out = sh("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", p(img)]);
+    let out = run("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", s(img)]);
     let first = out.lines().find(|l| l.starts_with("node ") || l.starts_with("leaf ")).unwrap().to_string();
     if first.starts_with("leaf ") {
         0
@@ -229,7 +154,7 @@ fn extent_tree_level(img: &Path) -> u64 {
 }
 
 fn bytes_used(img: &Path) -> u64 {
-    sh("btrfs", &["inspect-internal", "dump-super", p(img)])
+    run("btrfs", &["inspect-internal", "dump-super", s(img)])
         .lines()
         .find_map(|l| l.strip_prefix("bytes_used"))
         .unwrap()
@@ -294,17 +219,17 @@ fn mounted_filesystems_with_fragmented_extent_trees() {
         {
             let _m = Mounted::new(&img, &mnt, opts);
             populate(&mnt, 11 + i as u64, 150 * MIB, 5000);
-            sh("sync", &[]);
+            run("sync", &[]);
             for k in (1..5000).step_by(2) {
                 let d = ["a", "b/c", "d/e/f"][k % 3];
                 fs::remove_file(mnt.join(d).join(format!("small-{k}"))).unwrap();
             }
             fs::remove_file(mnt.join("big-1.bin")).unwrap();
-            sh("sync", &[]);
-            let out = sh("df", &["-B1", "--output=used", p(&mnt)]);
+            run("sync", &[]);
+            let out = run("df", &["-B1", "--output=used", s(&mnt)]);
             let used = out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap();
             // df counts the global block reserve (space kept back in memory, not on disk) as used.
-            let reserve: u64 = sh("btrfs", &["filesystem", "df", "-b", p(&mnt)])
+            let reserve: u64 = run("btrfs", &["filesystem", "df", "-b", s(&mnt)])
                 .lines()
                 .find_map(|l| l.strip_prefix("GlobalReserve, single: total="))
                 .map(|r| r.split(',').next().unwrap().parse().unwrap())
@@ -327,7 +252,7 @@ fn multi_device_filesystems_are_refused() {
     let (a, b) = (dir.path().join("a.img"), dir.path().join("b.img"));
     new_image(&a, 256);
     new_image(&b, 256);
-    sh("mkfs.btrfs", &["-q", "-f", "-d", "raid1", "-m", "raid1", p(&a), p(&b)]);
+    run("mkfs.btrfs", &["-q", "-f", "-d", "raid1", "-m", "raid1", s(&a), s(&b)]);
     let vol = Volume::open(&a, false).unwrap();
     let err = BtrfsMap::probe(&vol.region()).err().expect("a two-device filesystem is refused");
     assert!(format!("{err:#}").contains("devices"), "{err:#}");
@@ -421,11 +346,11 @@ impl Scratch {
 
 /// Logical addresses of the roots of the chunk, root and extent trees, and the node size.
 fn roots(img: &Path) -> (u64, u64, u64, u64) {
-    let sb = sh("btrfs", &["inspect-internal", "dump-super", p(img)]);
+    let sb = run("btrfs", &["inspect-internal", "dump-super", s(img)]);
     let field = |name: &str| -> u64 {
         sb.lines().find_map(|l| l.strip_prefix(name).filter(|r| r.starts_with(['\t', ' ']))).unwrap().trim().parse().unwrap()
     };
-    let ext = sh("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", p(img)]);
+    let ext = run("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", s(img)]);
     let first = ext.lines().find(|l| l.starts_with("node ") || l.starts_with("leaf ")).unwrap();
     let extent_root = first.split_whitespace().nth(1).unwrap().parse().unwrap();
     (field("chunk_root"), field("root"), extent_root, field("nodesize"))

@@ -7,72 +7,9 @@ use rime_volume::fs::ntfs::{default_exclusions, NtfsMap};
 use rime_volume::{UsedMap, Volume};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-const MIB: u64 = 1 << 20;
-
-/// xorshift64*: reproducible data without extra crates.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
-
-#[track_caller]
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (install ntfs-3g): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// An ntfs-3g FUSE mount, unmounted on drop.
-struct Mounted(PathBuf);
-impl Mounted {
-    fn new(img: &Path, dir: &Path, read_only: bool) -> Mounted {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut args = vec![s(img), s(dir)];
-        if read_only {
-            args.extend(["-o", "ro"]);
-        }
-        run("ntfs-3g", &args);
-        Mounted(dir.to_path_buf())
-    }
-}
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+mod support;
+use support::*;
 
 /// The files written into every test volume: path -> contents.
 struct Tree {
@@ -164,7 +101,7 @@ fn make_ntfs(dir: &Path, name: &str, size: u64, opts: &[&str], fill_bytes: u64, 
     args.push(s(&img));
     run("mkntfs", &args);
     let tree = {
-        let m = Mounted::new(&img, &dir.join(format!("mnt-{name}")), false);
+        let m = Mounted::ntfs3g(&img, &dir.join(format!("mnt-{name}")), false);
         let t = if fill_bytes > 0 { fill(&m.0, seed, fill_bytes, fragment) } else { Tree { files: Vec::new() } };
         run("sync", &[]);
         t
@@ -255,7 +192,7 @@ fn map_covers_exactly_the_used_clusters_and_keeps_every_file() {
         masked_copy(&img, &ranges, &masked);
         assert_ne!(std::fs::read(&img).unwrap(), std::fs::read(&masked).unwrap(), "{what}: free garbage should be gone");
         run("ntfsfix", &["-n", s(&masked)]);
-        let m = Mounted::new(&masked, &dir.path().join("mnt-masked"), true);
+        let m = Mounted::ntfs3g(&masked, &dir.path().join("mnt-masked"), true);
         for (rel, data) in &tree.files {
             let got = std::fs::read(m.0.join(rel)).unwrap_or_else(|e| panic!("{what}: {rel}: {e}"));
             assert!(got == *data, "{what}: {rel} differs after masking");

@@ -6,94 +6,23 @@
 use rime_volume::fs::xfs::XfsMap;
 use rime_volume::{UsedMap, Volume};
 use std::fs;
-use std::io::Write;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-const MIB: u64 = 1 << 20;
-
-#[track_caller]
-fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
-/// xorshift64*: fast reproducible bytes.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-}
-
-fn write_random(path: &Path, rng: &mut Rng, len: u64) {
-    let mut f = fs::File::create(path).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
-}
+mod support;
+use support::*;
 
 fn mkfs_xfs(img: &Path, size_mib: u64, args: &[&str]) {
-    let _ = fs::remove_file(img);
-    fs::File::create(img).unwrap().set_len(size_mib * MIB).unwrap();
+    new_image(img, size_mib);
     let mut all = vec!["-q", "-f"];
     all.extend(args);
-    all.push(p(img));
-    sh("mkfs.xfs", &all);
-}
-
-/// A loop-mounted image, unmounted on drop.
-struct Mounted(PathBuf);
-impl Mounted {
-    fn new(img: &Path, dir: &Path) -> Mounted {
-        fs::create_dir_all(dir).unwrap();
-        sh("mount", &["-o", "loop", p(img), p(dir)]);
-        Mounted(dir.to_path_buf())
-    }
-}
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
+    all.push(s(img));
+    run("mkfs.xfs", &all);
 }
 
 /// Byte ranges of the volume that hold `file`'s data (FIEMAP through filefrag).
 fn physical_extents(file: &Path, block_size: u64) -> Vec<Range<u64>> {
-    let out = sh("filefrag", &["-v", &format!("-b{block_size}"), p(file)]);
+    let out = run("filefrag", &["-v", &format!("-b{block_size}"), s(file)]);
     let mut v = Vec::new();
     for line in out.lines() {
         let fields: Vec<&str> = line.split(':').map(str::trim).collect();
@@ -111,7 +40,7 @@ fn physical_extents(file: &Path, block_size: u64) -> Vec<Range<u64>> {
 /// deletes every other small file so that free space is fragmented (multi-level free-space
 /// btrees). Returns the data extents of the files that remain.
 fn fill_mounted(img: &Path, mnt: &Path, seed: u64, target: u64, small_files: usize, block_size: u64) -> Vec<Range<u64>> {
-    let m = Mounted::new(img, mnt);
+    let m = Mounted::new(img, mnt, "");
     let mut rng = Rng(seed | 1);
     let dirs = ["a", "b/c", "d/e/f"];
     for d in dirs {
@@ -128,11 +57,11 @@ fn fill_mounted(img: &Path, mnt: &Path, seed: u64, target: u64, small_files: usi
         write_random(&mnt.join(format!("big-{i}.bin")), &mut rng, big + i * 12345);
     }
     std::os::unix::fs::symlink("a/small-0", mnt.join("link")).unwrap();
-    sh("sync", &[]);
+    run("sync", &[]);
     for i in (1..small_files).step_by(2) {
         fs::remove_file(mnt.join(dirs[i % 3]).join(format!("small-{i}"))).unwrap();
     }
-    sh("sync", &[]);
+    run("sync", &[]);
     let mut extents = Vec::new();
     for entry in walk(mnt) {
         extents.extend(physical_extents(&entry, block_size));
@@ -204,8 +133,8 @@ fn xfs_db_field(img: &Path, cmds: &[&str], name: &str) -> Vec<u64> {
         args.push("-c");
         args.push(c);
     }
-    args.push(p(img));
-    sh("xfs_db", &args)
+    args.push(s(img));
+    run("xfs_db", &args)
         .lines()
         .filter_map(|l| l.split_once(" = ").filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().parse::<u64>().unwrap()))
         .collect()
@@ -320,7 +249,7 @@ fn protofile_filesystems_v4_and_large_blocks() {
     {
         let img = dir.path().join(format!("p{i}.img"));
         let mut all = args.clone();
-        all.extend(["-p", p(&proto)]);
+        all.extend(["-p", s(&proto)]);
         mkfs_xfs(&img, 320, &all);
         let used = check_image(&img, &[], &format!("{args:?}"));
         let log = log_bytes(&img);
@@ -565,20 +494,20 @@ fn only_clean_or_covered_logs_are_trusted() {
         let mnt = dir.path().join(format!("live-mnt{i}"));
         let before;
         {
-            let _m = Mounted::new(&img, &mnt);
+            let _m = Mounted::new(&img, &mnt, "");
             let mut rng = Rng(3 + i as u64);
             for k in 0..50 {
                 write_random(&mnt.join(format!("f{k}")), &mut rng, 100_000 + k * 999);
             }
-            sh("sync", &[]);
-            sh("fsfreeze", &["-f", p(&mnt)]);
+            run("sync", &[]);
+            run("fsfreeze", &["-f", s(&mnt)]);
             fs::copy(&img, &frozen).unwrap();
-            sh("fsfreeze", &["-u", p(&mnt)]);
+            run("fsfreeze", &["-u", s(&mnt)]);
             before = walk(&mnt).iter().flat_map(|f| physical_extents(f, 4096)).collect::<Vec<_>>();
             for k in 50..80 {
                 write_random(&mnt.join(format!("f{k}")), &mut rng, 100_000 + k * 999);
             }
-            sh("sync", &[]);
+            run("sync", &[]);
             fs::copy(&img, &dirty).unwrap();
         }
         // Frozen: covered log; the map holds every file written before the freeze.
@@ -588,7 +517,7 @@ fn only_clean_or_covered_logs_are_trusted() {
         }
         // Written after the freeze and synced, but not unmounted: refused — unless the kernel
         // happened to cover the log between the sync and the copy, which xfs_logprint shows.
-        let logprint = sh("xfs_logprint", &["-t", p(&dirty)]);
+        let logprint = run("xfs_logprint", &["-t", s(&dirty)]);
         let pending = logprint.contains("INODE") || logprint.lines().any(|l| l.contains("start blkno:") && !l.contains("start blkno:0x0 "));
         let vol = Volume::open(&dirty, false).unwrap();
         match XfsMap::probe(&vol.region()) {

@@ -8,73 +8,13 @@
 //! Needs dosfstools and mtools (no root: no mounts).
 
 use rime_volume::fs::fat::FatMap;
-use rime_volume::{UsedMap, Volume};
+use rime_volume::Volume;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-const MIB: u64 = 1 << 20;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-#[track_caller]
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (install dosfstools and mtools): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `rime --repo REPO ARGS`; asserts success; returns stdout.
-#[track_caller]
-fn rime(repo: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_rime"))
-        .env_remove("RIME_REPO")
-        .env_remove("RIME_LOG")
-        .arg("--repo")
-        .arg(repo)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run rime");
-    assert!(
-        out.status.success(),
-        "rime {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+mod fsmap_util;
+use fsmap_util::*;
 
 /// A tree of mixed files totalling about `total` bytes.
 fn make_tree(root: &Path, seed: u64, total: u64) {
@@ -112,14 +52,7 @@ fn fat_used_bytes(img: &Path) -> u64 {
 fn expected_restore(img: &Path, to: &Path) {
     let vol = Volume::open(img, false).unwrap();
     let mut map = FatMap::probe(&vol.region()).unwrap().unwrap();
-    let data = std::fs::read(img).unwrap();
-    let mut out = vec![0u8; data.len()];
-    let mut ranges = Vec::new();
-    map.used_ranges(0, vol.size, &mut ranges).unwrap();
-    for r in ranges {
-        out[r.start as usize..r.end as usize].copy_from_slice(&data[r.start as usize..r.end as usize]);
-    }
-    std::fs::write(to, out).unwrap();
+    write_masked(img, &mut map, to);
 }
 
 fn roundtrip(bits: u32, size: u64) {
@@ -138,8 +71,7 @@ fn roundtrip(bits: u32, size: u64) {
 
     let repo = d.join("repo");
     rime(&repo, &["init"]);
-    let v: Value = serde_json::from_str(&rime(&repo, &["backup", s(&img), "--json"])).expect("backup --json");
-    assert!(v["snapshot"].is_string(), "{v}");
+    let (v, _, _) = backup(&repo, &img);
     let vol = &v["manifest"]["volumes"][0];
     assert_eq!(vol["filesystem"], format!("fat{bits}"), "{vol}");
     let num = |k: &str| vol[k].as_u64().unwrap_or_else(|| panic!("no {k} in {vol}"));

@@ -9,93 +9,12 @@
 //! Needs ntfs-3g, FUSE and root (for the mounts).
 
 use rime_volume::fs::ntfs::NtfsMap;
-use rime_volume::{UsedMap, Volume};
+use rime_volume::Volume;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 
-const MIB: u64 = 1 << 20;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(n + 8);
-        while v.len() < n {
-            v.extend_from_slice(&self.next().to_le_bytes());
-        }
-        v.truncate(n);
-        v
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-#[track_caller]
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (install ntfs-3g): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Runs `rime --repo REPO ARGS`; returns (stdout, stderr) after asserting success.
-#[track_caller]
-fn rime(repo: &Path, args: &[&str]) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_rime"))
-        .env_remove("RIME_REPO")
-        .env_remove("RIME_LOG")
-        .arg("--repo")
-        .arg(repo)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run rime");
-    let (o, e) = (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned());
-    assert!(out.status.success(), "rime {args:?} failed: {o}{e}");
-    (o, e)
-}
-
-/// An ntfs-3g FUSE mount, unmounted on drop.
-struct Mounted(PathBuf);
-impl Mounted {
-    fn new(img: &Path, dir: &Path, read_only: bool) -> Mounted {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut args = vec![s(img), s(dir)];
-        if read_only {
-            args.extend(["-o", "ro"]);
-        }
-        run("ntfs-3g", &args);
-        Mounted(dir.to_path_buf())
-    }
-}
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
+mod fsmap_util;
+use fsmap_util::*;
 
 /// Writes mixed files (tiny resident ones, a big directory, a fragmented file, a sparse file,
 /// large ones) totalling about `total` bytes; returns (relative path, contents).
@@ -162,14 +81,7 @@ fn ntfs_counts(img: &Path) -> (u64, u64) {
 fn expected_restore(img: &Path, to: &Path) {
     let vol = Volume::open(img, false).unwrap();
     let mut map = NtfsMap::probe(&vol.region()).unwrap().unwrap();
-    let data = std::fs::read(img).unwrap();
-    let mut out = vec![0u8; data.len()];
-    let mut ranges = Vec::new();
-    map.used_ranges(0, vol.size, &mut ranges).unwrap();
-    for r in ranges {
-        out[r.start as usize..r.end as usize].copy_from_slice(&data[r.start as usize..r.end as usize]);
-    }
-    std::fs::write(to, out).unwrap();
+    write_masked(img, &mut map, to);
 }
 
 fn roundtrip(size: u64, opts: &[&str]) {
@@ -182,7 +94,7 @@ fn roundtrip(size: u64, opts: &[&str]) {
     args.push(s(&img));
     run("mkntfs", &args);
     let files = {
-        let m = Mounted::new(&img, &d.join("mnt"), false);
+        let m = Mounted::ntfs3g(&img, &d.join("mnt"), false);
         fill(&m.0, size, size / 2)
     };
     run("ntfsfix", &["-n", s(&img)]);
@@ -191,8 +103,7 @@ fn roundtrip(size: u64, opts: &[&str]) {
 
     let repo = d.join("repo");
     rime(&repo, &["init"]);
-    let v: Value = serde_json::from_str(&rime(&repo, &["backup", s(&img), "--json"]).0).expect("backup --json");
-    assert!(v["snapshot"].is_string(), "{v}");
+    let (v, _, _) = backup(&repo, &img);
     let vol = &v["manifest"]["volumes"][0];
     assert_eq!(vol["filesystem"], "ntfs", "{vol}");
     let num = |k: &str| vol[k].as_u64().unwrap_or_else(|| panic!("no {k} in {vol}"));
@@ -211,7 +122,7 @@ fn roundtrip(size: u64, opts: &[&str]) {
     assert!(got == std::fs::read(&expected).unwrap(), "{opts:?}: restore differs from the masked original");
     assert!(got != std::fs::read(&img).unwrap(), "{opts:?}: the free garbage should not come back");
     drop(got);
-    let m = Mounted::new(&restored, &d.join("mnt-restored"), true);
+    let m = Mounted::ntfs3g(&restored, &d.join("mnt-restored"), true);
     for (rel, data) in &files {
         let got = std::fs::read(m.0.join(rel)).unwrap_or_else(|e| panic!("{opts:?}: {rel}: {e}"));
         assert!(got == *data, "{opts:?}: {rel} differs after restore");
@@ -254,7 +165,7 @@ fn damaged_ntfs_falls_back_to_all_blocks() {
     std::fs::write(&img, &bytes).unwrap();
     let repo = d.join("repo");
     rime(&repo, &["init"]);
-    let (out, err) = rime(&repo, &["backup", s(&img), "--json"]);
+    let (out, err, _) = rime(&repo, &["backup", s(&img), "--json"]);
     assert!(err.contains("NTFS") && err.contains("damaged"), "stderr should warn: {err}");
     let v: Value = serde_json::from_str(&out).unwrap();
     assert!(v["manifest"]["volumes"][0]["filesystem"].is_null(), "{v}");

@@ -1,6 +1,7 @@
-//! Helpers for the XFS and btrfs end-to-end tests (`fs_xfs.rs`, `fs_btrfs.rs`): running rime
-//! and other programs, loop mounts released on drop, a mixed file tree, and the check that a
-//! restore equals the original with exactly the used-block map's unused bytes zeroed.
+//! Helpers for the filesystem end-to-end tests (`fs_xfs.rs`, `fs_btrfs.rs`, `fs_fat.rs`,
+//! `fs_ntfs.rs`): running rime and other programs, loop and ntfs-3g mounts released on drop,
+//! a mixed file tree, and the check that a restore equals the original with exactly the
+//! used-block map's unused bytes zeroed.
 
 #![allow(dead_code)]
 
@@ -27,10 +28,11 @@ pub fn run(program: &str, args: &[&str]) -> String {
     out
 }
 
-/// Runs a program: (success, stdout, stderr).
+/// Runs a program (stdin closed; `MTOOLS_SKIP_CHECK` set for mtools): (success, stdout, stderr).
 pub fn run_status(program: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(program)
         .args(args)
+        .env("MTOOLS_SKIP_CHECK", "1")
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
@@ -165,6 +167,18 @@ impl Mounted {
         Mounted(dir.to_path_buf())
     }
 
+    /// An ntfs-3g FUSE mount (the kernel has no ntfs driver).
+    #[track_caller]
+    pub fn ntfs3g(img: &Path, dir: &Path, read_only: bool) -> Mounted {
+        fs::create_dir_all(dir).unwrap();
+        let mut args = vec![s(img), s(dir)];
+        if read_only {
+            args.extend(["-o", "ro"]);
+        }
+        run("ntfs-3g", &args);
+        Mounted(dir.to_path_buf())
+    }
+
     /// Used bytes as `df` reports them.
     pub fn df_used(&self) -> u64 {
         let out = run("df", &["-B1", "--output=used", s(&self.0)]);
@@ -217,6 +231,18 @@ pub fn used_ranges(img: &Path) -> Vec<Range<u64>> {
         off += len;
     }
     ranges
+}
+
+/// Writes `img` to `to` with every byte `map` leaves out zeroed: what a restore must equal.
+pub fn write_masked(img: &Path, map: &mut dyn UsedMap, to: &Path) {
+    let data = fs::read(img).unwrap();
+    let mut out = vec![0u8; data.len()];
+    let mut ranges = Vec::new();
+    map.used_ranges(0, data.len() as u64, &mut ranges).unwrap();
+    for r in ranges {
+        out[r.start as usize..r.end as usize].copy_from_slice(&data[r.start as usize..r.end as usize]);
+    }
+    fs::write(to, out).unwrap();
 }
 
 /// Asserts that `restored` equals `original` on the used ranges and is zero elsewhere.
