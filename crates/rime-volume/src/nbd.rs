@@ -9,19 +9,51 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943; // "NBDMAGIC"
-const IHAVEOPT: u64 = 0x4948_4156_454F_5054; // "IHAVEOPT"
-const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const INFO_EXPORT: u16 = 0;
-const CMD_READ: u16 = 0;
-const CMD_DISC: u16 = 2;
+/// Protocol numbers shared by this client and `rime serve`'s NBD server.
+pub mod proto {
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
+    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+    pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+    pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+    pub const OPT_EXPORT_NAME: u32 = 1;
+    pub const OPT_ABORT: u32 = 2;
+    pub const OPT_LIST: u32 = 3;
+    pub const OPT_INFO: u32 = 6;
+    pub const OPT_GO: u32 = 7;
+    pub const REP_ACK: u32 = 1;
+    pub const REP_SERVER: u32 = 2;
+    pub const REP_INFO: u32 = 3;
+    pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
+    pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
+    pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
+    pub const INFO_EXPORT: u16 = 0;
+    pub const INFO_NAME: u16 = 1;
+    pub const INFO_DESCRIPTION: u16 = 2;
+    pub const INFO_BLOCK_SIZE: u16 = 3;
+    pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+    pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+    pub const TFLAG_SEND_FUA: u16 = 1 << 3;
+    pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
+    pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+    pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+    pub const CMD_FLAG_FUA: u16 = 1 << 0;
+    pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+    pub const CMD_READ: u16 = 0;
+    pub const CMD_WRITE: u16 = 1;
+    pub const CMD_DISC: u16 = 2;
+    pub const CMD_FLUSH: u16 = 3;
+    pub const CMD_TRIM: u16 = 4;
+    pub const CMD_WRITE_ZEROES: u16 = 6;
+    pub const EIO: u32 = 5;
+    pub const EINVAL: u32 = 22;
+    pub const ENOSPC: u32 = 28;
+    pub const ENOTSUP: u32 = 95;
+}
+use proto::*;
+
 /// Largest single read request; servers must accept at least 32 MiB.
 const MAX_READ: usize = 4 << 20;
 
@@ -68,7 +100,7 @@ impl NbdClient {
 
         let mut size = None;
         loop {
-            ensure!(read_u64(&mut s)? == OPT_REPLY_MAGIC, "bad NBD option reply");
+            ensure!(read_u64(&mut s)? == REPLY_MAGIC, "bad NBD option reply");
             let _option = read_u32(&mut s)?;
             let kind = read_u32(&mut s)?;
             let len = read_u32(&mut s)? as usize;
