@@ -52,7 +52,15 @@ pub struct PackSink {
 
 impl PackSink {
     pub fn new(backend: Arc<dyn Backend>, existing: Arc<ChunkIndex>, pack_size: u64) -> PackSink {
-        PackSink { backend, existing, pack_size, current: None, added: IdSet::default(), finisher: None, published: Vec::new() }
+        PackSink {
+            backend,
+            existing,
+            pack_size,
+            current: None,
+            added: IdSet::default(),
+            finisher: None,
+            published: Vec::new(),
+        }
     }
 
     /// Stores a chunk unless the repository or this backup already has it; returns the bytes
@@ -141,7 +149,12 @@ enum Outcome {
     /// All zero, or no used block inside: stored as the zero marker.
     Zero,
     Known(ChunkId),
-    New { id: ChunkId, encoding: Encoding, payload: Vec<u8>, raw_len: u32 },
+    New {
+        id: ChunkId,
+        encoding: Encoding,
+        payload: Vec<u8>,
+        raw_len: u32,
+    },
 }
 
 /// Whether every byte is zero (word-at-a-time; the compiler vectorises it).
@@ -293,12 +306,16 @@ fn read_chunks(
             // A run of chunks read whole becomes one bulk read.
             let mut run_end = i;
             let mut run_bytes = 0u64;
-            while run_end < batch.len() && batch[run_end].reads_whole() && run_bytes + batch[run_end].len <= bulk_len as u64 {
+            while run_end < batch.len()
+                && batch[run_end].reads_whole()
+                && run_bytes + batch[run_end].len <= bulk_len as u64
+            {
                 run_bytes += batch[run_end].len;
                 run_end += 1;
             }
             let run_start = batch[i].start;
-            let bytes = if run_end > i { Some(volume.read_bulk(run_start, run_bytes as usize, &mut bulk)?) } else { None };
+            let bytes =
+                if run_end > i { Some(volume.read_bulk(run_start, run_bytes as usize, &mut bulk)?) } else { None };
             if run_end > i {
                 read += run_bytes;
             }
@@ -320,7 +337,10 @@ fn read_chunks(
                         Some((mut base, changed)) => {
                             for r in changed {
                                 debug_assert!(r.start >= p.start && r.end <= p.start + p.len);
-                                volume.read_at(r.start, &mut base[(r.start - p.start) as usize..(r.end - p.start) as usize])?;
+                                volume.read_at(
+                                    r.start,
+                                    &mut base[(r.start - p.start) as usize..(r.end - p.start) as usize],
+                                )?;
                                 read += r.end - r.start;
                             }
                             base
@@ -350,7 +370,12 @@ fn read_chunks(
     Ok((used, read))
 }
 
-fn process_chunks(jobs: Receiver<Job>, results: Sender<Result<(u64, Outcome)>>, existing: &ChunkIndex, compression: Compression) {
+fn process_chunks(
+    jobs: Receiver<Job>,
+    results: Sender<Result<(u64, Outcome)>>,
+    existing: &ChunkIndex,
+    compression: Compression,
+) {
     let mut compressor = match Compressor::new(compression) {
         Ok(c) => c,
         Err(e) => {

@@ -12,7 +12,11 @@ use rime_volume::usedmap::Excluding;
 
 /// Applies exclusions to each volume's layout; returns what each volume excludes. A requested
 /// path that exists on none of the volumes is an error (a typo must not go unnoticed).
-pub fn apply(layouts: &mut [Layout], requested: &[String], warnings: &mut Vec<String>) -> Result<Vec<Vec<ExcludedFile>>> {
+pub fn apply(
+    layouts: &mut [Layout],
+    requested: &[String],
+    warnings: &mut Vec<String>,
+) -> Result<Vec<Vec<ExcludedFile>>> {
     let mut per_volume = Vec::new();
     let mut found_somewhere = vec![false; requested.len()];
     for layout in layouts.iter_mut() {

@@ -111,7 +111,10 @@ impl OpenVolume {
                     None => self.selection.volume.filesystem.clone(),
                 };
                 let hint = if self.selection.partition.is_none() && !self.selection.volume.partitions.is_empty() {
-                    format!(" (it is a partitioned disk: choose a partition, {})", partition_list(&self.selection.volume))
+                    format!(
+                        " (it is a partitioned disk: choose a partition, {})",
+                        partition_list(&self.selection.volume)
+                    )
                 } else {
                     String::new()
                 };
@@ -146,19 +149,34 @@ impl Explorer {
         let manifest = repo.resolve(snapshot)?;
         let counter = Arc::new(ReadCounter::default());
         let index = load_chunk_index(&repo, &counter)?;
-        Ok(Explorer { repo, manifest, counter, index, cache_bytes: cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES), _lock: lock })
+        Ok(Explorer {
+            repo,
+            manifest,
+            counter,
+            index,
+            cache_bytes: cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+            _lock: lock,
+        })
     }
 
     /// A reader of a whole volume.
     pub fn reader(&self, volume: &VolumeEntry) -> Result<Arc<SnapshotReader>> {
-        Ok(Arc::new(SnapshotReader::open(&self.repo, self.index.clone(), volume, self.cache_bytes, self.counter.clone())?))
+        Ok(Arc::new(SnapshotReader::open(
+            &self.repo,
+            self.index.clone(),
+            volume,
+            self.cache_bytes,
+            self.counter.clone(),
+        )?))
     }
 
     pub fn open_selection(&self, selection: Selection) -> Result<OpenVolume> {
         let reader = self.reader(&selection.volume)?;
         let whole = Region::from_source(reader.clone(), &selection.volume.name, reader.size());
         let region = match &selection.partition {
-            Some(p) => whole.sub(p.start, p.size).with_context(|| format!("partition {} of {}", p.number, selection.volume.name))?,
+            Some(p) => whole
+                .sub(p.start, p.size)
+                .with_context(|| format!("partition {} of {}", p.number, selection.volume.name))?,
             None => whole,
         };
         Ok(OpenVolume { snapshot: self.manifest.id.clone(), selection, reader, region })

@@ -72,9 +72,7 @@ fn writer_of(dev: u64, ino: u64) -> Option<u32> {
             }
             let info = proc_entry.path().join("fdinfo").join(fd.file_name());
             let flags = std::fs::read_to_string(info).ok().and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("flags:"))
-                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+                s.lines().find_map(|l| l.strip_prefix("flags:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
             });
             if flags.is_some_and(|f| f & (libc::O_WRONLY | libc::O_RDWR) as u32 != 0) {
                 return Some(pid);

@@ -8,9 +8,9 @@
 //! → archive, every read leaving the protection area → after the manifest is written, tell the
 //! server, whose changed-block map then counts from this snapshot's instant.
 
-use anyhow::{Context, Result};
 use crate::archive::Prior;
 use crate::snapshot_reader::{load_chunk_index, ReadCounter, SnapshotReader};
+use anyhow::{Context, Result};
 use rime_repo::volume_index::VolumeIndexReader;
 use rime_repo::{ChunkId, Repository};
 use rime_snapshot::client::SnapshotSource;
@@ -247,7 +247,9 @@ impl Reuse {
         let start = seq * self.chunk;
         let len = self.chunk.min(self.size - start);
         let mut base = vec![0u8; len as usize];
-        self.reader.read_at(start, &mut base).with_context(|| format!("reading chunk {seq} of snapshot {}", self.base))?;
+        self.reader
+            .read_at(start, &mut base)
+            .with_context(|| format!("reading chunk {seq} of snapshot {}", self.base))?;
         let mut ranges: Vec<Range<u64>> = Vec::new();
         let per = self.chunk / self.block;
         for b in seq * per..(seq + 1) * per {

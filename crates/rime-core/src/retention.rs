@@ -19,7 +19,10 @@ pub struct Policy {
 
 impl Policy {
     pub fn is_empty(&self) -> bool {
-        self.keep_last.is_none() && self.keep_daily.is_none() && self.keep_weekly.is_none() && self.keep_monthly.is_none()
+        self.keep_last.is_none()
+            && self.keep_daily.is_none()
+            && self.keep_weekly.is_none()
+            && self.keep_monthly.is_none()
     }
 }
 

@@ -208,10 +208,9 @@ impl SnapshotReader {
         if id.is_zero_marker() {
             return Ok(None);
         }
-        let loc = *self
-            .index
-            .get(&id)
-            .ok_or_else(|| anyhow!("chunk {id} of volume {} is missing from the repository (run `rime verify`)", self.name))?;
+        let loc = *self.index.get(&id).ok_or_else(|| {
+            anyhow!("chunk {id} of volume {} is missing from the repository (run `rime verify`)", self.name)
+        })?;
         if !inner.packs.contains_key(&loc.pack) {
             if inner.packs.len() >= MAX_OPEN_PACKS {
                 inner.packs.clear();

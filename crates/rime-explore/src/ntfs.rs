@@ -80,7 +80,13 @@ impl NtfsTree {
     }
 
     /// The raw value of the first attribute of type `ty` (unnamed for $DATA), if any.
-    fn attribute_bytes(&self, io: &mut RegionIo, file: &NtfsFile, ty: NtfsAttributeType, limit: u64) -> Result<Option<Vec<u8>>> {
+    fn attribute_bytes(
+        &self,
+        io: &mut RegionIo,
+        file: &NtfsFile,
+        ty: NtfsAttributeType,
+        limit: u64,
+    ) -> Result<Option<Vec<u8>>> {
         let mut attrs = file.attributes();
         while let Some(item) = attrs.next(io) {
             let item = item.map_err(err)?;
@@ -131,7 +137,14 @@ impl NtfsTree {
             if let Some(rp) = self.attribute_bytes(io, &file, NtfsAttributeType::ReparsePoint, 65536)? {
                 if let Some(target) = parse_symlink_reparse(&rp) {
                     let size = target.len() as u64;
-                    return Ok(Facts { kind: Kind::Symlink, size, info, names: names.max(1), link: Some(target), flags });
+                    return Ok(Facts {
+                        kind: Kind::Symlink,
+                        size,
+                        info,
+                        names: names.max(1),
+                        link: Some(target),
+                        flags,
+                    });
                 }
             }
         }
@@ -151,7 +164,14 @@ impl NtfsTree {
                 let n = self.read_data(io, &file, 8, &mut body)?;
                 body.truncate(n);
                 let target = utf16_to_bytes(body.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])));
-                return Ok(Facts { kind: Kind::Symlink, size: target.len() as u64, info, names: names.max(1), link: Some(target), flags });
+                return Ok(Facts {
+                    kind: Kind::Symlink,
+                    size: target.len() as u64,
+                    info,
+                    names: names.max(1),
+                    link: Some(target),
+                    flags,
+                });
             }
         }
         Ok(Facts { kind: Kind::File, size, info, names: names.max(1), link: None, flags })

@@ -45,7 +45,13 @@ pub struct ChunkLocation {
 impl ChunkLocation {
     /// The pack entry this location describes.
     pub fn entry(&self, id: ChunkId) -> PackEntry {
-        PackEntry { id, offset: self.offset, stored_len: self.stored_len, raw_len: self.raw_len, encoding: self.encoding }
+        PackEntry {
+            id,
+            offset: self.offset,
+            stored_len: self.stored_len,
+            raw_len: self.raw_len,
+            encoding: self.encoding,
+        }
     }
 }
 
@@ -78,10 +84,8 @@ impl ChunkIndex {
         let mut paths = backend.list("index")?;
         paths.sort();
         for path in paths {
-            let Some(pack_id) = path
-                .strip_prefix("index/")
-                .and_then(|n| n.strip_suffix(".idx"))
-                .and_then(PackId::from_hex)
+            let Some(pack_id) =
+                path.strip_prefix("index/").and_then(|n| n.strip_suffix(".idx")).and_then(PackId::from_hex)
             else {
                 continue;
             };

@@ -71,7 +71,8 @@ pub struct VolumeIndexWriter {
 
 impl VolumeIndexWriter {
     pub fn create(backend: &dyn Backend, chunk_size: u32, volume_size: u64) -> Result<VolumeIndexWriter> {
-        let header = VolumeIndexHeader { chunk_size, volume_size, chunk_count: volume_size.div_ceil(chunk_size as u64) };
+        let header =
+            VolumeIndexHeader { chunk_size, volume_size, chunk_count: volume_size.div_ceil(chunk_size as u64) };
         let dir = backend.scratch_dir();
         std::fs::create_dir_all(&dir)?;
         let tmp = dir.join(format!("vidx-{}", hex::encode(crate::id::random_bytes::<8>())));
@@ -129,10 +130,7 @@ impl VolumeIndexReader {
         ensure!(size >= HEADER_LEN + 32, "volume index {path} is truncated");
         reader.read_at(0, &mut h)?;
         let header = VolumeIndexHeader::decode(&h).with_context(|| format!("volume index {path}"))?;
-        ensure!(
-            size == HEADER_LEN + header.chunk_count * RECORD_LEN + 32,
-            "volume index {path} has the wrong length"
-        );
+        ensure!(size == HEADER_LEN + header.chunk_count * RECORD_LEN + 32, "volume index {path} has the wrong length");
         Ok(VolumeIndexReader { header, reader })
     }
 

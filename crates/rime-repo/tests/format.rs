@@ -120,5 +120,8 @@ fn init_refuses_existing_repository_and_open_refuses_non_repository() {
     Repository::init(loc.to_str().unwrap(), 65536).unwrap();
     assert!(Repository::init(loc.to_str().unwrap(), 65536).is_err());
     assert!(Repository::open(dir.path().to_str().unwrap()).is_err());
-    assert!(Repository::init(dir.path().join("bad").to_str().unwrap(), 1000).is_err(), "chunk size must be a power of two");
+    assert!(
+        Repository::init(dir.path().join("bad").to_str().unwrap(), 1000).is_err(),
+        "chunk size must be a power of two"
+    );
 }

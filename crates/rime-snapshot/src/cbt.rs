@@ -68,7 +68,8 @@ fn file_name_for(volume: &Path) -> String {
     let canonical = std::fs::canonicalize(volume).unwrap_or_else(|_| volume.to_path_buf());
     let digest = blake3::hash(canonical.as_os_str().as_encoded_bytes());
     let stem = volume.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let stem: String = stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
+    let stem: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '.' { c } else { '_' }).collect();
     format!("{stem}-{}", &digest.to_hex()[..16])
 }
 
@@ -108,7 +109,17 @@ impl Cbt {
                 }
             }
         }
-        let cbt = Cbt { state, marker, volume: volume.to_path_buf(), block_size, blocks, size, changed, meta: Mutex::new(meta), origin };
+        let cbt = Cbt {
+            state,
+            marker,
+            volume: volume.to_path_buf(),
+            block_size,
+            blocks,
+            size,
+            changed,
+            meta: Mutex::new(meta),
+            origin,
+        };
         // Until the marker is durable no write is accepted.
         let mut f = File::create(&cbt.marker).with_context(|| format!("create {}", cbt.marker.display()))?;
         writeln!(f, "{}", std::process::id())?;
@@ -228,7 +239,11 @@ fn load(path: &Path, size: u64, block_size: u32) -> Result<Loaded> {
         bail!("truncated");
     }
     let changed = Bitmap::from_bytes(blocks, &body[HEADER..HEADER + bytes]).context("bitmap")?;
-    let used = if flags & 1 != 0 { Some(Bitmap::from_bytes(blocks, &body[HEADER + bytes..]).context("bitmap")?) } else { None };
+    let used = if flags & 1 != 0 {
+        Some(Bitmap::from_bytes(blocks, &body[HEADER + bytes..]).context("bitmap")?)
+    } else {
+        None
+    };
     Ok(Loaded { changed, used, base, mtime })
 }
 

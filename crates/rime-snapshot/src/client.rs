@@ -91,7 +91,12 @@ const PRESSURE: f64 = 0.5;
 
 impl SnapshotSource {
     /// Takes a snapshot through the server's control socket.
-    pub fn begin(socket: &Path, wip: Option<Duration>, limit: Option<Duration>, drain: Option<Duration>) -> Result<SnapshotSource> {
+    pub fn begin(
+        socket: &Path,
+        wip: Option<Duration>,
+        limit: Option<Duration>,
+        drain: Option<Duration>,
+    ) -> Result<SnapshotSource> {
         let mut c = ControlClient::connect(socket)?;
         let st = c.status()?;
         let volume = PathBuf::from(st["volume"].as_str().unwrap_or("volume"));
@@ -176,7 +181,9 @@ impl SnapshotSource {
     /// `partial`: blocks it imaged in part).
     pub fn finish(&self, backup: &str, used: &Bitmap, partial: &Bitmap) -> Result<()> {
         self.ended.store(true, Ordering::SeqCst);
-        self.call(json!({"op": "end", "id": self.id, "backup": backup, "used": used.to_hex(), "partial": partial.to_hex()}))?;
+        self.call(
+            json!({"op": "end", "id": self.id, "backup": backup, "used": used.to_hex(), "partial": partial.to_hex()}),
+        )?;
         Ok(())
     }
 
@@ -194,7 +201,8 @@ impl SnapshotSource {
             return Ok(());
         }
         let v = c.call(&json!({"op": "buffered", "id": self.id, "max": 4096}))?;
-        let blocks: Vec<u64> = v["blocks"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+        let blocks: Vec<u64> =
+            v["blocks"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
         let bs = self.block_size as u64;
         let mut early = self.early.lock().unwrap();
         if early.file.is_none() {
@@ -238,7 +246,10 @@ impl SnapshotSource {
                 let Some(&slot) = early.slots.get(&b) else { continue };
                 let (from, to) = ((b * bs).max(offset), ((b + 1) * bs).min(end));
                 let f = early.file.as_ref().unwrap();
-                f.read_exact_at(&mut buf[(from - offset) as usize..(to - offset) as usize], slot * bs + (from - b * bs))?;
+                f.read_exact_at(
+                    &mut buf[(from - offset) as usize..(to - offset) as usize],
+                    slot * bs + (from - b * bs),
+                )?;
                 if archive {
                     early.slots.remove(&b);
                 }

@@ -45,7 +45,12 @@ impl ControlServer {
         Arc::new(ControlServer { engine, defaults, fuse_file, backup_timeout: DEFAULT_BACKUP_TIMEOUT })
     }
 
-    pub fn with_backup_timeout(engine: Arc<Engine>, defaults: SnapshotLimits, fuse_file: Option<PathBuf>, timeout: Duration) -> Arc<ControlServer> {
+    pub fn with_backup_timeout(
+        engine: Arc<Engine>,
+        defaults: SnapshotLimits,
+        fuse_file: Option<PathBuf>,
+        timeout: Duration,
+    ) -> Arc<ControlServer> {
         Arc::new(ControlServer { engine, defaults, fuse_file, backup_timeout: timeout })
     }
 
@@ -112,7 +117,9 @@ impl ControlServer {
         let bitmap = |k: &str| -> Result<Option<Bitmap>> {
             match req[k].as_str() {
                 None => Ok(None),
-                Some(h) => Bitmap::from_hex(blocks, h).map(Some).ok_or_else(|| anyhow!("\"{k}\" is not a bitmap of {blocks} blocks")),
+                Some(h) => Bitmap::from_hex(blocks, h)
+                    .map(Some)
+                    .ok_or_else(|| anyhow!("\"{k}\" is not a bitmap of {blocks} blocks")),
             }
         };
         match op {

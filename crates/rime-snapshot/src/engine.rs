@@ -247,7 +247,13 @@ impl Engine {
 
     /// Runs one modification of `[offset, offset+len)` through the gate, the copy-on-write
     /// step and the changed-block map.
-    fn modify(&self, offset: u64, len: u64, fua: bool, op: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+    fn modify(
+        &self,
+        offset: u64,
+        len: u64,
+        fua: bool,
+        op: impl FnOnce() -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         self.check(offset, len)?;
         if len == 0 {
             return Ok(());

@@ -8,9 +8,9 @@
 use crate::engine::Engine;
 use anyhow::{Context, Result};
 use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    Request, WriteFlags,
+    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
+    LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -183,7 +183,11 @@ impl Filesystem for VolumeFs {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
         }
-        let entries = [(INodeNo::ROOT, FileType::Directory, "."), (INodeNo::ROOT, FileType::Directory, ".."), (FILE_INO, FileType::RegularFile, self.name.as_str())];
+        let entries = [
+            (INodeNo::ROOT, FileType::Directory, "."),
+            (INodeNo::ROOT, FileType::Directory, ".."),
+            (FILE_INO, FileType::RegularFile, self.name.as_str()),
+        ];
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(*ino, (i + 1) as u64, *kind, name) {
                 break;
@@ -201,7 +205,16 @@ impl Filesystem for VolumeFs {
         reply.ok();
     }
 
-    fn fallocate(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         if ino != FILE_INO {
             return reply.error(Errno::EISDIR);
         }
@@ -238,7 +251,8 @@ impl FuseExport {
         config.mount_options = vec![MountOption::FSName("rime".into()), MountOption::Subtype("rime".into())];
         config.n_threads = Some(2);
         config.clone_fd = true;
-        let session = fuser::spawn_mount(fs, dir, &config).with_context(|| format!("FUSE mount on {}", dir.display()))?;
+        let session =
+            fuser::spawn_mount(fs, dir, &config).with_context(|| format!("FUSE mount on {}", dir.display()))?;
         Ok(FuseExport { session: Some(session), file: dir.join(name) })
     }
 

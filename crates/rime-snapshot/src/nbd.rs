@@ -6,8 +6,8 @@
 //! Protocol facts from the NBD protocol document (`doc/proto.md` of the NBD project).
 
 use crate::engine::Engine;
-use rime_volume::nbd::proto::*;
 use anyhow::{Context, Result};
+use rime_volume::nbd::proto::*;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -114,7 +114,12 @@ impl NbdServer {
     }
 
     fn tflags(&self) -> u16 {
-        TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_CAN_MULTI_CONN
+        TFLAG_HAS_FLAGS
+            | TFLAG_SEND_FLUSH
+            | TFLAG_SEND_FUA
+            | TFLAG_SEND_TRIM
+            | TFLAG_SEND_WRITE_ZEROES
+            | TFLAG_CAN_MULTI_CONN
     }
 
     fn known(&self, name: &str) -> bool {
@@ -270,7 +275,11 @@ impl NbdServer {
                     let err = if !in_range {
                         ENOSPC
                     } else {
-                        self.engine.write_zeroes(offset, len as u64, fua, flags & CMD_FLAG_NO_HOLE == 0).err().map(errno).unwrap_or(0)
+                        self.engine
+                            .write_zeroes(offset, len as u64, fua, flags & CMD_FLAG_NO_HOLE == 0)
+                            .err()
+                            .map(errno)
+                            .unwrap_or(0)
                     };
                     simple_reply(w, err, handle, &[])?;
                 }

@@ -102,8 +102,13 @@ pub fn serve(opts: ServeOptions, ready: impl FnOnce(&Registration)) -> Result<()
             None => None,
         };
         let fuse_file = fuse.as_ref().map(|f| f.file.clone());
-        crate::control::ControlServer::with_backup_timeout(engine.clone(), opts.limits, fuse_file.clone(), opts.backup_timeout)
-            .listen(&control)?;
+        crate::control::ControlServer::with_backup_timeout(
+            engine.clone(),
+            opts.limits,
+            fuse_file.clone(),
+            opts.backup_timeout,
+        )
+        .listen(&control)?;
         let reg = Registration {
             pid: std::process::id(),
             volume: std::fs::canonicalize(&opts.volume).unwrap_or(opts.volume.clone()),

@@ -27,7 +27,9 @@ enum Slot {
 #[derive(Debug)]
 pub enum StoreError {
     /// The cap would be exceeded.
-    Full { cap: u64 },
+    Full {
+        cap: u64,
+    },
     Io(std::io::Error),
 }
 

@@ -23,7 +23,8 @@ fn setup(dir: &std::path::Path, blocks: u64, cap: u64) -> (Arc<Engine>, std::pat
     cfg.dump_dir = Some(dir.to_path_buf());
     let engine = Arc::new(Engine::open(&vol, cfg).unwrap());
     let sock = dir.join("control.sock");
-    let limits = SnapshotLimits { wip: Duration::from_millis(10), limit: Duration::from_secs(5), drain: Duration::from_secs(5) };
+    let limits =
+        SnapshotLimits { wip: Duration::from_millis(10), limit: Duration::from_secs(5), drain: Duration::from_secs(5) };
     ControlServer::new(engine.clone(), limits, None).listen(&sock).unwrap();
     (engine, sock)
 }
@@ -52,7 +53,10 @@ fn a_filling_store_is_read_first_and_the_view_stays_exact() {
         assert!(engine.status().store.bytes < 256 * BS);
     }
     assert!(view == dump, "the view differs from the volume at the snapshot instant");
-    assert!(src.early_blocks.load(std::sync::atomic::Ordering::Relaxed) > 0, "saved blocks should have been read first");
+    assert!(
+        src.early_blocks.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "saved blocks should have been read first"
+    );
     let st = engine.status();
     assert_eq!((st.store.bytes, st.store.protected_blocks), (0, 0), "{st:?}");
     src.finish("backup-1", &Bitmap::full(1024), &Bitmap::new(1024)).unwrap();

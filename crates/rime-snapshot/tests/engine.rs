@@ -158,7 +158,11 @@ fn no_write_inactivity_within_the_limit_fails_clearly() {
     let e = engine(dir.path(), 512, 1 << 20, 1 << 30);
     let stop = Arc::new(AtomicBool::new(false));
     let w = writers(&e, 2, &stop, 0);
-    let limits = SnapshotLimits { wip: Duration::from_millis(200), limit: Duration::from_secs(2), drain: Duration::from_secs(5) };
+    let limits = SnapshotLimits {
+        wip: Duration::from_millis(200),
+        limit: Duration::from_secs(2),
+        drain: Duration::from_secs(5),
+    };
     let t = Instant::now();
     let err = e.begin_snapshot(limits).unwrap_err().to_string();
     let took = t.elapsed();

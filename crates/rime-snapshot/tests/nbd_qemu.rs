@@ -59,18 +59,30 @@ fn qemu_tools_work_against_the_server() {
     let io = run(
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0xab 1M 64k",
-            "-c", "read -P 0xab 1M 64k",
-            "-c", "write -f -P 0xcd 2M 4k",
-            "-c", "flush",
-            "-c", "write -z 3M 128k",
-            "-c", "read -P 0 3M 128k",
-            "-c", "write -P 0x33 6M 64k",
-            "-c", "write -z -u 6M 64k",
-            "-c", "read -P 0 6M 64k",
-            "-c", "discard 5M 64k",
-            "-c", "write -P 0x01 16383k 1k",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 1M 64k",
+            "-c",
+            "read -P 0xab 1M 64k",
+            "-c",
+            "write -f -P 0xcd 2M 4k",
+            "-c",
+            "flush",
+            "-c",
+            "write -z 3M 128k",
+            "-c",
+            "read -P 0 3M 128k",
+            "-c",
+            "write -P 0x33 6M 64k",
+            "-c",
+            "write -z -u 6M 64k",
+            "-c",
+            "read -P 0 6M 64k",
+            "-c",
+            "discard 5M 64k",
+            "-c",
+            "write -P 0x01 16383k 1k",
             &uri,
         ],
     );
@@ -83,7 +95,11 @@ fn qemu_tools_work_against_the_server() {
     assert!(file[(16383 << 10)..].iter().all(|&b| b == 1));
     // Past the end: refused, nothing written.
     let out = Command::new("qemu-io").args(["-f", "raw", "-c", "write 16M 4k", &uri]).output().unwrap();
-    assert!(!out.status.success() || String::from_utf8_lossy(&out.stderr).contains("error") || String::from_utf8_lossy(&out.stdout).contains("error"));
+    assert!(
+        !out.status.success()
+            || String::from_utf8_lossy(&out.stderr).contains("error")
+            || String::from_utf8_lossy(&out.stdout).contains("error")
+    );
     assert_eq!(std::fs::metadata(engine.path()).unwrap().len(), 16 << 20);
     // The changed-block map saw every write.
     assert!(engine.status().writes >= 5);
@@ -127,7 +143,11 @@ fn snapshot_while_qemu_io_writes_is_the_volume_at_that_instant() {
         }
     });
     std::thread::sleep(Duration::from_millis(200));
-    let limits = SnapshotLimits { wip: Duration::from_millis(50), limit: Duration::from_secs(20), drain: Duration::from_secs(5) };
+    let limits = SnapshotLimits {
+        wip: Duration::from_millis(50),
+        limit: Duration::from_secs(20),
+        drain: Duration::from_secs(5),
+    };
     let info = engine.begin_snapshot(limits).unwrap();
     let dump = std::fs::read(info.dump.as_ref().unwrap()).unwrap();
     let mut view = vec![0u8; engine.size() as usize];

@@ -181,7 +181,8 @@ impl Volume {
                     // Some filesystems and devices refuse direct I/O: fall back for good.
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *direct = None,
                     Err(e) => {
-                        return Err(e).with_context(|| format!("read error on {} at byte {offset}", self.path.display()))
+                        return Err(e)
+                            .with_context(|| format!("read error on {} at byte {offset}", self.path.display()))
                     }
                 }
             }

@@ -168,5 +168,10 @@ impl UsedMap for DiskMap {
 
 /// Keeps the no-filesystem fallback available for callers that force it.
 pub fn all_blocks(reason: &str) -> Layout {
-    Layout { map: Box::new(AllBlocks { reason: reason.into() }), table: None, partitions: Vec::new(), warnings: Vec::new() }
+    Layout {
+        map: Box::new(AllBlocks { reason: reason.into() }),
+        table: None,
+        partitions: Vec::new(),
+        warnings: Vec::new(),
+    }
 }

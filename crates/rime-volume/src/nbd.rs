@@ -81,7 +81,8 @@ fn read_u64(s: &mut impl Read) -> Result<u64> {
 impl NbdClient {
     /// Connects to the default export of the server on a unix socket.
     pub fn connect_unix(socket: &Path) -> Result<NbdClient> {
-        let mut s = UnixStream::connect(socket).with_context(|| format!("connect to NBD socket {}", socket.display()))?;
+        let mut s =
+            UnixStream::connect(socket).with_context(|| format!("connect to NBD socket {}", socket.display()))?;
         ensure!(read_u64(&mut s)? == NBDMAGIC, "not an NBD server");
         ensure!(read_u64(&mut s)? == IHAVEOPT, "NBD server does not speak the newstyle protocol");
         let server_flags = read_u16(&mut s)?;

@@ -3,9 +3,9 @@
 //! A partition table that does not fit its disk, or whose partitions overlap, is an error: Rime
 //! will not guess which of two overlapping filesystems is real.
 
+use crate::bytes::{le32, le64};
 use crate::device::Region;
 use anyhow::{bail, ensure, Result};
-use crate::bytes::{le32, le64};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TableKind {
@@ -40,7 +40,6 @@ pub struct PartitionTable {
     pub sector_size: u64,
     pub partitions: Vec<Partition>,
 }
-
 
 fn guid_text(g: &[u8]) -> String {
     format!(
@@ -95,7 +94,10 @@ fn read_gpt(disk: &Region, ss: u64) -> Result<Option<PartitionTable>> {
     let entries_lba = le64(&hdr, 72);
     let count = le32(&hdr, 80) as u64;
     let entry_size = le32(&hdr, 84) as u64;
-    ensure!(entry_size >= 128 && entry_size.is_power_of_two() && entry_size <= 4096, "GPT entry size {entry_size} is invalid");
+    ensure!(
+        entry_size >= 128 && entry_size.is_power_of_two() && entry_size <= 4096,
+        "GPT entry size {entry_size} is invalid"
+    );
     ensure!(count <= 16384, "GPT claims {count} partition entries");
     let table_bytes = count * entry_size;
     ensure!(
@@ -207,7 +209,10 @@ fn read_mbr(disk: &Region, mbr: &[u8; 512]) -> Result<Option<PartitionTable>> {
             let (_, kind, start, len) = entry(&ebr, 0);
             if kind != 0 && len > 0 {
                 fits(ebr_lba + start, len, number)?;
-                ensure!(ebr_lba + start + len <= ext_start + ext_len, "logical partition {number} leaves the extended partition");
+                ensure!(
+                    ebr_lba + start + len <= ext_start + ext_len,
+                    "logical partition {number} leaves the extended partition"
+                );
                 partitions.push(Partition {
                     number,
                     start: (ebr_lba + start) * SS,

@@ -69,7 +69,10 @@ impl QemuNbd {
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 if e.kind() == std::io::ErrorKind::NotFound {
-                    bail!("{} is a {format} disk image, and reading it needs qemu-nbd (install qemu-utils)", image.display());
+                    bail!(
+                        "{} is a {format} disk image, and reading it needs qemu-nbd (install qemu-utils)",
+                        image.display()
+                    );
                 }
                 return Err(e).context("start qemu-nbd");
             }

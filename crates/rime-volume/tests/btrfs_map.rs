@@ -49,8 +49,9 @@ fn mkfs_btrfs(img: &Path, size_mib: u64, args: &[&str], rootdir: Option<&Path>) 
 /// Used ranges of the whole image through the map, in 64 KiB steps as the backup asks.
 fn map_ranges(img: &Path) -> (Vec<Range<u64>>, u64) {
     let vol = Volume::open(img, false).unwrap();
-    let mut map =
-        BtrfsMap::probe(&vol.region()).unwrap_or_else(|e| panic!("{}: {e:#}", img.display())).expect("btrfs recognised");
+    let mut map = BtrfsMap::probe(&vol.region())
+        .unwrap_or_else(|e| panic!("{}: {e:#}", img.display()))
+        .expect("btrfs recognised");
     assert_eq!(map.filesystem(), Some("btrfs"));
     let reported = map.reported_used_bytes().unwrap();
     let mut ranges: Vec<Range<u64>> = Vec::new();
@@ -211,7 +212,9 @@ fn rootdir_filesystems_match_the_extent_tree() {
 #[test]
 fn mounted_filesystems_with_fragmented_extent_trees() {
     let dir = tempfile::tempdir().unwrap();
-    for (i, (args, opts)) in [(vec![], "compress=zstd"), (vec!["-n", "4096"], "noatime"), (vec!["-M"], "")].into_iter().enumerate() {
+    for (i, (args, opts)) in
+        [(vec![], "compress=zstd"), (vec!["-n", "4096"], "noatime"), (vec!["-M"], "")].into_iter().enumerate()
+    {
         let img = dir.path().join(format!("m{i}.img"));
         mkfs_btrfs(&img, 320, &args, None);
         let mnt = dir.path().join(format!("mnt{i}"));
@@ -348,7 +351,12 @@ impl Scratch {
 fn roots(img: &Path) -> (u64, u64, u64, u64) {
     let sb = run("btrfs", &["inspect-internal", "dump-super", s(img)]);
     let field = |name: &str| -> u64 {
-        sb.lines().find_map(|l| l.strip_prefix(name).filter(|r| r.starts_with(['\t', ' ']))).unwrap().trim().parse().unwrap()
+        sb.lines()
+            .find_map(|l| l.strip_prefix(name).filter(|r| r.starts_with(['\t', ' '])))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     };
     let ext = run("btrfs", &["inspect-internal", "dump-tree", "-t", "extent", s(img)]);
     let first = ext.lines().find(|l| l.starts_with("node ") || l.starts_with("leaf ")).unwrap();
@@ -384,7 +392,11 @@ fn damaged_filesystems_are_refused_or_mapped_without_panics() {
             // item data sit at its start and end.
             let span = if round % 4 == 0 { 0xB2B } else { len };
             for _ in 0..1 + rng.next() % 4 {
-                let pos = if round % 4 != 0 && rng.next().is_multiple_of(2) { len - 1 - rng.next() % 2000 } else { rng.next() % span };
+                let pos = if round % 4 != 0 && rng.next().is_multiple_of(2) {
+                    len - 1 - rng.next() % 2000
+                } else {
+                    rng.next() % span
+                };
                 b[pos as usize] = rng.next() as u8;
             }
             if crc && round % 8 >= 4 {
@@ -438,10 +450,13 @@ fn targeted_damage_is_refused() {
     let cases: Vec<(&str, Edits)> = vec![
         ("two devices", sb(&|b| set64(b, 0x88, 2))),
         ("a filesystem larger than the volume", sb(&|b| set64(b, 0xC9 + 8, 1 << 40))),
-        ("a wrong bytes_used", sb(&|b| {
-            let u = le64(b, 0x78);
-            set64(b, 0x78, u + 4096)
-        })),
+        (
+            "a wrong bytes_used",
+            sb(&|b| {
+                let u = le64(b, 0x78);
+                set64(b, 0x78, u + 4096)
+            }),
+        ),
         ("a node size of 3000", sb(&|b| b[0x94..0x98].copy_from_slice(&3000u32.to_le_bytes()))),
         ("a chunk root outside every chunk", sb(&|b| set64(b, 0x58, 1 << 50))),
         ("a chunk root level of 200", sb(&|b| b[0xC7] = 200)),
@@ -449,15 +464,21 @@ fn targeted_damage_is_refused() {
         ("an extent tree node pointing at itself", block(extent_root, &|b| set64(b, first_ptr, extent_root))),
         ("an extent tree node pointing twice at one child", block(extent_root, &|b| set64(b, first_ptr + 33, child0))),
         ("an extent tree node with its level raised", block(extent_root, &|b| b[0x64] += 1)),
-        ("a leaf with its item count inflated", block(child0, &|b| b[0x60..0x64].copy_from_slice(&5000u32.to_le_bytes()))),
+        (
+            "a leaf with its item count inflated",
+            block(child0, &|b| b[0x60..0x64].copy_from_slice(&5000u32.to_le_bytes())),
+        ),
         ("a tree block at the wrong address", block(child0, &|b| set64(b, 0x30, child0 + 4096))),
-        ("a chunk stripe past the end of the device", block(chunk_root, &|b| {
-            // The last chunk item's first stripe offset.
-            let n = u32::from_le_bytes(b[0x60..0x64].try_into().unwrap()) as usize;
-            let o = 101 + (n - 1) * 25;
-            let doff = u32::from_le_bytes(b[o + 17..o + 21].try_into().unwrap()) as usize;
-            set64(b, 101 + doff + 48 + 8, 1 << 40);
-        })),
+        (
+            "a chunk stripe past the end of the device",
+            block(chunk_root, &|b| {
+                // The last chunk item's first stripe offset.
+                let n = u32::from_le_bytes(b[0x60..0x64].try_into().unwrap()) as usize;
+                let o = 101 + (n - 1) * 25;
+                let doff = u32::from_le_bytes(b[o + 17..o + 21].try_into().unwrap()) as usize;
+                set64(b, 101 + doff + 48 + 8, 1 << 40);
+            }),
+        ),
     ];
     for (what, edits) in cases {
         assert!(scratch.refused(&edits), "{what} was not refused");

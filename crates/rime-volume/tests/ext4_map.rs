@@ -22,7 +22,9 @@ fn mkfs(dir: &Path, name: &str, size_mib: u64, args: &[&str], content: Option<&P
 
 fn used_bytes(img: &Path) -> u64 {
     let vol = Volume::open(img, false).unwrap();
-    let mut map = Ext4Map::probe(&vol.region()).unwrap_or_else(|e| panic!("{}: {e:#}", img.display())).expect("ext filesystem recognised");
+    let mut map = Ext4Map::probe(&vol.region())
+        .unwrap_or_else(|e| panic!("{}: {e:#}", img.display()))
+        .expect("ext filesystem recognised");
     let mut ranges = Vec::new();
     let chunk = 1 << 20;
     let mut off = 0;
@@ -58,7 +60,12 @@ fn map_matches_the_filesystems_own_free_count() {
         vec!["-O", "bigalloc", "-C", "16384"],
         vec!["-O", "meta_bg,^resize_inode"],
         vec!["-O", "sparse_super2"],
-        vec!["-T", "ext2", "-O", "^has_journal,^extent,^flex_bg,^64bit,^metadata_csum,^dir_nlink,^extra_isize,^huge_file"],
+        vec![
+            "-T",
+            "ext2",
+            "-O",
+            "^has_journal,^extent,^flex_bg,^64bit,^metadata_csum,^dir_nlink,^extra_isize,^huge_file",
+        ],
     ]
     .iter()
     .enumerate()
@@ -150,7 +157,11 @@ fn swap_files_are_recognised_by_their_signature() {
         let fe = map.file_extents("/swapfile").unwrap().unwrap();
         assert_eq!(fe.size, 6 << 20);
         // The extents hold the file's bytes: the signature is where the file says.
-        let sig_extent = fe.extents.iter().find(|e| e.file_offset <= 4086 && 4086 < e.file_offset + (e.range.end - e.range.start)).unwrap();
+        let sig_extent = fe
+            .extents
+            .iter()
+            .find(|e| e.file_offset <= 4086 && 4086 < e.file_offset + (e.range.end - e.range.start))
+            .unwrap();
         let mut sig = [0u8; 10];
         vol.read_at(sig_extent.range.start + 4086 - sig_extent.file_offset, &mut sig).unwrap();
         assert_eq!(&sig, b"SWAPSPACE2");

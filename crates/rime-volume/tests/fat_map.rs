@@ -71,7 +71,10 @@ fn walk(map: &mut dyn UsedMap, size: u64) -> Vec<Range<u64>> {
         map.used_ranges(off, len, &mut out).unwrap();
         let mut prev = off;
         for r in &out {
-            assert!(r.start >= prev && r.start < r.end && r.end <= off + len, "range {r:?} out of order or outside chunk at {off}");
+            assert!(
+                r.start >= prev && r.start < r.end && r.end <= off + len,
+                "range {r:?} out of order or outside chunk at {off}"
+            );
             prev = r.end;
         }
         for r in out.drain(..) {
@@ -103,7 +106,10 @@ fn masked_copy(img: &Path, ranges: &[Range<u64>], to: &Path) {
 fn fsck_counts(img: &Path) -> (u64, u64, u64, u64) {
     let out = run("fsck.fat", &["-n", "-v", s(img)]);
     let num_before = |needle: &str| -> u64 {
-        let line = out.lines().find(|l| l.contains(needle)).unwrap_or_else(|| panic!("no {needle:?} in fsck.fat output:\n{out}"));
+        let line = out
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in fsck.fat output:\n{out}"));
         line.split_whitespace().next().unwrap().parse().unwrap()
     };
     let data_start: u64 = out
@@ -148,7 +154,11 @@ fn maps_cover_exactly_the_clusters_fsck_counts_and_keep_every_file() {
         // past the last cluster.
         let (data_start, cluster, clusters, used) = fsck_counts(&img);
         let geo = map.geometry();
-        assert_eq!((geo.data_start, geo.cluster_bytes, geo.cluster_count), (data_start, cluster, clusters), "{what}: geometry");
+        assert_eq!(
+            (geo.data_start, geo.cluster_bytes, geo.cluster_count),
+            (data_start, cluster, clusters),
+            "{what}: geometry"
+        );
         let fs_used = data_start + used * cluster;
         let tail = vol.size - (data_start + clusters * cluster);
         assert_eq!(mapped, fs_used + tail, "{what}: map {mapped} vs fsck.fat's used {fs_used} + tail {tail}");
@@ -161,7 +171,11 @@ fn maps_cover_exactly_the_clusters_fsck_counts_and_keep_every_file() {
         // The image with unused bytes zeroed is a clean filesystem holding the same files.
         let masked = dir.path().join("masked.img");
         masked_copy(&img, &ranges, &masked);
-        assert_ne!(std::fs::read(&img).unwrap(), std::fs::read(&masked).unwrap(), "{what}: free garbage should be gone");
+        assert_ne!(
+            std::fs::read(&img).unwrap(),
+            std::fs::read(&masked).unwrap(),
+            "{what}: free garbage should be gone"
+        );
         run("fsck.fat", &["-n", s(&masked)]);
         let out = dir.path().join("out");
         let _ = std::fs::remove_dir_all(&out);

@@ -120,7 +120,10 @@ fn walk(map: &mut dyn UsedMap, size: u64, chunk: u64) -> Vec<Range<u64>> {
         map.used_ranges(off, len, &mut out).unwrap();
         let mut prev = off;
         for r in &out {
-            assert!(r.start >= prev && r.start < r.end && r.end <= off + len, "range {r:?} out of order or outside chunk at {off}");
+            assert!(
+                r.start >= prev && r.start < r.end && r.end <= off + len,
+                "range {r:?} out of order or outside chunk at {off}"
+            );
             prev = r.end;
         }
         for r in out.drain(..) {
@@ -176,7 +179,8 @@ fn map_covers_exactly_the_used_clusters_and_keeps_every_file() {
         let name = format!("fs{i}.img");
         let (img, tree) = make_ntfs(dir.path(), &name, size, &opts, size * 45 / 100, 100 + i as u64);
         let vol = Volume::open(&img, false).unwrap();
-        let mut map = NtfsMap::probe(&vol.region()).unwrap_or_else(|e| panic!("{what}: {e:#}")).expect("NTFS recognised");
+        let mut map =
+            NtfsMap::probe(&vol.region()).unwrap_or_else(|e| panic!("{what}: {e:#}")).expect("NTFS recognised");
         assert_eq!(map.filesystem(), Some("ntfs"));
         let ranges = walk(&mut map, vol.size, 64 * 1024);
         let mapped = total(&ranges);
@@ -185,12 +189,20 @@ fn map_covers_exactly_the_used_clusters_and_keeps_every_file() {
         let tail = vol.size - fs_bytes;
         assert_eq!(mapped, fs_used + tail, "{what}: map {mapped} vs ntfscluster's used {fs_used} + tail {tail}");
         assert!(tail >= 512, "{what}: the backup boot sector lies past the clusters and is kept");
-        assert!(mapped < vol.size * 6 / 10 && mapped > vol.size * 4 / 10, "{what}: {mapped} of {} bytes mapped", vol.size);
+        assert!(
+            mapped < vol.size * 6 / 10 && mapped > vol.size * 4 / 10,
+            "{what}: {mapped} of {} bytes mapped",
+            vol.size
+        );
 
         // The image with the unused bytes zeroed passes ntfsfix and holds the same files.
         let masked = dir.path().join("masked.img");
         masked_copy(&img, &ranges, &masked);
-        assert_ne!(std::fs::read(&img).unwrap(), std::fs::read(&masked).unwrap(), "{what}: free garbage should be gone");
+        assert_ne!(
+            std::fs::read(&img).unwrap(),
+            std::fs::read(&masked).unwrap(),
+            "{what}: free garbage should be gone"
+        );
         run("ntfsfix", &["-n", s(&masked)]);
         let m = Mounted::ntfs3g(&masked, &dir.path().join("mnt-masked"), true);
         for (rel, data) in &tree.files {
@@ -236,19 +248,27 @@ fn file_extents_hold_the_files_contents() {
             ("/many/ENTRY-0000.TXT", "Many/entry-0000.txt"),
             ("//Docs//Deep/file-002.bin", "Docs/Deep/file-002.bin"),
         ] {
-            let (size, ranges) = fx(&mut map, path).unwrap_or_else(|e| panic!("{opts:?} {path}: {e:#}")).unwrap_or_else(|| panic!("{path} not found"));
+            let (size, ranges) = fx(&mut map, path)
+                .unwrap_or_else(|e| panic!("{opts:?} {path}: {e:#}"))
+                .unwrap_or_else(|| panic!("{path} not found"));
             let data = content(rel);
             assert_eq!(size, data.len() as u64, "{path}: size");
             if data.len() > 1024 {
                 assert!(!ranges.is_empty(), "{path}: a non-resident file has extents");
             }
             for r in &ranges {
-                assert!(r.start % cb == 0 && r.end % cb == 0 && r.end <= vol.size && r.start < r.end, "{path}: extent {r:?}");
+                assert!(
+                    r.start % cb == 0 && r.end % cb == 0 && r.end <= vol.size && r.start < r.end,
+                    "{path}: extent {r:?}"
+                );
             }
             if !ranges.is_empty() {
                 assert!(gather(&img, size, &ranges) == *data, "{opts:?} {path}: extents do not hold the file's bytes");
                 let clusters: u64 = ranges.iter().map(|r| r.end - r.start).sum();
-                assert!(clusters >= size && clusters < size + cb, "{path}: {clusters} bytes of clusters for {size} bytes");
+                assert!(
+                    clusters >= size && clusters < size + cb,
+                    "{path}: {clusters} bytes of clusters for {size} bytes"
+                );
             }
         }
         // With 4 KiB clusters ntfs-3g places the appends apart: the fragmented file really is
@@ -256,10 +276,17 @@ fn file_extents_hold_the_files_contents() {
         let (_, frag) = fx(&mut map, "/frag-b").unwrap().unwrap();
         assert!(i != 0 || frag.len() > 1, "{opts:?}: frag-b should have several extents: {frag:?}");
         let (_, very) = fx(&mut map, "/Docs/very-frag").unwrap().unwrap();
-        assert!(i != 0 || very.len() > 150, "{opts:?}: very-frag should have its runs in several records: {} extents", very.len());
+        assert!(
+            i != 0 || very.len() > 150,
+            "{opts:?}: very-frag should have its runs in several records: {} extents",
+            very.len()
+        );
         // Resident files: their size, no extents.
         assert_eq!(fx(&mut map, "/tiny.txt").unwrap(), Some((12, vec![])));
-        assert_eq!(fx(&mut map, "/Many/entry-0042.txt").unwrap(), Some((content("Many/entry-0042.txt").len() as u64, vec![])));
+        assert_eq!(
+            fx(&mut map, "/Many/entry-0042.txt").unwrap(),
+            Some((content("Many/entry-0042.txt").len() as u64, vec![]))
+        );
         assert_eq!(fx(&mut map, "/empty").unwrap(), Some((0, vec![])));
         // The sparse file: only its data clusters, no hole.
         let (size, sparse) = fx(&mut map, "/sparse.bin").unwrap().unwrap();
@@ -373,42 +400,54 @@ fn nonsense_is_an_error() {
     let d = data_attr(&good, rec6);
     let mp = d + u16::from_le_bytes([good[d + 0x20], good[d + 0x21]]) as usize;
     err("run header 0x0F", with(&|b| b[mp] = 0x0F));
-    err("run past the end", with(&|b| {
-        let (ls, os) = ((b[mp] & 0xF) as usize, (b[mp] >> 4) as usize);
-        for k in 0..os {
-            b[mp + 1 + ls + k] = if k == os - 1 { 0x7F } else { 0xFF };
-        }
-    }));
-    err("zero-length run", with(&|b| {
-        let ls = (b[mp] & 0xF) as usize;
-        for k in 0..ls {
-            b[mp + 1 + k] = 0;
-        }
-    }));
-    err("bitmap too small", with(&|b| {
-        b[d + 0x30..d + 0x38].copy_from_slice(&16u64.to_le_bytes());
-        b[d + 0x38..d + 0x40].copy_from_slice(&16u64.to_le_bytes());
-    }));
+    err(
+        "run past the end",
+        with(&|b| {
+            let (ls, os) = ((b[mp] & 0xF) as usize, (b[mp] >> 4) as usize);
+            for k in 0..os {
+                b[mp + 1 + ls + k] = if k == os - 1 { 0x7F } else { 0xFF };
+            }
+        }),
+    );
+    err(
+        "zero-length run",
+        with(&|b| {
+            let ls = (b[mp] & 0xF) as usize;
+            for k in 0..ls {
+                b[mp + 1 + k] = 0;
+            }
+        }),
+    );
+    err(
+        "bitmap too small",
+        with(&|b| {
+            b[d + 0x30..d + 0x38].copy_from_slice(&16u64.to_le_bytes());
+            b[d + 0x38..d + 0x40].copy_from_slice(&16u64.to_le_bytes());
+        }),
+    );
     err("attribute length 0", with(&|b| b[d + 4..d + 8].copy_from_slice(&0u32.to_le_bytes())));
     // The same two runs twice: overlapping runs within one stream.
     let d0 = data_attr(&good, mft);
     let mp0 = d0 + u16::from_le_bytes([good[d0 + 0x20], good[d0 + 0x21]]) as usize;
-    err("$MFT runs that overlap themselves", with(&|b| {
-        let h = b[mp0];
-        let n = 1 + (h & 0xF) as usize + (h >> 4) as usize;
-        if b[mp0 + n] == 0 {
-            // One run: repeat it with a zero offset (same clusters again).
-            let ls = (h & 0xF) as usize;
-            b[mp0 + n] = 0x10 | h & 0xF;
-            let len: Vec<u8> = b[mp0 + 1..mp0 + 1 + ls].to_vec();
-            b[mp0 + n + 1..mp0 + n + 1 + ls].copy_from_slice(&len);
-            b[mp0 + n + 1 + ls] = 0;
-            b[mp0 + n + 2 + ls] = 0;
-            // Highest VCN grows accordingly.
-            let hi = u64::from_le_bytes(b[d0 + 0x18..d0 + 0x20].try_into().unwrap());
-            b[d0 + 0x18..d0 + 0x20].copy_from_slice(&(2 * hi + 1).to_le_bytes());
-        }
-    }));
+    err(
+        "$MFT runs that overlap themselves",
+        with(&|b| {
+            let h = b[mp0];
+            let n = 1 + (h & 0xF) as usize + (h >> 4) as usize;
+            if b[mp0 + n] == 0 {
+                // One run: repeat it with a zero offset (same clusters again).
+                let ls = (h & 0xF) as usize;
+                b[mp0 + n] = 0x10 | h & 0xF;
+                let len: Vec<u8> = b[mp0 + 1..mp0 + 1 + ls].to_vec();
+                b[mp0 + n + 1..mp0 + n + 1 + ls].copy_from_slice(&len);
+                b[mp0 + n + 1 + ls] = 0;
+                b[mp0 + n + 2 + ls] = 0;
+                // Highest VCN grows accordingly.
+                let hi = u64::from_le_bytes(b[d0 + 0x18..d0 + 0x20].try_into().unwrap());
+                b[d0 + 0x18..d0 + 0x20].copy_from_slice(&(2 * hi + 1).to_le_bytes());
+            }
+        }),
+    );
 }
 
 #[test]

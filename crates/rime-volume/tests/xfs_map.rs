@@ -39,7 +39,14 @@ fn physical_extents(file: &Path, block_size: u64) -> Vec<Range<u64>> {
 /// Fills a mounted filesystem to about `target` bytes with big and small random files, then
 /// deletes every other small file so that free space is fragmented (multi-level free-space
 /// btrees). Returns the data extents of the files that remain.
-fn fill_mounted(img: &Path, mnt: &Path, seed: u64, target: u64, small_files: usize, block_size: u64) -> Vec<Range<u64>> {
+fn fill_mounted(
+    img: &Path,
+    mnt: &Path,
+    seed: u64,
+    target: u64,
+    small_files: usize,
+    block_size: u64,
+) -> Vec<Range<u64>> {
     let m = Mounted::new(img, mnt, "");
     let mut rng = Rng(seed | 1);
     let dirs = ["a", "b/c", "d/e/f"];
@@ -86,7 +93,8 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 /// Used ranges of the whole image through the map, in 64 KiB steps as the backup asks.
 fn map_ranges(img: &Path) -> (Vec<Range<u64>>, u64) {
     let vol = Volume::open(img, false).unwrap();
-    let mut map = XfsMap::probe(&vol.region()).unwrap_or_else(|e| panic!("{}: {e:#}", img.display())).expect("XFS recognised");
+    let mut map =
+        XfsMap::probe(&vol.region()).unwrap_or_else(|e| panic!("{}: {e:#}", img.display())).expect("XFS recognised");
     assert_eq!(map.filesystem(), Some("xfs"));
     let reported = map.reported_used_bytes().unwrap();
     let mut ranges: Vec<Range<u64>> = Vec::new();
@@ -136,7 +144,9 @@ fn xfs_db_field(img: &Path, cmds: &[&str], name: &str) -> Vec<u64> {
     args.push(s(img));
     run("xfs_db", &args)
         .lines()
-        .filter_map(|l| l.split_once(" = ").filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().parse::<u64>().unwrap()))
+        .filter_map(|l| {
+            l.split_once(" = ").filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().parse::<u64>().unwrap())
+        })
         .collect()
 }
 
@@ -457,17 +467,26 @@ fn targeted_damage_is_refused() {
         ("a bad block size", vec![sb(&|b| set32(b, 4, 3000))]),
         ("a bnobt depth of 40", vec![agf_edit(&|b| set32(b, 28, 40))]),
         ("a bnobt root outside the AG", vec![agf_edit(&|b| set32(b, 16, 0x7fff_fff0))]),
-        ("a wrong AGF free count", vec![agf_edit(&|b| {
-            let free = be32(b, 52);
-            set32(b, 52, free + 1);
-        })]),
+        (
+            "a wrong AGF free count",
+            vec![agf_edit(&|b| {
+                let free = be32(b, 52);
+                set32(b, 52, free + 1);
+            })],
+        ),
         ("a bnobt node pointing at itself", vec![block(root_at, &|b| set32(b, ptrs, root as u32))]),
-        ("a bnobt node pointing twice at one leaf", vec![block(root_at, &|b| {
-            let first = be32(b, ptrs);
-            set32(b, ptrs + 4, first);
-        })]),
+        (
+            "a bnobt node pointing twice at one leaf",
+            vec![block(root_at, &|b| {
+                let first = be32(b, ptrs);
+                set32(b, ptrs + 4, first);
+            })],
+        ),
         ("a bnobt child pointer past the AG", vec![block(root_at, &|b| set32(b, ptrs + 4, agblocks as u32 + 5))]),
-        ("a record count larger than the block", vec![block(root_at, &|b| b[6..8].copy_from_slice(&5000u16.to_be_bytes()))]),
+        (
+            "a record count larger than the block",
+            vec![block(root_at, &|b| b[6..8].copy_from_slice(&5000u16.to_be_bytes()))],
+        ),
         (
             "a free extent covering the AG headers",
             vec![block(root_at, &|b| set32(b, 56, 0)), block(leaf_at, &|b| set32(b, 56, 0))],
@@ -518,7 +537,8 @@ fn only_clean_or_covered_logs_are_trusted() {
         // Written after the freeze and synced, but not unmounted: refused — unless the kernel
         // happened to cover the log between the sync and the copy, which xfs_logprint shows.
         let logprint = run("xfs_logprint", &["-t", s(&dirty)]);
-        let pending = logprint.contains("INODE") || logprint.lines().any(|l| l.contains("start blkno:") && !l.contains("start blkno:0x0 "));
+        let pending = logprint.contains("INODE")
+            || logprint.lines().any(|l| l.contains("start blkno:") && !l.contains("start blkno:0x0 "));
         let vol = Volume::open(&dirty, false).unwrap();
         match XfsMap::probe(&vol.region()) {
             Err(err) => assert!(format!("{err:#}").contains("changes metadata"), "{args:?}: {err:#}"),

@@ -275,7 +275,14 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Extract { snapshot, paths, to, volume, overwrite, cache_size } => {
             let repo = Repository::open(&location)?;
-            let opts = extract::ExtractOptions { snapshot, paths, to, volume, overwrite, cache_bytes: cache_size.map(|m| m << 20) };
+            let opts = extract::ExtractOptions {
+                snapshot,
+                paths,
+                to,
+                volume,
+                overwrite,
+                cache_bytes: cache_size.map(|m| m << 20),
+            };
             let summary = extract::extract(repo, &opts)?;
             output::extract(&summary, cli.json);
             if !summary.skipped.is_empty() {
@@ -284,7 +291,8 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Mount { snapshot, mountpoint, allow_other, cache_size } => {
             let repo = Repository::open(&location)?;
-            let opts = mount::MountOptions { snapshot, mountpoint, cache_bytes: cache_size.map(|m| m << 20), allow_other };
+            let opts =
+                mount::MountOptions { snapshot, mountpoint, cache_bytes: cache_size.map(|m| m << 20), allow_other };
             let json = cli.json;
             let summary = mount::mount(repo, &opts, &|s| output::mounted(s, json))?;
             output::unmounted(&summary, cli.json);

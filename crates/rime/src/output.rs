@@ -128,7 +128,8 @@ pub fn verify(r: &VerifyReport, json: bool) {
         }
         println!("{line}");
     }
-    let verdict = if r.ok() { "no problems found".to_string() } else { format!("{} problem(s) found", r.problems.len()) };
+    let verdict =
+        if r.ok() { "no problems found".to_string() } else { format!("{} problem(s) found", r.problems.len()) };
     println!(
         "verified {} snapshot(s), {} chunks, {}: {verdict}",
         r.snapshots.len(),
@@ -233,9 +234,16 @@ pub fn extract(s: &ExtractSummary, json: bool) {
 pub fn mounted(s: &MountSummary, json: bool) {
     use std::io::Write;
     if json {
-        println!("{}", serde_json::to_string(&json!({"event": "mounted", "snapshot": s.snapshot, "mountpoint": s.mountpoint, "volumes": s.volumes})).expect("serialises"));
+        println!(
+            "{}",
+            serde_json::to_string(
+                &json!({"event": "mounted", "snapshot": s.snapshot, "mountpoint": s.mountpoint, "volumes": s.volumes})
+            )
+            .expect("serialises")
+        );
     } else {
-        let trees: Vec<String> = s.volumes.iter().flat_map(|v| v.trees.iter().map(|(d, fs)| format!("{d} ({fs})"))).collect();
+        let trees: Vec<String> =
+            s.volumes.iter().flat_map(|v| v.trees.iter().map(|(d, fs)| format!("{d} ({fs})"))).collect();
         println!(
             "mounted snapshot {} at {}: {} volume image(s){}; Ctrl-C or `fusermount -u {}` unmounts",
             &s.snapshot[..8],
@@ -252,6 +260,11 @@ pub fn unmounted(s: &MountSummary, json: bool) {
     if json {
         println!("{}", serde_json::to_string(&json!({"event": "unmounted", "summary": s})).expect("serialises"));
     } else {
-        println!("unmounted {} after {:.1} s; read {} from the repository", s.mountpoint, s.seconds, size(s.stats.repo_bytes_read));
+        println!(
+            "unmounted {} after {:.1} s; read {} from the repository",
+            s.mountpoint,
+            s.seconds,
+            size(s.stats.repo_bytes_read)
+        );
     }
 }

@@ -55,7 +55,8 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let mut engine = EngineConfig::new(a.state_dir);
-    engine.store = StoreLimits { memory: parse_size(&a.store_memory)?, cap: parse_size(&a.store_cap)?, spill_dir: a.spill_dir };
+    engine.store =
+        StoreLimits { memory: parse_size(&a.store_memory)?, cap: parse_size(&a.store_cap)?, spill_dir: a.spill_dir };
     engine.dump_dir = a.dump_snapshots;
     let limits = SnapshotLimits {
         wip: Duration::from_millis(a.wip_ms),

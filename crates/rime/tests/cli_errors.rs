@@ -123,7 +123,11 @@ fn default_repository_and_sample_volume() {
     let data = env.path("xdg");
     let run = |args: &[&str]| {
         let out = rime_command().env("XDG_DATA_HOME", &data).args(args).output().unwrap();
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (ok, stdout, stderr) = run(&["backup", "--json"]);
     assert!(ok, "default backup failed: {stderr}");

@@ -104,7 +104,8 @@ fn concurrent_backups_both_succeed() {
     let mut b = ChildGuard(Some(env.spawn(&["backup", "--json", raw.to_str().unwrap()])));
     let ra = wait_run(a.take(), "backup ext").ok();
     let rb = wait_run(b.take(), "backup raw").ok();
-    let (ida, idb) = (ra.json()["snapshot"].as_str().unwrap().to_string(), rb.json()["snapshot"].as_str().unwrap().to_string());
+    let (ida, idb) =
+        (ra.json()["snapshot"].as_str().unwrap().to_string(), rb.json()["snapshot"].as_str().unwrap().to_string());
     let mut ids = env.snapshot_ids();
     ids.sort();
     let mut expected = vec![ida.clone(), idb.clone()];

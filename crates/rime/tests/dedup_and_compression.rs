@@ -121,7 +121,7 @@ fn compression_levels_restore_exactly_and_compress() {
         fs::write(src.join(format!("docs/book-{i}.txt")), rng.text(768 * 1024)).unwrap();
     }
     let image = work.path("text.img");
-        mkfs("mkfs.ext4", &["-b", "4096"], 32, Some(&src), &image);
+    mkfs("mkfs.ext4", &["-b", "4096"], 32, Some(&src), &image);
 
     let mut stored = Vec::new();
     for level in ["none", "fast", "normal", "best"] {

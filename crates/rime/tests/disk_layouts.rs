@@ -67,11 +67,15 @@ fn gpt_disk_keeps_table_gaps_and_maps_each_partition() {
         assert_same_bytes(&zf, &part);
         assert_fsck_clean(&part);
     }
-    assert_same_files(&{
-        let part = env.path("p1-restored.img");
-        std::fs::write(&part, range_of(&out, MIB, 40 * MIB)).unwrap();
-        part
-    }, &src1, &env.path("rdump"));
+    assert_same_files(
+        &{
+            let part = env.path("p1-restored.img");
+            std::fs::write(&part, range_of(&out, MIB, 40 * MIB)).unwrap();
+            part
+        },
+        &src1,
+        &env.path("rdump"),
+    );
 }
 
 #[test]
@@ -100,7 +104,8 @@ fn mbr_disk_with_logical_partitions() {
     let backup = env.backup_json(&[name]);
     let vol = first_volume(&backup);
     assert_eq!(vol["partition_table"], "mbr");
-    let numbers: Vec<u64> = vol["partitions"].as_array().unwrap().iter().map(|p| p["number"].as_u64().unwrap()).collect();
+    let numbers: Vec<u64> =
+        vol["partitions"].as_array().unwrap().iter().map(|p| p["number"].as_u64().unwrap()).collect();
     assert_eq!(numbers, vec![1, 5, 6]);
     assert_eq!(vol["partitions"][2]["filesystem"], "ext4");
 
@@ -108,7 +113,10 @@ fn mbr_disk_with_logical_partitions() {
     env.restore("latest", &out, &[]);
     // The MBR and the EBR chain survive.
     assert_eq!(range_of(&disk, 0, 512), range_of(&out, 0, 512));
-    assert_eq!(sh("sfdisk", &["-d", name]).replace(name, "X"), sh("sfdisk", &["-d", out.to_str().unwrap()]).replace(out.to_str().unwrap(), "X"));
+    assert_eq!(
+        sh("sfdisk", &["-d", name]).replace(name, "X"),
+        sh("sfdisk", &["-d", out.to_str().unwrap()]).replace(out.to_str().unwrap(), "X")
+    );
     let part = env.path("l6-restored.img");
     std::fs::write(&part, range_of(&out, start6 * 512, 20 * MIB)).unwrap();
     let zf = env.path("zf.img");
@@ -139,7 +147,10 @@ fn qcow2_backing_chain_is_read_as_the_guest_sees_it() {
     let base = env.path("base.qcow2");
     let top = env.path("top.qcow2");
     sh("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", base_raw.to_str().unwrap(), base.to_str().unwrap()]);
-    sh("qemu-img", &["create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", top.to_str().unwrap()]);
+    sh(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-b", base.to_str().unwrap(), "-F", "qcow2", top.to_str().unwrap()],
+    );
     // The overlay changes some of the base and adds data where the base had none.
     sh("qemu-io", &["-f", "qcow2", "-c", "write -P 0x5a 1M 2M", "-c", "write -P 0xa5 40M 1M", top.to_str().unwrap()]);
     let expected = env.path("expected.raw");

@@ -29,7 +29,8 @@ fn excluded_files_keep_their_size_and_read_as_zeros() {
     mkfs("mkfs.ext4", &[], 64, Some(&src), &image);
 
     let plain = env.backup_json(&[image.to_str().unwrap()]);
-    let json = env.backup_json(&[image.to_str().unwrap(), "--exclude-file", "/var/cache/huge.bin", "--compression", "none"]);
+    let json =
+        env.backup_json(&[image.to_str().unwrap(), "--exclude-file", "/var/cache/huge.bin", "--compression", "none"]);
     let vol = first_volume(&json);
     let excluded = vol["excluded"].as_array().unwrap();
     let find = |p: &str| excluded.iter().find(|e| e["path"] == p).unwrap_or_else(|| panic!("{p} not excluded: {vol}"));
@@ -70,7 +71,8 @@ fn a_missing_exclusion_is_an_error_and_changes_nothing() {
     assert!(env.snapshot_ids().is_empty());
     let err = env.rime(&["backup", image.to_str().unwrap(), "--exclude-file", "/docs"]).fails();
     assert!(err.contains("not a regular file"), "{err}");
-    let err = env.rime(&["backup", image.to_str().unwrap(), "--all-blocks", "--exclude-file", "/docs/readme.txt"]).fails();
+    let err =
+        env.rime(&["backup", image.to_str().unwrap(), "--all-blocks", "--exclude-file", "/docs/readme.txt"]).fails();
     assert!(err.contains("--all-blocks"), "{err}");
 }
 
@@ -82,17 +84,14 @@ fn exclusions_reach_into_partitions_of_a_disk() {
     mkfs("mkfs.ext4", &[], 48, Some(&src), &part);
     let disk = env.path("disk.img");
     std::fs::File::create(&disk).unwrap().set_len(64 * MIB).unwrap();
-    let mut child = std::process::Command::new("sfdisk")
-        .arg("-q")
-        .arg(&disk)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child =
+        std::process::Command::new("sfdisk").arg("-q").arg(&disk).stdin(std::process::Stdio::piped()).spawn().unwrap();
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"label: gpt\nstart=2048, size=48M, type=linux\n").unwrap();
     assert!(child.wait().unwrap().success());
     let data = std::fs::read(&part).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&disk).unwrap(), &data, MIB).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&std::fs::OpenOptions::new().write(true).open(&disk).unwrap(), &data, MIB)
+        .unwrap();
 
     let json = env.backup_json(&[disk.to_str().unwrap(), "--exclude-file", "/var/cache/huge.bin"]);
     let excluded = first_volume(&json)["excluded"].as_array().unwrap().clone();
@@ -170,7 +169,10 @@ fn ntfs_page_files_are_left_out_and_named_files_too() {
     assert_eq!(vol["filesystem"], "ntfs");
     let excluded = vol["excluded"].as_array().unwrap();
     assert!(excluded.iter().any(|e| e["path"] == "/pagefile.sys" && e["reason"] == "swap file"), "{excluded:?}");
-    assert!(excluded.iter().any(|e| e["path"] == "/users/ME/Cache.bin" && e["size"].as_u64() == Some(4 * MIB)), "{excluded:?}");
+    assert!(
+        excluded.iter().any(|e| e["path"] == "/users/ME/Cache.bin" && e["size"].as_u64() == Some(4 * MIB)),
+        "{excluded:?}"
+    );
     assert!(vol["read_bytes"].as_u64().unwrap() < 12 * MIB, "excluded data is not read: {}", vol["read_bytes"]);
 
     let out = env.path("out.img");
@@ -178,7 +180,10 @@ fn ntfs_page_files_are_left_out_and_named_files_too() {
     sh("ntfsfix", &["-n", out.to_str().unwrap()]);
     let m = NtfsMount::new(&out, &env.path("mnt-out"), true);
     let page = read_file(&m.0.join("pagefile.sys"));
-    assert!(page.len() as u64 == 8 * MIB && page.iter().all(|&b| b == 0), "pagefile.sys keeps its size, reads as zeros");
+    assert!(
+        page.len() as u64 == 8 * MIB && page.iter().all(|&b| b == 0),
+        "pagefile.sys keeps its size, reads as zeros"
+    );
     let cache = read_file(&m.0.join("Users/me/cache.bin"));
     assert!(cache.len() as u64 == 4 * MIB && cache.iter().all(|&b| b == 0));
     let expected = env.path("keep-expected.bin");

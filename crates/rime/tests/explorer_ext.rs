@@ -56,7 +56,8 @@ fn ls_json(env: &Env, args: &[&str]) -> Value {
 fn assert_listing_matches(listing: &Value, dir: &Path) {
     let entries = listing["entries"].as_array().expect("entries");
     let mut names: Vec<String> = entries.iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
-    let mut expected: Vec<String> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut expected: Vec<String> =
+        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
     expected.sort();
     assert_eq!(names, expected, "names in {}", dir.display());
@@ -75,7 +76,11 @@ fn assert_listing_matches(listing: &Value, dir: &Path) {
         }
         assert_eq!(e["mode"].as_u64(), Some(f.mode as u64), "mode of {name}");
         assert_eq!((e["uid"].as_u64(), e["gid"].as_u64()), (Some(f.uid as u64), Some(f.gid as u64)), "owner of {name}");
-        assert_eq!((e["mtime"].as_i64(), e["mtime_nsec"].as_i64()), (Some(f.mtime.0), Some(f.mtime.1)), "mtime of {name}");
+        assert_eq!(
+            (e["mtime"].as_i64(), e["mtime_nsec"].as_i64()),
+            (Some(f.mtime.0), Some(f.mtime.1)),
+            "mtime of {name}"
+        );
         match f.target {
             Some(t) => assert_eq!(e["target"].as_str(), Some(t.to_str().unwrap()), "target of {name}"),
             None => assert!(e.get("target").is_none(), "{name} is no symlink: {e}"),
@@ -134,7 +139,16 @@ fn extract_single_files_and_whole_tree_bit_exact_with_metadata() {
     assert_eq!(r["warnings"].as_array().unwrap().len(), 0, "{r}");
     assert!(r["hardlinks"].as_u64().unwrap() >= 2, "{r}");
     let s = env
-        .rime(&["extract", "--json", &snap, "/meta/sparse.img", "/docs/readme.txt", "/hard", "--to", one.to_str().unwrap()])
+        .rime(&[
+            "extract",
+            "--json",
+            &snap,
+            "/meta/sparse.img",
+            "/docs/readme.txt",
+            "/hard",
+            "--to",
+            one.to_str().unwrap(),
+        ])
         .ok()
         .json();
     assert_eq!(s["files"].as_u64(), Some(3), "{s}"); // sparse.img, readme.txt, hard/a (hard/b is a link)
@@ -175,7 +189,12 @@ fn extract_refuses_to_overwrite_unless_asked() {
     let again = env.rime(&["extract", "--json", &snap, "/docs", "--to", to]);
     assert_eq!(again.code, Some(2), "{again:?}");
     let skipped = again.json()["skipped"].as_array().unwrap().clone();
-    assert!(skipped.iter().any(|s| s["path"] == "/docs/readme.txt" && s["reason"].as_str().unwrap().contains("--overwrite")), "{skipped:?}");
+    assert!(
+        skipped
+            .iter()
+            .any(|s| s["path"] == "/docs/readme.txt" && s["reason"].as_str().unwrap().contains("--overwrite")),
+        "{skipped:?}"
+    );
     assert!(again.stderr.contains("skipped /docs/readme.txt"), "{}", again.stderr);
     assert_eq!(fs::read(&readme).unwrap(), b"changed locally");
 
@@ -189,7 +208,10 @@ fn extracting_one_small_file_reads_a_small_fraction_of_the_repository() {
     let (_src, image) = make_ext(&env, "big", "mkfs.ext4", &[], 256, 11, 160 * MIB, false);
     let snap = env.backup(&[image.to_str().unwrap()]);
     let repo = env.repo_bytes();
-    let r = env.rime(&["extract", "--json", &snap, "/docs/readme.txt", "--to", env.path("out").to_str().unwrap()]).ok().json();
+    let r = env
+        .rime(&["extract", "--json", &snap, "/docs/readme.txt", "--to", env.path("out").to_str().unwrap()])
+        .ok()
+        .json();
     let read = r["repo_bytes_read"].as_u64().unwrap();
     assert!(read > 0);
     assert!(read * 20 < repo, "extracting a 40 KB file read {read} of {repo} repository bytes (>= 5 %)");
@@ -204,9 +226,13 @@ fn extracting_one_small_file_reads_a_small_fraction_of_the_repository() {
 
 #[test]
 fn ext2_ext3_block_maps_and_small_blocks_extract_exactly() {
-    for (n, (program, opts)) in [("mkfs.ext2", &["-b", "1024"][..]), ("mkfs.ext3", &[][..]), ("mkfs.ext4", &["-b", "1024", "-I", "256", "-O", "^metadata_csum,inline_data"][..])]
-        .into_iter()
-        .enumerate()
+    for (n, (program, opts)) in [
+        ("mkfs.ext2", &["-b", "1024"][..]),
+        ("mkfs.ext3", &[][..]),
+        ("mkfs.ext4", &["-b", "1024", "-I", "256", "-O", "^metadata_csum,inline_data"][..]),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let env = Env::new();
         let name = format!("v{n}");
@@ -276,7 +302,17 @@ fn partitions_of_a_whole_disk_are_browsable() {
     fs::write(env.path("note.txt"), b"on the FAT partition\n").unwrap();
     sh("mcopy", &["-i", p2.to_str().unwrap(), env.path("note.txt").to_str().unwrap(), "::/NOTE.TXT"]);
     for (img, seek) in [(&p1, 2048), (&p2, 86016)] {
-        sh("dd", &[&format!("if={}", img.display()), &format!("of={}", disk.display()), "bs=512", &format!("seek={seek}"), "conv=notrunc", "status=none"]);
+        sh(
+            "dd",
+            &[
+                &format!("if={}", img.display()),
+                &format!("of={}", disk.display()),
+                "bs=512",
+                &format!("seek={seek}"),
+                "conv=notrunc",
+                "status=none",
+            ],
+        );
     }
     let snap = env.backup(&[disk.to_str().unwrap()]);
 

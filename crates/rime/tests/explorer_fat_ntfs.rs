@@ -26,19 +26,27 @@ fn fat_ls_and_extract_match_the_source() {
         let size = if fat_bits == "32" { 64 * MIB } else { 16 * MIB };
         fs::File::create(&image).unwrap().set_len(size).unwrap();
         sh("mkfs.vfat", &["-F", fat_bits, image.to_str().unwrap()]);
-        sh("mcopy", &["-s", "-m", "-i", image.to_str().unwrap(), &format!("{}/Long Directory Name", src.display()), "::/"]);
+        sh(
+            "mcopy",
+            &["-s", "-m", "-i", image.to_str().unwrap(), &format!("{}/Long Directory Name", src.display()), "::/"],
+        );
         for f in ["README.TXT", "empty"] {
             sh("mcopy", &["-m", "-i", image.to_str().unwrap(), src.join(f).to_str().unwrap(), "::/"]);
         }
         let snap = env.backup(&[image.to_str().unwrap()]);
         let l = env.rime(&["ls", "--json", &snap, "/Long Directory Name"]).ok().json();
         assert_eq!(l["filesystem"], format!("fat{fat_bits}"), "{l}");
-        let mut names: Vec<(String, u64)> =
-            l["entries"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap().to_string(), e["size"].as_u64().unwrap())).collect();
+        let mut names: Vec<(String, u64)> = l["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["name"].as_str().unwrap().to_string(), e["size"].as_u64().unwrap()))
+            .collect();
         names.sort();
         assert_eq!(names, [("nested".to_string(), 0), ("short.txt".to_string(), 6)]);
         let root = env.rime(&["ls", "--json", &snap]).ok().json();
-        let readme = root["entries"].as_array().unwrap().iter().find(|e| e["name"] == "README.TXT").expect("README.TXT").clone();
+        let readme =
+            root["entries"].as_array().unwrap().iter().find(|e| e["name"] == "README.TXT").expect("README.TXT").clone();
         // FAT keeps local time at 2 s resolution; tests run in UTC.
         assert!((readme["mtime"].as_i64().unwrap() - 1_600_000_000).abs() <= 2, "{readme}");
 
@@ -130,7 +138,9 @@ fn damaged_fat_and_ntfs_images_never_crash() {
             drop(f);
             let snap = env.backup(&[img.to_str().unwrap()]);
             let to = env.path(&format!("out-{name}-{round}"));
-            for args in [vec!["ls", snap.as_str(), "/a"], vec!["extract", snap.as_str(), "/", "--to", to.to_str().unwrap()]] {
+            for args in
+                [vec!["ls", snap.as_str(), "/a"], vec!["extract", snap.as_str(), "/", "--to", to.to_str().unwrap()]]
+            {
                 let r = env.rime(&args);
                 assert!(matches!(r.code, Some(0..=2)), "{name} round {round}: {r:?}");
                 assert!(!r.stderr.contains("panicked at") || r.code.is_some(), "{r:?}");

@@ -102,7 +102,8 @@ fn hostile_names_links_and_loops_never_escape_the_target() {
     let to2 = env.path("to2");
     fs::create_dir_all(&to2).unwrap();
     std::os::unix::fs::symlink(&outside, to2.join("dir")).unwrap();
-    let run = env.rime(&["extract", "--json", &snap, "/dir", "/good.txt", "--to", to2.to_str().unwrap(), "--overwrite"]);
+    let run =
+        env.rime(&["extract", "--json", &snap, "/dir", "/good.txt", "--to", to2.to_str().unwrap(), "--overwrite"]);
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.json()["skipped"].as_array().unwrap().iter().any(|s| s["path"] == "/dir"), "{}", run.stdout);
     assert!(fs::read_dir(&outside).unwrap().next().is_none(), "extract followed a symlink in --to");

@@ -90,7 +90,8 @@ fn mounted_image_loop_mounts_and_tree_matches_then_fusermount_unmounts() {
 
     let mp = env.path("mp");
     let mut proc = start_mount(&env, &snap, &mp);
-    let mut names: Vec<String> = fs::read_dir(&mp).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut names: Vec<String> =
+        fs::read_dir(&mp).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     names.sort();
     assert_eq!(names, ["vol.img", "vol.img.files"]);
     assert_eq!(fs::metadata(mp.join("vol.img")).unwrap().len(), 48 * MIB);

@@ -14,7 +14,14 @@ mod fsmap_util;
 use fsmap_util::*;
 use std::path::Path;
 
-fn make_btrfs(d: &Path, name: &str, size: u64, data: u64, mkfs_opts: &[&str], mount_opts: &str) -> (std::path::PathBuf, std::path::PathBuf, u64) {
+fn make_btrfs(
+    d: &Path,
+    name: &str,
+    size: u64,
+    data: u64,
+    mkfs_opts: &[&str],
+    mount_opts: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, u64) {
     let src = d.join(format!("{name}-src"));
     populate(&src, size ^ data, data);
     let img = d.join(format!("{name}.img"));

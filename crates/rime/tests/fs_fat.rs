@@ -86,8 +86,14 @@ fn roundtrip(bits: u32, size: u64) {
     run("fsck.fat", &["-n", s(&restored)]);
     let expected = d.join("expected.img");
     expected_restore(&img, &expected);
-    assert!(std::fs::read(&restored).unwrap() == std::fs::read(&expected).unwrap(), "FAT{bits}: restore differs from the masked original");
-    assert!(std::fs::read(&restored).unwrap() != std::fs::read(&img).unwrap(), "FAT{bits}: the free garbage should not come back");
+    assert!(
+        std::fs::read(&restored).unwrap() == std::fs::read(&expected).unwrap(),
+        "FAT{bits}: restore differs from the masked original"
+    );
+    assert!(
+        std::fs::read(&restored).unwrap() != std::fs::read(&img).unwrap(),
+        "FAT{bits}: the free garbage should not come back"
+    );
     let out = d.join("out");
     std::fs::create_dir(&out).unwrap();
     run("mcopy", &["-s", "-n", "-i", s(&restored), "::/*", s(&out)]);

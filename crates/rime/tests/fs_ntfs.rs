@@ -109,7 +109,11 @@ fn roundtrip(size: u64, opts: &[&str]) {
     let num = |k: &str| vol[k].as_u64().unwrap_or_else(|| panic!("no {k} in {vol}"));
     let (used, read, added) = (num("used_bytes"), num("read_bytes"), num("added_bytes"));
     let tail = size - fs_bytes;
-    assert_eq!(used, fs_used + tail, "{opts:?}: map marks {used} bytes; ntfscluster counts {fs_used} used + {tail} after the clusters");
+    assert_eq!(
+        used,
+        fs_used + tail,
+        "{opts:?}: map marks {used} bytes; ntfscluster counts {fs_used} used + {tail} after the clusters"
+    );
     assert!(read >= used && read < size * 7 / 10, "{opts:?}: read {read} of {size} bytes (used {used})");
     assert!(added < size * 7 / 10, "{opts:?}: the free garbage must not be stored (added {added} of {size})");
 

@@ -13,7 +13,13 @@ mod fsmap_util;
 use fsmap_util::*;
 use std::path::Path;
 
-fn make_xfs(d: &Path, name: &str, size: u64, data: u64, mkfs_opts: &[&str]) -> (std::path::PathBuf, std::path::PathBuf, u64) {
+fn make_xfs(
+    d: &Path,
+    name: &str,
+    size: u64,
+    data: u64,
+    mkfs_opts: &[&str],
+) -> (std::path::PathBuf, std::path::PathBuf, u64) {
     let src = d.join(format!("{name}-src"));
     populate(&src, size ^ data, data);
     let img = d.join(format!("{name}.img"));
@@ -170,7 +176,8 @@ fn xfs_crash_copy_falls_back_and_keeps_every_file() {
     // Unless the kernel happened to cover the log between the sync and the copy (xfs_logprint
     // shows), the copy's log holds changes to inodes and allocation btrees.
     let logprint = run("xfs_logprint", &["-t", s(&copy)]);
-    let pending = logprint.contains("INODE") || logprint.lines().any(|l| l.contains("start blkno:") && !l.contains("start blkno:0x0 "));
+    let pending = logprint.contains("INODE")
+        || logprint.lines().any(|l| l.contains("start blkno:") && !l.contains("start blkno:0x0 "));
     let repo = d.join("repo");
     rime(&repo, &["init"]);
     let (v, err, _) = backup(&repo, &copy);
@@ -179,7 +186,10 @@ fn xfs_crash_copy_falls_back_and_keeps_every_file() {
     if pending {
         assert!(err.contains("xfs") && err.contains("log"), "stderr should say why the map was refused: {err}");
         assert!(v["manifest"]["volumes"][0]["filesystem"].is_null(), "{v}");
-        assert!(std::fs::read(&restored).unwrap() == std::fs::read(&copy).unwrap(), "fallback restore must be bit-exact");
+        assert!(
+            std::fs::read(&restored).unwrap() == std::fs::read(&copy).unwrap(),
+            "fallback restore must be bit-exact"
+        );
     }
     {
         let m = Mounted::new(&restored, &d.join("restored-mnt"), "nouuid");

@@ -42,7 +42,12 @@ fn difference_store_cap_aborts_the_backup_cleanly() {
     let env = Env::new();
     let image = env.path("vol.img");
     urandom_file(&image, 96 * MIB);
-    let served = Served::start(env.dir.path(), &image, false, &["--wip-ms", "50", "--store-memory", "128K", "--store-cap", "1M"]);
+    let served = Served::start(
+        env.dir.path(),
+        &image,
+        false,
+        &["--wip-ms", "50", "--store-memory", "128K", "--store-cap", "1M"],
+    );
     let mut backup = slow_backup(&env, &served.control);
     assert!(served.wait_state("active", Duration::from_secs(30)).is_some());
     // 32 MiB of writes while the backup runs: far more than the store's cap.
@@ -136,7 +141,10 @@ fn server_killed_mid_way_loses_no_written_data_and_cbt_says_all_changed() {
     )));
     assert!(served.wait_state("active", Duration::from_secs(30)).is_some());
     qemu_io(&served.nbd_uri(), &["write -P 0x4d 60M 2M".to_string()]);
-    assert!(backup.0.as_mut().unwrap().try_wait().unwrap().is_none(), "the backup finished before the server was killed");
+    assert!(
+        backup.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "the backup finished before the server was killed"
+    );
     served.kill();
     let run = wait_run(backup.take(), "backup");
     let msg = run.fails();

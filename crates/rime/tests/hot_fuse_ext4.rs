@@ -34,7 +34,15 @@ fn backup_frozen(env: &Env, served: &Served, mnt: &Path, volume_arg: &Path) -> s
 
 fn latest_dump(served: &Served) -> std::path::PathBuf {
     let mut dumps: Vec<_> = std::fs::read_dir(&served.dumps).unwrap().flatten().map(|e| e.path()).collect();
-    dumps.sort_by_key(|p| p.file_name().unwrap().to_string_lossy().trim_start_matches("snapshot-").trim_end_matches(".img").parse::<u64>().unwrap_or(0));
+    dumps.sort_by_key(|p| {
+        p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .trim_start_matches("snapshot-")
+            .trim_end_matches(".img")
+            .parse::<u64>()
+            .unwrap_or(0)
+    });
     dumps.pop().expect("a dumped snapshot")
 }
 
@@ -60,7 +68,10 @@ fn ext4_on_loop_on_fuse_under_fio_backs_up_exactly() {
     fio.assert_running();
     let st = served.status();
     assert_eq!(st["state"], "idle", "{st}");
-    assert!(st["cow_blocks"].as_u64().unwrap() > cow_before, "fio's writes should have hit protected blocks during the backup: {st}");
+    assert!(
+        st["cow_blocks"].as_u64().unwrap() > cow_before,
+        "fio's writes should have hit protected blocks during the backup: {st}"
+    );
     let dump1 = latest_dump(&served);
     let v = first_volume(&full);
     assert_eq!(v["source"], image.canonicalize().unwrap().display().to_string());

@@ -38,7 +38,8 @@ fn incrementals_read_only_changed_blocks_and_restore_exactly() {
     std::fs::copy(&image, &snaps[0].1).unwrap();
     for round in 1..=3u64 {
         // 40 scattered 4 KiB writes, a 256 KiB run, and a write-zeroes.
-        let mut cmds: Vec<String> = (0..40).map(|_| format!("write -P {} {}k 4k", round * 3, rng.below(16384) * 4)).collect();
+        let mut cmds: Vec<String> =
+            (0..40).map(|_| format!("write -P {} {}k 4k", round * 3, rng.below(16384) * 4)).collect();
         cmds.push(format!("write -P 0x77 {}M 256k", 10 + round));
         cmds.push(format!("write -z {}M 64k", 40 + round));
         qemu_io(&served.nbd_uri(), &cmds);

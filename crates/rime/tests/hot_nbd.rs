@@ -65,7 +65,10 @@ fn volume_written_over_nbd_by_fio_and_qemu_io_backs_up_exactly() {
     fio.stop();
     assert!(rounds > 0);
     assert_eq!(st["state"], "idle", "{st}");
-    assert!(st["cow_blocks"].as_u64().unwrap() > before, "writes should have hit protected blocks during the backup: {st}");
+    assert!(
+        st["cow_blocks"].as_u64().unwrap() > before,
+        "writes should have hit protected blocks during the backup: {st}"
+    );
     let vol = first_volume(&v);
     assert!(vol["map"].as_str().unwrap().contains("online snapshot"), "{vol}");
 

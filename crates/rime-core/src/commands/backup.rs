@@ -12,8 +12,8 @@ use anyhow::{bail, Context, Result};
 use rime_repo::lock::LockMode;
 use rime_repo::pack::{index_path, pack_path, FinishedPack};
 use rime_repo::snapshot::volume_index_path;
-use rime_repo::volume_index::VolumeIndexWriter;
 use rime_repo::snapshot::PartitionEntry;
+use rime_repo::volume_index::VolumeIndexWriter;
 use rime_repo::{Compression, Manifest, Repository, SnapshotId, VolumeEntry};
 use rime_volume::{layout, Volume};
 use serde::Serialize;
@@ -95,7 +95,9 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     let mut online = Vec::new();
     for (ov, layout) in volumes.iter().zip(layouts.iter_mut()) {
         online.push(match &ov.online {
-            Some(source) => Some(crate::online::prepare(repo, source.clone(), &ov.volume, &mut layout.map, repo.config.chunk_size)?),
+            Some(source) => {
+                Some(crate::online::prepare(repo, source.clone(), &ov.volume, &mut layout.map, repo.config.chunk_size)?)
+            }
             None => None,
         });
     }
@@ -146,7 +148,9 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     drop(lock);
     for o in online.iter().flatten() {
         if let Err(e) = o.finish(&snapshot.0) {
-            let w = format!("backup succeeded, but rime serve did not take note of it (the next backup reads everything): {e:#}");
+            let w = format!(
+                "backup succeeded, but rime serve did not take note of it (the next backup reads everything): {e:#}"
+            );
             progress.warn(&w);
             warnings.push(w);
         }

@@ -93,7 +93,11 @@ pub fn unsafe_name(name: &[u8]) -> Option<&'static str> {
 fn open_dir_at(parent: &OwnedFd, name: &CString) -> std::io::Result<OwnedFd> {
     // SAFETY: valid descriptor and NUL-terminated name; the result is checked.
     let fd = unsafe {
-        libc::openat(parent.as_raw_fd(), name.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        libc::openat(
+            parent.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
     };
     if fd < 0 {
         return Err(last_err());
@@ -226,7 +230,16 @@ impl<'a> Extractor<'a> {
     /// Restores node `id` as `name` inside `dir`. `rel` is the path from --to (for hard links)
     /// and `shown` the path inside the image (for messages).
     #[allow(clippy::too_many_arguments)]
-    fn node(&mut self, root: &OwnedFd, dir: &OwnedFd, rel: &[CString], name: &[u8], id: NodeId, shown: &str, depth: usize) {
+    fn node(
+        &mut self,
+        root: &OwnedFd,
+        dir: &OwnedFd,
+        rel: &[CString],
+        name: &[u8],
+        id: NodeId,
+        shown: &str,
+        depth: usize,
+    ) {
         if let Some(why) = unsafe_name(name) {
             self.skip(shown, format!("unsafe name ({why})"));
             return;
@@ -255,7 +268,16 @@ impl<'a> Extractor<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn dir(&mut self, root: &OwnedFd, parent: &OwnedFd, rel: &[CString], name: &CString, st: &Stat, shown: &str, depth: usize) -> Result<()> {
+    fn dir(
+        &mut self,
+        root: &OwnedFd,
+        parent: &OwnedFd,
+        rel: &[CString],
+        name: &CString,
+        st: &Stat,
+        shown: &str,
+        depth: usize,
+    ) -> Result<()> {
         if depth > 4096 {
             bail!("directory tree deeper than 4096 levels");
         }
@@ -294,7 +316,15 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
-    fn file(&mut self, root: &OwnedFd, dir: &OwnedFd, rel: &[CString], name: &CString, st: &Stat, shown: &str) -> Result<()> {
+    fn file(
+        &mut self,
+        root: &OwnedFd,
+        dir: &OwnedFd,
+        rel: &[CString],
+        name: &CString,
+        st: &Stat,
+        shown: &str,
+    ) -> Result<()> {
         if st.nlink > 1 {
             if let Some(first) = self.links.get(&st.id).cloned() {
                 if !self.make_room(dir, name, shown) {
@@ -303,7 +333,9 @@ impl<'a> Extractor<'a> {
                 let (first_name, first_dir) = first.split_last().expect("a path has a name");
                 let from = self.walk(root, first_dir).context("reach the first link")?;
                 // SAFETY: valid descriptors and names; flags 0 never follows a symlink.
-                if unsafe { libc::linkat(from.as_raw_fd(), first_name.as_ptr(), dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
+                if unsafe { libc::linkat(from.as_raw_fd(), first_name.as_ptr(), dir.as_raw_fd(), name.as_ptr(), 0) }
+                    != 0
+                {
                     bail!("link: {}", last_err());
                 }
                 self.summary.hardlinks += 1;

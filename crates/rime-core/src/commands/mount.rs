@@ -20,7 +20,8 @@ use crate::snapshot_reader::{ReadStats, SnapshotReader};
 use anyhow::{bail, Context, Result};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use rime_explore::{FileTree, Kind, NodeId, Stat};
 use rime_repo::Repository;
@@ -187,7 +188,8 @@ impl SnapshotFs {
 
     /// The root's entries: (name, node).
     fn root_entries(&self) -> Vec<(String, Node)> {
-        let mut out: Vec<(String, Node)> = self.images.iter().enumerate().map(|(i, (n, _))| (n.clone(), Node::Image(i))).collect();
+        let mut out: Vec<(String, Node)> =
+            self.images.iter().enumerate().map(|(i, (n, _))| (n.clone(), Node::Image(i))).collect();
         for (t, tree) in self.trees.iter().enumerate() {
             out.push((tree.dir_name.clone(), Node::Tree(t, tree.fs.root())));
         }
@@ -284,7 +286,8 @@ impl Filesystem for SnapshotFs {
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let Some(node) = self.inodes.lock().unwrap().node(ino.0) else { return reply.error(Errno::ENOENT) };
         // (ino, kind, name) with "." and "..".
-        let mut entries: Vec<(u64, FileType, Vec<u8>)> = vec![(ino.0, FileType::Directory, b".".to_vec()), (ROOT, FileType::Directory, b"..".to_vec())];
+        let mut entries: Vec<(u64, FileType, Vec<u8>)> =
+            vec![(ino.0, FileType::Directory, b".".to_vec()), (ROOT, FileType::Directory, b"..".to_vec())];
         match node {
             Node::Root => {
                 for (name, n) in self.root_entries() {
@@ -302,7 +305,12 @@ impl Filesystem for SnapshotFs {
                 };
                 for e in list {
                     // Names the kernel cannot carry are left out.
-                    if e.name.contains(&b'/') || e.name.contains(&0) || e.name.is_empty() || e.name == b"." || e.name == b".." {
+                    if e.name.contains(&b'/')
+                        || e.name.contains(&0)
+                        || e.name.is_empty()
+                        || e.name == b"."
+                        || e.name == b".."
+                    {
                         continue;
                     }
                     let kind = fs.stat(e.id).map(|s| file_type(s.kind)).unwrap_or(FileType::RegularFile);
@@ -325,7 +333,9 @@ impl Filesystem for SnapshotFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Some(Node::Tree(t, id)) = self.inodes.lock().unwrap().node(ino.0) else { return reply.error(Errno::NO_XATTR) };
+        let Some(Node::Tree(t, id)) = self.inodes.lock().unwrap().node(ino.0) else {
+            return reply.error(Errno::NO_XATTR);
+        };
         match self.trees[t].fs.xattrs(id) {
             Ok(x) => match x.into_iter().find(|x| x.name == name.as_bytes()) {
                 Some(x) if size == 0 => reply.size(x.value.len() as u32),
@@ -374,7 +384,11 @@ fn check_mountpoint(path: &Path) -> Result<()> {
     let busy = canonical == Path::new("/")
         || std::fs::metadata(parent).map(|p| p.dev() != meta.dev() || p.ino() == meta.ino()).unwrap_or(false)
         || std::fs::read_to_string("/proc/self/mountinfo")
-            .map(|m| m.lines().any(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(canonical.as_os_str().as_bytes())))
+            .map(|m| {
+                m.lines().any(|l| {
+                    l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(canonical.as_os_str().as_bytes())
+                })
+            })
             .unwrap_or(false);
     if busy {
         bail!("mount point {} is busy (something is already mounted there)", path.display());
@@ -418,7 +432,10 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
         let mut mounted = MountedVolume { image: v.name.clone(), size: v.size, trees: Vec::new() };
         let mut selections = vec![(format!("{}.files", v.name), Selection { volume: v.clone(), partition: None })];
         for p in &v.partitions {
-            selections.push((format!("{}.part{}.files", v.name, p.number), Selection { volume: v.clone(), partition: Some(p.clone()) }));
+            selections.push((
+                format!("{}.part{}.files", v.name, p.number),
+                Selection { volume: v.clone(), partition: Some(p.clone()) },
+            ));
         }
         for (dir_name, sel) in selections {
             let label = sel.label();

@@ -59,7 +59,12 @@ pub fn pick_volume<'m>(manifest: &'m Manifest, name: Option<&str>) -> Result<&'m
             .volume(n)
             .ok_or_else(|| anyhow!("snapshot {} has no volume '{n}' (it has: {})", manifest.id, names())),
         None if manifest.volumes.len() == 1 => Ok(&manifest.volumes[0]),
-        None => bail!("snapshot {} holds {} volumes ({}); choose one with --volume", manifest.id, manifest.volumes.len(), names()),
+        None => bail!(
+            "snapshot {} holds {} volumes ({}); choose one with --volume",
+            manifest.id,
+            manifest.volumes.len(),
+            names()
+        ),
     }
 }
 
@@ -86,7 +91,11 @@ fn restore_qcow2(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progre
     let partial = opts.target.with_file_name(format!(".{name}.rime-partial"));
     let _ = std::fs::remove_file(&raw);
     let result = (|| {
-        let mut summary = restore_raw(repo, &RestoreOptions { target: raw.clone(), format: TargetFormat::Raw, ..opts.clone() }, progress)?;
+        let mut summary = restore_raw(
+            repo,
+            &RestoreOptions { target: raw.clone(), format: TargetFormat::Raw, ..opts.clone() },
+            progress,
+        )?;
         let out = std::process::Command::new("qemu-img")
             .args(["convert", "-f", "raw", "-O", "qcow2"])
             .arg(&raw)

@@ -41,15 +41,16 @@ impl VerifyReport {
     }
 }
 
-pub fn verify(repo: &Repository, snapshot: Option<&str>, threads: usize, progress: &dyn Progress) -> Result<VerifyReport> {
+pub fn verify(
+    repo: &Repository,
+    snapshot: Option<&str>,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<VerifyReport> {
     let _lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
     let mut report = VerifyReport::default();
-    let problem = |kind: &str, detail: String, chunk: Option<String>, pack: Option<String>, snapshots: Vec<String>| Problem {
-        kind: kind.into(),
-        detail,
-        chunk,
-        pack,
-        snapshots,
+    let problem = |kind: &str, detail: String, chunk: Option<String>, pack: Option<String>, snapshots: Vec<String>| {
+        Problem { kind: kind.into(), detail, chunk, pack, snapshots }
     };
 
     let (manifests, bad_manifests) = repo.manifests()?;

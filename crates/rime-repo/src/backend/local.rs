@@ -28,9 +28,7 @@ impl LocalBackend {
 
 /// fsyncs a directory so that a rename or unlink inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("fsync directory {}", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("fsync directory {}", dir.display()))
 }
 
 struct LocalReader {

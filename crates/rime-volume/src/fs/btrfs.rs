@@ -23,11 +23,11 @@
 //! map then keeps every chunk whole.
 
 use super::xfs::crc32c;
+use crate::bytes::{le16, le32, le64};
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
 use std::ops::Range;
-use crate::bytes::{le16, le32, le64};
 
 const SUPER_OFFSET: u64 = 0x10000;
 const SUPER_SIZE: usize = 4096;
@@ -69,7 +69,6 @@ const INCOMPAT_METADATA_UUID: u64 = 0x400;
 /// mixed backrefs, default subvolume, mixed groups, lzo, zstd, big metadata, extended iref,
 /// raid56, skinny metadata, no holes, metadata uuid, raid1c34, simple quota.
 const KNOWN_INCOMPAT: u64 = 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800 | 0x10000;
-
 
 /// A btree key: (objectid, type, offset), ordered in that order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -124,7 +123,10 @@ impl Superblock {
         ensure!(le64(sb, 0x30) == SUPER_OFFSET, "the superblock does not know where it lives ({:#x})", le64(sb, 0x30));
         let sectorsize = le32(sb, 0x90) as u64;
         let nodesize = le32(sb, 0x94) as u64;
-        ensure!(sectorsize.is_power_of_two() && (512..=65536).contains(&sectorsize), "sector size {sectorsize} is invalid");
+        ensure!(
+            sectorsize.is_power_of_two() && (512..=65536).contains(&sectorsize),
+            "sector size {sectorsize} is invalid"
+        );
         ensure!(
             nodesize.is_power_of_two() && (4096..=65536).contains(&nodesize) && nodesize >= sectorsize,
             "node size {nodesize} is invalid"
@@ -187,13 +189,20 @@ impl Chunk {
         let flags = le64(b, 24);
         let num = le16(b, 44) as usize;
         let sub_stripes = le16(b, 46) as u64;
-        ensure!(num >= 1 && b.len() >= 48 + 32 * num, "chunk at {logical} has {num} stripes in a {} byte item", b.len());
+        ensure!(
+            num >= 1 && b.len() >= 48 + 32 * num,
+            "chunk at {logical} has {num} stripes in a {} byte item",
+            b.len()
+        );
         ensure!(
             length > 0 && length.is_multiple_of(sb.sectorsize) && logical.is_multiple_of(sb.sectorsize),
             "chunk at {logical} has invalid length {length}"
         );
         ensure!(logical.checked_add(length).is_some(), "chunk at {logical} wraps around");
-        ensure!(stripe_len.is_power_of_two() && stripe_len >= 4096, "chunk at {logical} has stripe length {stripe_len}");
+        ensure!(
+            stripe_len.is_power_of_two() && stripe_len >= 4096,
+            "chunk at {logical} has stripe length {stripe_len}"
+        );
         ensure!(flags & (BG_DATA | BG_SYSTEM | BG_METADATA) != 0, "chunk at {logical} has no type ({flags:#x})");
         let profile = flags & BG_PROFILES;
         ensure!(profile.count_ones() <= 1, "chunk at {logical} has several profiles ({flags:#x})");
@@ -212,7 +221,10 @@ impl Chunk {
         let mut stripes = Vec::with_capacity(num);
         for i in 0..num {
             let devid = le64(b, 48 + 32 * i);
-            ensure!(devid == sb.devid, "chunk at {logical} has a stripe on device {devid}: not a single-device filesystem");
+            ensure!(
+                devid == sb.devid,
+                "chunk at {logical} has a stripe on device {devid}: not a single-device filesystem"
+            );
             stripes.push(le64(b, 48 + 32 * i + 8));
         }
         let c = Chunk { logical, length, flags, stripe_len, sub_stripes, stripes };
@@ -245,7 +257,8 @@ impl Chunk {
     /// Whether a stripe is a plain copy of the chunk (`single`, `DUP`, the mirrored profiles):
     /// then physical = stripe start + (logical - chunk start).
     fn is_copy(&self) -> bool {
-        matches!(self.profile(), 0 | BG_DUP | BG_RAID1 | BG_RAID1C3 | BG_RAID1C4) || (self.profile() == BG_RAID0 && self.stripes.len() == 1)
+        matches!(self.profile(), 0 | BG_DUP | BG_RAID1 | BG_RAID1C3 | BG_RAID1C4)
+            || (self.profile() == BG_RAID0 && self.stripes.len() == 1)
     }
 
     /// Physical addresses of the copies of `[logical, logical + len)`, which must lie in this
@@ -268,7 +281,9 @@ impl Chunk {
                 let sub = self.sub_stripes.max(1);
                 let factor = self.stripes.len() as u64 / sub;
                 let first = (nr % factor) * sub;
-                Ok((0..sub).map(|j| self.stripes[(first + j) as usize] + (nr / factor) * self.stripe_len + unit_off).collect())
+                Ok((0..sub)
+                    .map(|j| self.stripes[(first + j) as usize] + (nr / factor) * self.stripe_len + unit_off)
+                    .collect())
             }
             _ => bail!("reading metadata from a RAID5/6 chunk is not supported"),
         }
@@ -290,7 +305,14 @@ impl Fs {
     }
 
     /// Reads and checks the tree block at `logical`, trying each copy until one is sound.
-    fn read_block(&self, logical: u64, level: u8, generation: u64, first_key: Option<Key>, is_root: bool) -> Result<Vec<u8>> {
+    fn read_block(
+        &self,
+        logical: u64,
+        level: u8,
+        generation: u64,
+        first_key: Option<Key>,
+        is_root: bool,
+    ) -> Result<Vec<u8>> {
         let Some(ci) = self.chunk_of(logical) else { bail!("tree block {logical} lies in no chunk") };
         let ns = self.sb.nodesize;
         ensure!(logical.is_multiple_of(self.sb.sectorsize), "tree block {logical} is misaligned");
@@ -298,7 +320,10 @@ impl Fs {
         let mut first_err = None;
         for phys in copies {
             let mut buf = vec![0u8; ns as usize];
-            let r = self.region.read_at(phys, &mut buf).and_then(|_| self.check_block(&buf, logical, level, generation, first_key, is_root));
+            let r = self
+                .region
+                .read_at(phys, &mut buf)
+                .and_then(|_| self.check_block(&buf, logical, level, generation, first_key, is_root));
             match r {
                 Ok(()) => return Ok(buf),
                 Err(e) => {
@@ -309,7 +334,15 @@ impl Fs {
         Err(first_err.expect("a chunk has at least one stripe"))
     }
 
-    fn check_block(&self, b: &[u8], logical: u64, level: u8, generation: u64, first_key: Option<Key>, is_root: bool) -> Result<()> {
+    fn check_block(
+        &self,
+        b: &[u8],
+        logical: u64,
+        level: u8,
+        generation: u64,
+        first_key: Option<Key>,
+        is_root: bool,
+    ) -> Result<()> {
         if self.sb.csum_type == 0 {
             ensure!(le32(b, 0) == crc32c(&b[0x20..]), "tree block {logical} has a bad checksum");
         }
@@ -402,7 +435,10 @@ impl Cursor {
                 let o = HEADER + leaf.slot * ITEM;
                 let key = Key::parse(&leaf.buf, o);
                 leaf.slot += 1;
-                ensure!(self.last.is_none_or(|l| l < key), "btree keys out of order at {key:?} (a loop or a misplaced block)");
+                ensure!(
+                    self.last.is_none_or(|l| l < key),
+                    "btree keys out of order at {key:?} (a loop or a misplaced block)"
+                );
                 self.last = Some(key);
                 let data = if want_data {
                     let (doff, dlen) = (le32(&leaf.buf, o + 17) as usize, le32(&leaf.buf, o + 21) as usize);
@@ -488,7 +524,10 @@ impl BtrfsMap {
         while o < a.len() {
             ensure!(o + 17 + 48 <= a.len(), "system chunk array is truncated");
             let key = Key::parse(a, o);
-            ensure!(key.kind == CHUNK_ITEM && key.objectid == FIRST_CHUNK_TREE_OBJECTID, "system chunk array holds a {key:?}");
+            ensure!(
+                key.kind == CHUNK_ITEM && key.objectid == FIRST_CHUNK_TREE_OBJECTID,
+                "system chunk array holds a {key:?}"
+            );
             let num = le16(a, o + 17 + 44) as usize;
             let len = 48 + 32 * num;
             ensure!(o + 17 + len <= a.len(), "system chunk array is truncated");
@@ -503,7 +542,8 @@ impl BtrfsMap {
         // The chunk tree: every chunk, and the device items (exactly this one device).
         let mut chunks = Vec::new();
         let mut devices = 0;
-        let mut cur = Cursor::seek(&fs, (fs.sb.chunk_root, fs.sb.chunk_root_level, fs.sb.chunk_root_generation), Key::MIN)?;
+        let mut cur =
+            Cursor::seek(&fs, (fs.sb.chunk_root, fs.sb.chunk_root_level, fs.sb.chunk_root_generation), Key::MIN)?;
         while let Some((key, data)) = cur.next(&fs, true)? {
             match key.kind {
                 CHUNK_ITEM if key.objectid == FIRST_CHUNK_TREE_OBJECTID => {
@@ -512,7 +552,11 @@ impl BtrfsMap {
                 }
                 DEV_ITEM if key.objectid == DEV_ITEMS_OBJECTID => {
                     devices += 1;
-                    ensure!(key.offset == fs.sb.devid, "the chunk tree lists device {}: not a single-device filesystem", key.offset);
+                    ensure!(
+                        key.offset == fs.sb.devid,
+                        "the chunk tree lists device {}: not a single-device filesystem",
+                        key.offset
+                    );
                 }
                 _ => {}
             }
@@ -538,7 +582,11 @@ impl BtrfsMap {
         }
 
         // The extent tree's root, from the root tree.
-        let mut cur = Cursor::seek(&fs, (fs.sb.root, fs.sb.root_level, fs.sb.generation), Key { objectid: EXTENT_TREE_OBJECTID, kind: ROOT_ITEM, offset: 0 })?;
+        let mut cur = Cursor::seek(
+            &fs,
+            (fs.sb.root, fs.sb.root_level, fs.sb.generation),
+            Key { objectid: EXTENT_TREE_OBJECTID, kind: ROOT_ITEM, offset: 0 },
+        )?;
         let item = cur.next(&fs, true)?;
         let Some((key, data)) = item.filter(|(k, _)| k.objectid == EXTENT_TREE_OBJECTID && k.kind == ROOT_ITEM) else {
             bail!("the root tree has no extent tree")
@@ -610,7 +658,8 @@ impl BtrfsMap {
         };
         if restart {
             let cursor = Cursor::seek(&self.fs, self.extent_root, Key { objectid: chunk.logical, kind: 0, offset: 0 })?;
-            let mut ec = ExtentCursor { stripe: si, cursor, pending: None, floor: chunk.logical, prev_end: chunk.logical };
+            let mut ec =
+                ExtentCursor { stripe: si, cursor, pending: None, floor: chunk.logical, prev_end: chunk.logical };
             ec.pending = next_extent(&self.fs, &mut ec, chunk_end)?;
             self.cursor = Some(ec);
         }

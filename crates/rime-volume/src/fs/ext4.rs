@@ -7,11 +7,11 @@
 //! trustworthy). Every number read from disk is range-checked before use.
 
 use super::ext4_files::Ext4Files;
+use crate::bytes::{le16, le32};
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Result};
 use std::ops::Range;
-use crate::bytes::{le16, le32};
 
 const EXT_MAGIC: u16 = 0xEF53;
 const SUPERBLOCK_OFFSET: u64 = 1024;
@@ -25,7 +25,6 @@ const RO_COMPAT_GDT_CSUM: u32 = 0x10;
 const RO_COMPAT_BIGALLOC: u32 = 0x200;
 const RO_COMPAT_METADATA_CSUM: u32 = 0x400;
 const BG_BLOCK_UNINIT: u16 = 0x2;
-
 
 /// One block group's descriptor, as stored: callers check the numbers before using them.
 #[derive(Clone, Copy, Debug)]
@@ -170,7 +169,8 @@ impl Superblock {
         if !meta_bg || g / dpb < self.first_meta_bg {
             // The table follows the primary superblock's block. With 1 KiB blocks and bigalloc
             // the first data block is 0 but the superblock still sits in block 1.
-            let sb_block = if self.first_data_block == 0 && self.block_size == 1024 { 1 } else { self.first_data_block };
+            let sb_block =
+                if self.first_data_block == 0 && self.block_size == 1024 { 1 } else { self.first_data_block };
             sb_block + 1 + g / dpb
         } else {
             let first_of_meta = (g / dpb) * dpb;

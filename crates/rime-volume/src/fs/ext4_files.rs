@@ -186,7 +186,8 @@ impl Ext4Files {
                 None
             }
         };
-        let inline_xattrs = if big && 128 + extra_isize + 4 <= raw.len() { raw[128 + extra_isize..].to_vec() } else { Vec::new() };
+        let inline_xattrs =
+            if big && 128 + extra_isize + 4 <= raw.len() { raw[128 + extra_isize..].to_vec() } else { Vec::new() };
         let blocks_lo = le32(&raw, 0x1C) as u64;
         let blocks_hi = le16(&raw, 0x74) as u64;
         Ok(Inode {
@@ -578,7 +579,8 @@ impl Ext4Files {
         // the block holding it.
         let bs = self.sb.block_size;
         let logical = 4086 / bs;
-        let Some(run) = self.runs(&inode)?.iter().copied().find(|r| (r.logical..r.logical + r.len).contains(&logical)) else {
+        let Some(run) = self.runs(&inode)?.iter().copied().find(|r| (r.logical..r.logical + r.len).contains(&logical))
+        else {
             return Ok(false);
         };
         let mut sig = [0u8; 10];
@@ -590,7 +592,11 @@ impl Ext4Files {
 /// Parses one directory block, calling `visit` for each live entry until it breaks. Only the
 /// real `.` and `..` (the first two records of the first block) are left out: any other entry
 /// with such a name is hostile and is passed on, for callers to refuse.
-fn parse_dir_block(block: &[u8], first_block: bool, visit: &mut dyn FnMut(u64, &[u8]) -> ControlFlow<()>) -> ControlFlow<()> {
+fn parse_dir_block(
+    block: &[u8],
+    first_block: bool,
+    visit: &mut dyn FnMut(u64, &[u8]) -> ControlFlow<()>,
+) -> ControlFlow<()> {
     let mut off = 0;
     let mut record = 0;
     while off + 8 <= block.len() {
@@ -648,7 +654,9 @@ mod tests {
     fn acl_converts_short_and_long_entries() {
         // ext4 ACL v1: USER_OBJ rw-, USER 1000 r--, GROUP_OBJ r--, MASK r--, OTHER ---.
         let mut v = 1u32.to_le_bytes().to_vec();
-        for (tag, perm, id) in [(0x01u16, 6u16, None), (0x02, 4, Some(1000u32)), (0x04, 4, None), (0x10, 4, None), (0x20, 0, None)] {
+        for (tag, perm, id) in
+            [(0x01u16, 6u16, None), (0x02, 4, Some(1000u32)), (0x04, 4, None), (0x10, 4, None), (0x20, 0, None)]
+        {
             v.extend_from_slice(&tag.to_le_bytes());
             v.extend_from_slice(&perm.to_le_bytes());
             if let Some(id) = id {

@@ -12,17 +12,16 @@
 //! for FAT32 (16-bit FAT size and root entry count both zero) is FAT32 whatever its cluster count,
 //! because reading its 32-bit entries as 16-bit ones would misplace every entry.
 
+use crate::bytes::{le16, le32};
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Result};
 use std::ops::Range;
-use crate::bytes::{le16, le32};
 
 /// Bytes of one FAT copy held in memory at a time (per copy).
 const WINDOW: u64 = 64 * 1024;
 /// More copies than this is nonsense (real filesystems have 1 or 2).
 const MAX_FATS: u64 = 16;
-
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FatKind {

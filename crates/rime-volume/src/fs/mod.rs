@@ -1,11 +1,11 @@
 //! Filesystem detection: picks the used-block map for a region of a volume.
 
-pub mod ext4;
-pub mod xfs;
 pub mod btrfs;
+pub mod ext4;
 pub mod ext4_files;
 pub mod fat;
 pub mod ntfs;
+pub mod xfs;
 
 use crate::device::Region;
 use crate::usedmap::{AllBlocks, UsedMap};
@@ -38,15 +38,13 @@ pub fn detect(region: &Region) -> Detected {
         match probe(region) {
             Ok(Some(map)) => return Detected { map, warning: None },
             Ok(None) => {}
-            Err(e) => {
-                return Detected {
-                    map: Box::new(AllBlocks { reason: format!("non-zero chunks (damaged {name} filesystem)") }),
-                    warning: Some(format!(
-                        "{}: {name} signature found but the filesystem looks damaged ({e:#}); imaging all non-zero blocks",
-                        region.path.display()
-                    )),
-                }
-            }
+            Err(e) => return Detected {
+                map: Box::new(AllBlocks { reason: format!("non-zero chunks (damaged {name} filesystem)") }),
+                warning: Some(format!(
+                    "{}: {name} signature found but the filesystem looks damaged ({e:#}); imaging all non-zero blocks",
+                    region.path.display()
+                )),
+            },
         }
     }
     Detected { map: Box::new(AllBlocks { reason: "non-zero chunks (no known filesystem)".into() }), warning: None }

@@ -141,7 +141,15 @@ impl NtfsGeometry {
         ensure!(mft_lcn < clusters, "MFT cluster {mft_lcn} is outside the filesystem");
         ensure!(mft_mirror_lcn < clusters, "MFT mirror cluster {mft_mirror_lcn} is outside the filesystem");
         let record_bytes = record_size(b[0x40], cluster_bytes, "MFT record")?;
-        Ok(Some(NtfsGeometry { bytes_per_sector: bps, cluster_bytes, total_sectors, clusters, mft_lcn, mft_mirror_lcn, record_bytes }))
+        Ok(Some(NtfsGeometry {
+            bytes_per_sector: bps,
+            cluster_bytes,
+            total_sectors,
+            clusters,
+            mft_lcn,
+            mft_mirror_lcn,
+            record_bytes,
+        }))
     }
 
     fn fs_bytes(&self) -> u64 {
@@ -158,12 +166,20 @@ impl NtfsGeometry {
 /// replaced by the saved originals.
 fn apply_fixups(buf: &mut [u8], magic: &[u8; 4]) -> Result<()> {
     ensure!(buf.len() >= 512 && buf.len().is_multiple_of(512), "record size {} is invalid", buf.len());
-    ensure!(&buf[0..4] == magic, "record magic is {:?}, expected {:?}", String::from_utf8_lossy(&buf[0..4]), String::from_utf8_lossy(magic));
+    ensure!(
+        &buf[0..4] == magic,
+        "record magic is {:?}, expected {:?}",
+        String::from_utf8_lossy(&buf[0..4]),
+        String::from_utf8_lossy(magic)
+    );
     let usa_off = r16(buf, 4)? as usize;
     let usa_count = r16(buf, 6)? as usize;
     let strides = buf.len() / 512;
     ensure!(usa_count == strides + 1, "update sequence array has {usa_count} entries for {strides} sectors");
-    ensure!(usa_off >= 8 && usa_off.is_multiple_of(2) && usa_off + 2 * usa_count <= 512, "update sequence array offset {usa_off} is invalid");
+    ensure!(
+        usa_off >= 8 && usa_off.is_multiple_of(2) && usa_off + 2 * usa_count <= 512,
+        "update sequence array offset {usa_off} is invalid"
+    );
     let usn = [buf[usa_off], buf[usa_off + 1]];
     for i in 0..strides {
         let p = (i + 1) * 512 - 2;
@@ -267,7 +283,10 @@ fn attributes(rec: &[u8]) -> Result<Vec<Attr<'_>>> {
             return Ok(out);
         }
         let len = r32(rec, off + 4)? as usize;
-        ensure!(len >= 0x18 && len.is_multiple_of(8) && off + len <= used, "attribute {ty:#x} at {off} has invalid length {len}");
+        ensure!(
+            len >= 0x18 && len.is_multiple_of(8) && off + len <= used,
+            "attribute {ty:#x} at {off} has invalid length {len}"
+        );
         let raw = &rec[off..off + len];
         let resident = raw[8] == 0;
         let name_len = raw[9] as usize;
@@ -327,7 +346,10 @@ fn join_extents(extents: &[&[u8]], clusters: u64, cluster_bytes: u64) -> Result<
         decode_runs(&raw[mp..], *lowest, clusters, &mut runs)?;
         let end = runs.last().map_or(0, |r| r.vcn + r.len);
         if runs.len() > before && highest != 0 {
-            ensure!(highest.checked_add(1) == Some(end), "attribute extent ends at VCN {end}, its header says {highest}");
+            ensure!(
+                highest.checked_add(1) == Some(end),
+                "attribute extent ends at VCN {end}, its header says {highest}"
+            );
         }
     }
     check_no_overlap(&runs)?;
@@ -508,7 +530,10 @@ impl NtfsMap {
                 let e = &list[off..];
                 let t = r32(e, 0)?;
                 let elen = r16(e, 4)? as usize;
-                ensure!(elen >= 0x1A && off + elen <= list.len(), "attribute list entry at {off} has invalid length {elen}");
+                ensure!(
+                    elen >= 0x1A && off + elen <= list.len(),
+                    "attribute list entry at {off} has invalid length {elen}"
+                );
                 let nlen = r8(e, 6)? as usize;
                 let noff = r8(e, 7)? as usize;
                 ensure!(noff + 2 * nlen <= elen, "attribute list entry at {off} has an invalid name");
@@ -560,7 +585,12 @@ impl NtfsMap {
             return Ok(a.value()?.to_vec());
         }
         let nr = join_extents(&[a.raw], self.geo.clusters, self.geo.cluster_bytes)?;
-        ensure!(nr.data_size <= MAX_SMALL_STREAM, "attribute {:#x} is implausibly large ({} bytes)", a.ty, nr.data_size);
+        ensure!(
+            nr.data_size <= MAX_SMALL_STREAM,
+            "attribute {:#x} is implausibly large ({} bytes)",
+            a.ty,
+            nr.data_size
+        );
         let mut v = vec![0u8; nr.data_size as usize];
         self.read_stream(&nr, 0, &mut v)?;
         Ok(v)
@@ -705,7 +735,10 @@ impl NtfsMap {
         let seq = (reference >> 48) as u16;
         let rec = self.read_record(no)?;
         let rec_seq = r16(&rec, 0x10)?;
-        ensure!(seq == 0 || seq == rec_seq, "stale directory entry: record {no} has sequence {rec_seq}, the entry {seq}");
+        ensure!(
+            seq == 0 || seq == rec_seq,
+            "stale directory entry: record {no} has sequence {rec_seq}, the entry {seq}"
+        );
         Ok(no)
     }
 }
@@ -742,7 +775,10 @@ fn scan_entries(b: &[u8], target: &[u16], found: &mut Found) -> Result<()> {
         if flags & 0x2 != 0 {
             return Ok(()); // the last entry carries no key
         }
-        ensure!(len >= 0x10 && len.is_multiple_of(8) && off + len <= b.len(), "index entry at {off} has invalid length {len}");
+        ensure!(
+            len >= 0x10 && len.is_multiple_of(8) && off + len <= b.len(),
+            "index entry at {off} has invalid length {len}"
+        );
         ensure!(0x10 + key_len <= len && key_len >= 0x42, "index entry at {off} has an invalid key");
         let key = &b[off + 0x10..off + 0x10 + key_len];
         let nlen = key[0x40] as usize;

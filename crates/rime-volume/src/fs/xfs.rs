@@ -19,11 +19,11 @@
 //!
 //! On-disk numbers are big-endian; CRCs are CRC-32C stored little-endian.
 
+use crate::bytes::{be16, be32, be64};
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
 use std::ops::Range;
-use crate::bytes::{be16, be32, be64};
 
 const SB_MAGIC: u32 = 0x5846_5342; // "XFSB"
 const AGF_MAGIC: u32 = 0x5841_4746; // "XAGF"
@@ -45,7 +45,6 @@ const BB_BLKNO: usize = 16;
 const BB_UUID: usize = 32;
 const BB_OWNER: usize = 48;
 const BB_CRC: usize = 52;
-
 
 /// Superblock facts the map needs, all range-checked.
 #[derive(Clone, Debug)]
@@ -102,7 +101,10 @@ impl Superblock {
         ensure!(incompat & !KNOWN_INCOMPAT == 0, "unknown incompatible features {:#x}", incompat & !KNOWN_INCOMPAT);
         // The header sectors (superblock, AGF, AGI, AGFL) must fit in an AG with room to spare.
         ensure!(agblocks * block_size >= 8 * sector_size && agblocks >= 8, "AG size {agblocks} blocks is too small");
-        ensure!(agblklog <= 31 && agblocks <= 1 << agblklog && agblocks > (1u64 << agblklog) >> 1, "AG block log {agblklog} does not match AG size {agblocks}");
+        ensure!(
+            agblklog <= 31 && agblocks <= 1 << agblklog && agblocks > (1u64 << agblklog) >> 1,
+            "AG block log {agblklog} does not match AG size {agblocks}"
+        );
         ensure!(agcount >= 1, "AG count is zero");
         let full = agcount.checked_mul(agblocks).context("AG count x AG size overflows")?;
         ensure!(
@@ -296,7 +298,10 @@ impl XfsMap {
         let free_blocks = be32(&b, 52);
         let longest = be32(&b, 56);
         let btreeblks = be32(&b, 60);
-        ensure!(free_blocks as u64 <= ag_len && longest <= free_blocks.max(1), "AG {ag}: free block counts are invalid");
+        ensure!(
+            free_blocks as u64 <= ag_len && longest <= free_blocks.max(1),
+            "AG {ag}: free block counts are invalid"
+        );
         ensure!(btreeblks as u64 <= ag_len, "AG {ag}: btree block count {btreeblks} is invalid");
         let mut pinned = Vec::with_capacity(6);
         pinned.push(0..hdr);
@@ -444,7 +449,14 @@ impl BnoWalk {
 
     /// Reads block `agbno` expected at `level`; `first_key`: the start block its parent's key says
     /// its first record has.
-    fn visit(&mut self, region: &Region, sb: &Superblock, agbno: u32, level: u32, first_key: Option<u32>) -> Result<()> {
+    fn visit(
+        &mut self,
+        region: &Region,
+        sb: &Superblock,
+        agbno: u32,
+        level: u32,
+        first_key: Option<u32>,
+    ) -> Result<()> {
         let ag = self.ag;
         ensure!(
             (agbno as u64) >= sb.header_blocks() && (agbno as u64) < self.ag_len,
@@ -464,7 +476,10 @@ impl BnoWalk {
                 be64(&buf, BB_BLKNO) == daddr_block * (sb.block_size / 512),
                 "AG {ag}: free-space btree block {agbno} claims to live elsewhere"
             );
-            ensure!(buf[BB_UUID..BB_UUID + 16] == sb.meta_uuid, "AG {ag}: free-space btree block {agbno} has a foreign UUID");
+            ensure!(
+                buf[BB_UUID..BB_UUID + 16] == sb.meta_uuid,
+                "AG {ag}: free-space btree block {agbno} has a foreign UUID"
+            );
             ensure!(be32(&buf, BB_OWNER) as u64 == ag, "AG {ag}: free-space btree block {agbno} belongs to another AG");
         }
         let blevel = be16(&buf, 4) as u32;
@@ -488,7 +503,10 @@ impl BnoWalk {
         }
         *slot = Some((agbno, right));
         if let Some(k) = first_key {
-            ensure!(numrecs > 0 && be32(&buf, hdr) == k, "AG {ag}: free-space btree block {agbno} does not start at its parent's key");
+            ensure!(
+                numrecs > 0 && be32(&buf, hdr) == k,
+                "AG {ag}: free-space btree block {agbno} does not start at its parent's key"
+            );
         }
         if level > 0 {
             // Keys strictly increasing.
@@ -620,18 +638,28 @@ impl Log<'_> {
         let version = be32(&h, 8);
         let len = be32(&h, 12) as u64;
         let lsn = be64(&h, 16);
-        ensure!((version == 1 || version == 2) && lsn >> 32 == cycle as u64 && lsn & 0xFFFF_FFFF == at, "log record header at block {at} is inconsistent");
+        ensure!(
+            (version == 1 || version == 2) && lsn >> 32 == cycle as u64 && lsn & 0xFFFF_FFFF == at,
+            "log record header at block {at} is inconsistent"
+        );
         ensure!(len <= 2 << 20, "log record at block {at} claims {len} bytes");
         let size = be32(&h, 320) as u64;
         let hblks = if version == 2 && size > 32768 { size.div_ceil(32768) } else { 1 };
         let dblks = len.div_ceil(BB as u64);
-        ensure!(dblks <= hblks * CYCLE_SLOTS as u64, "log record at block {at} has more blocks than its headers describe");
+        ensure!(
+            dblks <= hblks * CYCLE_SLOTS as u64,
+            "log record at block {at} has more blocks than its headers describe"
+        );
         let all = self.read(at, hblks + dblks)?;
         // Blocks past the end of the log were written with the next cycle number.
         let stamp = |k: u64| {
             if at + k >= self.bbs {
                 let c = cycle.wrapping_add(1);
-                if c == LOG_MAGIC { c.wrapping_add(1) } else { c }
+                if c == LOG_MAGIC {
+                    c.wrapping_add(1)
+                } else {
+                    c
+                }
             } else {
                 cycle
             }
@@ -646,7 +674,11 @@ impl Log<'_> {
             if be32(&data, j * BB) != stamp(hblks + j as u64) {
                 return Ok(None);
             }
-            let saved = if j < CYCLE_SLOTS { be32(&all, 44 + 4 * j) } else { be32(&all, (j / CYCLE_SLOTS) * BB + 4 + 4 * (j % CYCLE_SLOTS)) };
+            let saved = if j < CYCLE_SLOTS {
+                be32(&all, 44 + 4 * j)
+            } else {
+                be32(&all, (j / CYCLE_SLOTS) * BB + 4 + 4 * (j % CYCLE_SLOTS))
+            };
             data[j * BB..j * BB + 4].copy_from_slice(&saved.to_be_bytes());
         }
         data.truncate(len as usize);
@@ -662,7 +694,8 @@ fn log_ops(r: &LogRecord) -> Result<Vec<(u8, &[u8])>> {
         ensure!(o + 12 <= r.data.len(), "log record {:#x} is truncated", r.lsn);
         let len = be32(&r.data, o + 4) as usize;
         let flags = r.data[o + 9];
-        let end = (o + 12).checked_add(len).filter(|&e| e <= r.data.len()).context("log operation runs past its record")?;
+        let end =
+            (o + 12).checked_add(len).filter(|&e| e <= r.data.len()).context("log operation runs past its record")?;
         ops.push((flags, &r.data[o + 12..end]));
         o = end;
     }
@@ -706,7 +739,8 @@ fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
     let Some((ag, agbno, blocks)) = sb.log else {
         bail!("the log is on an external device, so whether it is clean cannot be checked")
     };
-    let log = Log { region, start: (ag * sb.agblocks + agbno) * sb.block_size, bbs: blocks * sb.block_size / BB as u64 };
+    let log =
+        Log { region, start: (ag * sb.agblocks + agbno) * sb.block_size, bbs: blocks * sb.block_size / BB as u64 };
     // The head: the record header with the highest sequence number.
     let mut best: Option<(u64, u64)> = None; // (lsn, block)
     let step = 2048u64; // blocks per read (1 MiB)
@@ -720,7 +754,12 @@ fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
                 continue;
             }
             let (cycle, version, lsn) = (be32(b, 4), be32(b, 8), be64(b, 16));
-            if (version == 1 || version == 2) && cycle != 0 && lsn >> 32 == cycle as u64 && lsn & 0xFFFF_FFFF == at + k as u64 && best.is_none_or(|(l, _)| lsn > l) {
+            if (version == 1 || version == 2)
+                && cycle != 0
+                && lsn >> 32 == cycle as u64
+                && lsn & 0xFFFF_FFFF == at + k as u64
+                && best.is_none_or(|(l, _)| lsn > l)
+            {
                 best = Some((lsn, at + k as u64));
             }
         }

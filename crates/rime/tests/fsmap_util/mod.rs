@@ -123,7 +123,8 @@ pub fn populate(dir: &Path, seed: u64, target: u64) {
     for d in ["docs/deep/er", "bin", "hard", "empty-dir", "many"] {
         fs::create_dir_all(dir.join(d)).unwrap();
     }
-    let text: String = (0..60_000).map(|i| format!("line {i}: the quick brown fox jumps over the lazy dog\n")).collect();
+    let text: String =
+        (0..60_000).map(|i| format!("line {i}: the quick brown fox jumps over the lazy dog\n")).collect();
     fs::write(dir.join("docs/readme.txt"), &text).unwrap();
     fs::write(dir.join("docs/notes with spaces.txt"), &text[..5000]).unwrap();
     fs::write(dir.join("docs/ünïcödé.txt"), "snow ❄ and ice\n").unwrap();
