@@ -15,7 +15,9 @@ pub enum Usage {
 }
 
 pub fn check(path: &Path) -> Usage {
-    let Ok(meta) = std::fs::metadata(path) else { return Usage::Idle };
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Usage::Idle;
+    };
     if std::os::unix::fs::FileTypeExt::is_block_device(&meta.file_type()) {
         return match device_claimed(path) {
             true => Usage::InUse(format!("{} is mounted or claimed", path.display())),
@@ -60,13 +62,19 @@ fn loop_device_backed_by(path: &Path) -> Option<String> {
 fn writer_of(dev: u64, ino: u64) -> Option<u32> {
     let me = std::process::id();
     for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if pid == me {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else { continue };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
-            let Ok(m) = std::fs::metadata(fd.path()) else { continue };
+            let Ok(m) = std::fs::metadata(fd.path()) else {
+                continue;
+            };
             if m.dev() != dev || m.ino() != ino {
                 continue;
             }

@@ -143,12 +143,16 @@ impl Reuse {
         partial: &Bitmap,
     ) -> Result<Option<Reuse>> {
         let (base, changed, prev_used) = source.changes()?;
-        let (Some(base), Some(prev_used)) = (base, prev_used) else { return Ok(None) };
+        let (Some(base), Some(prev_used)) = (base, prev_used) else {
+            return Ok(None);
+        };
         let bs = source.block_size as u64;
         if !(chunk_size as u64).is_multiple_of(bs) {
             return Ok(None);
         }
-        let Ok(manifest) = repo.resolve(&base) else { return Ok(None) };
+        let Ok(manifest) = repo.resolve(&base) else {
+            return Ok(None);
+        };
         if manifest.id != base {
             return Ok(None);
         }

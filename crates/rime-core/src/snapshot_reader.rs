@@ -110,7 +110,9 @@ impl<V: Clone> Lru<V> {
             self.weight -= w;
         }
         while self.weight + weight > self.limit {
-            let Some((&t, &k)) = self.order.iter().next() else { break };
+            let Some((&t, &k)) = self.order.iter().next() else {
+                break;
+            };
             self.order.remove(&t);
             if let Some((_, _, w)) = self.map.remove(&k) {
                 self.weight -= w;

@@ -13,14 +13,10 @@
 
 use crate::{DirEntry, FileTree, Kind, NodeId, Stat, Time, Xattr};
 use anyhow::{bail, ensure, Context, Result};
-use rime_volume::fs::ext4::Superblock;
 use rime_volume::fs::ext4_files::{Ext4Files, Inode, InodeTime, ROOT_INODE};
+use rime_volume::fs::ext4_journal::{ExtVolume, JournalState};
 use rime_volume::Region;
 use std::ops::Range;
-
-const INCOMPAT_EXTENTS: u32 = 0x40;
-const INCOMPAT_64BIT: u32 = 0x80;
-const COMPAT_HAS_JOURNAL: u32 = 0x4;
 
 pub struct ExtTree {
     files: Ext4Files,
@@ -39,26 +35,23 @@ fn time(t: InodeTime) -> Time {
 impl ExtTree {
     /// Opens the ext filesystem on `region`; `Ok(None)` when there is none.
     pub fn open(region: Region) -> Result<Option<ExtTree>> {
-        let Some(sb) = Superblock::read(&region)? else { return Ok(None) };
-        ensure!(sb.inodes_per_group > 0, "ext superblock has no inodes per group");
-        let name = if sb.incompat & (INCOMPAT_EXTENTS | INCOMPAT_64BIT) != 0 {
-            "ext4"
-        } else if sb.compat & COMPAT_HAS_JOURNAL != 0 {
-            "ext3"
-        } else {
-            "ext2"
+        let Some(vol) = ExtVolume::open(&region)? else {
+            return Ok(None);
         };
+        let sb = vol.sb.clone();
+        ensure!(sb.inodes_per_group > 0, "ext superblock has no inodes per group");
         let groups = sb.group_count();
         ensure!(groups <= 1 << 24, "ext filesystem has too many block groups ({groups})");
-        ensure!(
-            sb.blocks_count.checked_mul(sb.block_size).is_some_and(|b| b <= region.len),
-            "ext filesystem ({} blocks of {}) is larger than its volume ({} bytes)",
-            sb.blocks_count,
-            sb.block_size,
-            region.len
-        );
-        let inode_tables = sb.group_descs(&region)?.iter().map(|d| d.inode_table).collect();
-        Ok(Some(ExtTree { files: Ext4Files::new(region, sb, inode_tables), name }))
+        if let JournalState::Unreadable(why) = &vol.journal {
+            bail!(
+                "the {} journal must be replayed but cannot be read ({why}), so its files cannot be shown as a mount would",
+                sb.kind_name()
+            );
+        }
+        // What a mount shows: after journal replay when the filesystem asks for it.
+        let view = vol.mounted_view().clone();
+        let inode_tables = sb.group_descs(&view)?.iter().map(|d| d.inode_table).collect();
+        Ok(Some(ExtTree { name: sb.kind_name(), files: Ext4Files::new(view, sb, inode_tables) }))
     }
 }
 

@@ -178,7 +178,9 @@ impl NtfsTree {
     }
 
     fn read_data(&self, io: &mut RegionIo, file: &NtfsFile, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let Some(item) = file.data(io, "") else { return Ok(0) };
+        let Some(item) = file.data(io, "") else {
+            return Ok(0);
+        };
         let item = item.map_err(err)?;
         let a = item.to_attribute().map_err(err)?;
         let flags = a.flags().bits();
@@ -317,7 +319,9 @@ impl FileTree for NtfsTree {
         let mut guard = self.io.lock().unwrap_or_else(|e| e.into_inner());
         let io = &mut *guard;
         let file = self.file(io, id)?;
-        let Some(item) = file.data(io, "") else { return Ok(Vec::new()) };
+        let Some(item) = file.data(io, "") else {
+            return Ok(Vec::new());
+        };
         let item = item.map_err(err)?;
         let a = item.to_attribute().map_err(err)?;
         let len = a.value_length();

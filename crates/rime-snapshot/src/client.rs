@@ -243,7 +243,9 @@ impl SnapshotSource {
             let bs = self.block_size as u64;
             let end = offset + buf.len() as u64;
             for b in offset / bs..end.div_ceil(bs) {
-                let Some(&slot) = early.slots.get(&b) else { continue };
+                let Some(&slot) = early.slots.get(&b) else {
+                    continue;
+                };
                 let (from, to) = ((b * bs).max(offset), ((b + 1) * bs).min(end));
                 let f = early.file.as_ref().unwrap();
                 f.read_exact_at(

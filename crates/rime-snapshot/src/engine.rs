@@ -331,7 +331,9 @@ impl Engine {
     /// Saves the old contents of the protected blocks in `[offset, offset+len)`.
     fn copy_before_write(&self, offset: u64, len: u64) {
         let mut st = self.snap.lock().unwrap();
-        let SnapState::Active(snap) = &mut *st else { return };
+        let SnapState::Active(snap) = &mut *st else {
+            return;
+        };
         let (first, end) = (offset / self.bs, (offset + len).div_ceil(self.bs));
         let mut b = first;
         let mut buf = Vec::new();
@@ -398,7 +400,9 @@ impl Engine {
         {
             let mut st = self.snap.lock().unwrap();
             match &*st {
-                SnapState::Active(_) | SnapState::Waiting => bail!("a snapshot of this volume is already in progress"),
+                SnapState::Active(_) | SnapState::Waiting => {
+                    bail!("a snapshot of this volume is already in progress")
+                }
                 _ => *st = SnapState::Waiting,
             }
         }
@@ -503,7 +507,9 @@ impl Engine {
                 s.touched = Instant::now();
                 f(s)
             }
-            SnapState::Aborted { id: a, reason } if *a == id => bail!("the snapshot was aborted: {reason}"),
+            SnapState::Aborted { id: a, reason } if *a == id => {
+                bail!("the snapshot was aborted: {reason}")
+            }
             _ => bail!("snapshot {id} is not active"),
         }
     }

@@ -48,13 +48,19 @@ fn stem(volume: &Path) -> String {
 /// The servers registered on this machine that are still running.
 pub fn registrations() -> Vec<Registration> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(run_dir()) else { return out };
+    let Ok(entries) = std::fs::read_dir(run_dir()) else {
+        return out;
+    };
     for e in entries.flatten() {
         if e.path().extension().is_none_or(|x| x != "json") {
             continue;
         }
-        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-        let Ok(r) = serde_json::from_str::<Registration>(&text) else { continue };
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let Ok(r) = serde_json::from_str::<Registration>(&text) else {
+            continue;
+        };
         // SAFETY: signal 0 only checks that the process exists.
         if unsafe { libc::kill(r.pid as i32, 0) } == 0 {
             out.push(r);

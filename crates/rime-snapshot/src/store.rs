@@ -36,7 +36,9 @@ pub enum StoreError {
 impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            StoreError::Full { cap } => write!(f, "the difference store reached its cap of {cap} bytes"),
+            StoreError::Full { cap } => {
+                write!(f, "the difference store reached its cap of {cap} bytes")
+            }
             StoreError::Io(e) => write!(f, "difference store I/O error: {e}"),
         }
     }

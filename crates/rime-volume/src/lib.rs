@@ -2,6 +2,7 @@
 //! filesystems on them provide.
 
 pub mod bytes;
+pub mod checksum;
 pub mod device;
 pub mod fs;
 pub mod layout;

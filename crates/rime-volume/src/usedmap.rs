@@ -150,15 +150,8 @@ pub struct Excluding {
 }
 
 impl Excluding {
-    pub fn new(inner: Box<dyn UsedMap>, mut excluded: Vec<Range<u64>>) -> Excluding {
-        excluded.sort_by_key(|r| r.start);
-        let mut merged: Vec<Range<u64>> = Vec::new();
-        for r in excluded {
-            match merged.last_mut() {
-                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
-                _ => merged.push(r),
-            }
-        }
+    pub fn new(inner: Box<dyn UsedMap>, excluded: Vec<Range<u64>>) -> Excluding {
+        let merged = union_ranges(excluded);
         let excluded_bytes = merged.iter().map(|r| r.end - r.start).sum();
         Excluding { inner, excluded: merged, excluded_bytes }
     }
@@ -220,6 +213,20 @@ impl UsedMap for AllBlocks {
         out.push(start..start + len);
         Ok(())
     }
+}
+
+/// Sorts ranges and merges those that overlap or touch; empty ones go.
+pub fn union_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
+    ranges.retain(|r| !r.is_empty());
+    ranges.sort_unstable_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
 }
 
 /// Appends `r` to `out`, merging with the last range when they touch.

@@ -129,7 +129,9 @@ fn expected_used(img: &Path) -> Vec<Range<u64>> {
         }
     }
     for line in out.lines().map(str::trim) {
-        let Some(rest) = line.split(" key (").nth(1) else { continue };
+        let Some(rest) = line.split(" key (").nth(1) else {
+            continue;
+        };
         let f: Vec<&str> = rest.split([' ', ')']).collect();
         let len = match f[1] {
             "EXTENT_ITEM" => f[2].parse::<u64>().unwrap(),

@@ -332,7 +332,9 @@ fn archive_all(
 /// have deduplicated against it. Needs the exclusive lock; if another backup holds the shared
 /// lock, the leftovers stay for `prune`.
 fn cleanup_failed(repo: &Repository, snapshot: &SnapshotId, published: &[FinishedPack], started: Instant) {
-    let Ok(_lock) = repo.lock(LockMode::Exclusive, Duration::ZERO) else { return };
+    let Ok(_lock) = repo.lock(LockMode::Exclusive, Duration::ZERO) else {
+        return;
+    };
     let _ = repo.remove_snapshot(snapshot);
     if published.is_empty() {
         return;

@@ -195,7 +195,9 @@ impl<'a> Extractor<'a> {
             }
         };
         for x in xattrs {
-            let Ok(xname) = CString::new(x.name.clone()) else { continue };
+            let Ok(xname) = CString::new(x.name.clone()) else {
+                continue;
+            };
             let r = match fd {
                 // SAFETY: valid descriptor, NUL-terminated name, value slice.
                 Some(fd) => unsafe {

@@ -210,7 +210,9 @@ impl SnapshotFs {
 
 impl Filesystem for SnapshotFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Some(p) = self.inodes.lock().unwrap().node(parent.0) else { return reply.error(Errno::ENOENT) };
+        let Some(p) = self.inodes.lock().unwrap().node(parent.0) else {
+            return reply.error(Errno::ENOENT);
+        };
         match self.lookup_node(p, name.as_bytes()) {
             Ok(Some(node)) => {
                 let ino = self.inodes.lock().unwrap().ino(node);
@@ -284,7 +286,9 @@ impl Filesystem for SnapshotFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let Some(node) = self.inodes.lock().unwrap().node(ino.0) else { return reply.error(Errno::ENOENT) };
+        let Some(node) = self.inodes.lock().unwrap().node(ino.0) else {
+            return reply.error(Errno::ENOENT);
+        };
         // (ino, kind, name) with "." and "..".
         let mut entries: Vec<(u64, FileType, Vec<u8>)> =
             vec![(ino.0, FileType::Directory, b".".to_vec()), (ROOT, FileType::Directory, b"..".to_vec())];
@@ -373,7 +377,9 @@ impl Filesystem for SnapshotFs {
 /// Refuses mount points that do not exist, are not empty directories, or are mount points.
 fn check_mountpoint(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => anyhow::anyhow!("mount point {} does not exist", path.display()),
+        std::io::ErrorKind::NotFound => {
+            anyhow::anyhow!("mount point {} does not exist", path.display())
+        }
         _ => anyhow::anyhow!("mount point {}: {e}", path.display()),
     })?;
     if !meta.is_dir() {

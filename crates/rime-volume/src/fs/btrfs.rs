@@ -22,8 +22,8 @@
 //! (an fsync log not yet replayed) the extents it refers to are not yet in the extent tree: the
 //! map then keeps every chunk whole.
 
-use super::xfs::crc32c;
 use crate::bytes::{le16, le32, le64};
+use crate::checksum::crc32c;
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
@@ -430,7 +430,9 @@ impl Cursor {
     /// The next item: its key and (when `want_data`) a copy of its data.
     fn next(&mut self, fs: &Fs, want_data: bool) -> Result<Option<(Key, Vec<u8>)>> {
         loop {
-            let Some(leaf) = self.path.last_mut() else { return Ok(None) };
+            let Some(leaf) = self.path.last_mut() else {
+                return Ok(None);
+            };
             if leaf.slot < leaf.n {
                 let o = HEADER + leaf.slot * ITEM;
                 let key = Key::parse(&leaf.buf, o);
@@ -451,7 +453,9 @@ impl Cursor {
             // Leaf exhausted: climb to the first ancestor with a next slot, then descend leftmost.
             self.path.pop();
             loop {
-                let Some(node) = self.path.last_mut() else { return Ok(None) };
+                let Some(node) = self.path.last_mut() else {
+                    return Ok(None);
+                };
                 node.slot += 1;
                 if node.slot < node.n {
                     break;
@@ -510,7 +514,9 @@ impl BtrfsMap {
         }
         let mut raw = vec![0u8; SUPER_SIZE];
         region.read_at(SUPER_OFFSET, &mut raw)?;
-        let Some(sb) = Superblock::parse(&raw)? else { return Ok(None) };
+        let Some(sb) = Superblock::parse(&raw)? else {
+            return Ok(None);
+        };
         ensure!(
             sb.dev_total_bytes <= region.len,
             "the device holds {} bytes of btrfs, the volume only {}",
@@ -632,7 +638,9 @@ impl BtrfsMap {
         let mut cur = Cursor::seek(fs, self.extent_root, Key::MIN)?;
         let (mut prev_end, mut total) = (0u64, 0u64);
         while let Some((key, _)) = cur.next(fs, false)? {
-            let Some(ext) = extent_of(&fs.sb, &key)? else { continue };
+            let Some(ext) = extent_of(&fs.sb, &key)? else {
+                continue;
+            };
             let Some(ci) = fs.chunk_of(ext.start) else { bail!("extent {ext:?} lies in no chunk") };
             let c = &fs.chunks[ci];
             ensure!(ext.end <= c.logical + c.length, "extent {ext:?} crosses the end of its chunk");
@@ -705,7 +713,9 @@ fn next_extent(fs: &Fs, ec: &mut ExtentCursor, chunk_end: u64) -> Result<Option<
         if key.objectid >= chunk_end {
             return Ok(None);
         }
-        let Some(ext) = extent_of(&fs.sb, &key)? else { continue };
+        let Some(ext) = extent_of(&fs.sb, &key)? else {
+            continue;
+        };
         ensure!(ext.end <= chunk_end, "extent {ext:?} crosses the end of its chunk");
         ensure!(ext.start >= ec.prev_end, "extents overlap at {}", ext.start);
         ec.prev_end = ext.end;

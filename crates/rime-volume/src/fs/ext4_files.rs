@@ -176,37 +176,17 @@ impl Ext4Files {
             "inode {ino} lies outside the filesystem"
         );
         self.region.read_at(byte, &mut raw)?;
-        let big = raw.len() > 128;
-        let extra_isize = if big { le16(&raw, 0x80) as usize } else { 0 };
-        // Fields past the 128-byte core exist when i_extra_isize covers them.
-        let extra = |off: usize| -> Option<u32> {
-            if big && 128 + extra_isize >= off + 4 && off + 4 <= raw.len() {
-                Some(le32(&raw, off))
-            } else {
-                None
-            }
-        };
-        let inline_xattrs =
-            if big && 128 + extra_isize + 4 <= raw.len() { raw[128 + extra_isize..].to_vec() } else { Vec::new() };
-        let blocks_lo = le32(&raw, 0x1C) as u64;
-        let blocks_hi = le16(&raw, 0x74) as u64;
-        Ok(Inode {
-            ino,
-            mode: le16(&raw, 0),
-            uid: le16(&raw, 2) as u32 | (le16(&raw, 0x78) as u32) << 16,
-            gid: le16(&raw, 0x18) as u32 | (le16(&raw, 0x7A) as u32) << 16,
-            size: le32(&raw, 4) as u64 | (le32(&raw, 0x6C) as u64) << 32,
-            links: le16(&raw, 0x1A),
-            flags: le32(&raw, 0x20),
-            blocks: blocks_lo | blocks_hi << 32,
-            file_acl: le32(&raw, 0x68) as u64 | (le16(&raw, 0x76) as u64) << 32,
-            atime: time(le32(&raw, 0x08), extra(0x8C)),
-            ctime: time(le32(&raw, 0x0C), extra(0x84)),
-            mtime: time(le32(&raw, 0x10), extra(0x88)),
-            crtime: extra(0x90).map(|s| time(s, extra(0x94))),
-            block: raw[0x28..0x28 + 60].try_into().unwrap(),
-            inline_xattrs,
-        })
+        Ok(parse_inode(ino, &raw))
+    }
+
+    /// The region the filesystem is read from.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// Inode table block of group `g`.
+    pub fn inode_table(&self, g: usize) -> Option<u64> {
+        self.inode_tables.get(g).copied()
     }
 
     /// The data runs of an inode, sorted by logical block, non-overlapping (sparse holes are
@@ -216,9 +196,23 @@ impl Ext4Files {
         if let Some(r) = self.runs.lock().unwrap().get(&inode.ino) {
             return Ok(r.clone());
         }
+        let runs = self.block_map(inode, &mut |_| {})?;
+        let runs = Arc::new(runs);
+        let mut cache = self.runs.lock().unwrap();
+        if cache.len() >= RUN_CACHE {
+            cache.clear();
+        }
+        cache.insert(inode.ino, runs.clone());
+        Ok(runs)
+    }
+
+    /// The data runs of a block-mapped or extent-mapped inode, checked (inside the filesystem,
+    /// sorted by logical block, not overlapping) and uncached; `tree` is told every block of
+    /// the mapping itself (extent tree nodes, indirect blocks) as it is read.
+    pub fn block_map(&self, inode: &Inode, tree: &mut dyn FnMut(u64)) -> Result<Vec<Run>> {
         let mut runs = Vec::new();
         if inode.flags & EXTENTS_FL != 0 {
-            self.extent_node(&inode.block, MAX_EXTENT_DEPTH, &mut runs)?;
+            self.extent_node(&inode.block, MAX_EXTENT_DEPTH, &mut runs, tree)?;
         } else {
             let per = self.sb.block_size / 4;
             for (i, slot) in inode.block.chunks_exact(4).enumerate() {
@@ -228,9 +222,9 @@ impl Ext4Files {
                 }
                 match i {
                     0..=11 => runs.push(Run { logical: i as u64, physical: b, len: 1, unwritten: false }),
-                    12 => self.indirect(b, 1, 12, &mut runs)?,
-                    13 => self.indirect(b, 2, 12 + per, &mut runs)?,
-                    _ => self.indirect(b, 3, 12 + per + per * per, &mut runs)?,
+                    12 => self.indirect(b, 1, 12, &mut runs, tree)?,
+                    13 => self.indirect(b, 2, 12 + per, &mut runs, tree)?,
+                    _ => self.indirect(b, 3, 12 + per + per * per, &mut runs, tree)?,
                 }
             }
         }
@@ -245,18 +239,20 @@ impl Ext4Files {
         for w in runs.windows(2) {
             ensure!(w[0].logical + w[0].len <= w[1].logical, "inode {}: overlapping data runs", inode.ino);
         }
-        let runs = Arc::new(runs);
-        let mut cache = self.runs.lock().unwrap();
-        if cache.len() >= RUN_CACHE {
-            cache.clear();
-        }
-        cache.insert(inode.ino, runs.clone());
         Ok(runs)
     }
 
-    fn indirect(&self, block: u64, level: u32, first_logical: u64, runs: &mut Vec<Run>) -> Result<()> {
+    fn indirect(
+        &self,
+        block: u64,
+        level: u32,
+        first_logical: u64,
+        runs: &mut Vec<Run>,
+        tree: &mut dyn FnMut(u64),
+    ) -> Result<()> {
         let per = self.sb.block_size / 4;
         let data = self.block(block)?;
+        tree(block);
         let span = per.pow(level - 1);
         for (i, slot) in data.chunks_exact(4).enumerate() {
             let b = le32(slot, 0) as u64;
@@ -270,13 +266,19 @@ impl Ext4Files {
                     _ => runs.push(Run { logical, physical: b, len: 1, unwritten: false }),
                 }
             } else {
-                self.indirect(b, level - 1, logical, runs)?;
+                self.indirect(b, level - 1, logical, runs, tree)?;
             }
         }
         Ok(())
     }
 
-    fn extent_node(&self, node: &[u8], depth_budget: u32, runs: &mut Vec<Run>) -> Result<()> {
+    fn extent_node(
+        &self,
+        node: &[u8],
+        depth_budget: u32,
+        runs: &mut Vec<Run>,
+        tree: &mut dyn FnMut(u64),
+    ) -> Result<()> {
         ensure!(node.len() >= 12 && le16(node, 0) == EXTENT_MAGIC, "bad extent header");
         let entries = le16(node, 2) as usize;
         let depth = le16(node, 6) as u32;
@@ -294,13 +296,15 @@ impl Ext4Files {
             } else {
                 let child = (le16(e, 8) as u64) << 32 | le32(e, 4) as u64;
                 let block = self.block(child)?;
-                self.extent_node(&block, depth, runs)?;
+                tree(child);
+                self.extent_node(&block, depth, runs, tree)?;
             }
         }
         Ok(())
     }
 
-    fn is_fast_symlink(&self, inode: &Inode) -> bool {
+    /// Whether a symlink keeps its target in `i_block` (no data block).
+    pub fn is_fast_symlink(&self, inode: &Inode) -> bool {
         if inode.flags & (EXTENTS_FL | INLINE_DATA_FL) != 0 {
             return false;
         }
@@ -555,7 +559,9 @@ impl Ext4Files {
 
     /// The byte ranges (of the region) holding a regular file's data.
     pub fn data_extents(&self, path: &str) -> Result<Option<FileExtents>> {
-        let Some(ino) = self.resolve(path)? else { return Ok(None) };
+        let Some(ino) = self.resolve(path)? else {
+            return Ok(None);
+        };
         let inode = self.inode(ino)?;
         ensure!(inode.is_regular(), "{path} is not a regular file");
         ensure!(!inode.is_inline(), "inline-data files have no data blocks to exclude");
@@ -570,7 +576,9 @@ impl Ext4Files {
 
     /// Whether `path` is a regular file whose first page carries the Linux swap signature.
     pub fn is_swap_file(&self, path: &str) -> Result<bool> {
-        let Ok(Some(ino)) = self.resolve(path) else { return Ok(false) };
+        let Ok(Some(ino)) = self.resolve(path) else {
+            return Ok(false);
+        };
         let inode = self.inode(ino)?;
         if !inode.is_regular() || inode.size < 4096 {
             return Ok(false);
@@ -586,6 +594,41 @@ impl Ext4Files {
         let mut sig = [0u8; 10];
         self.region.read_at((run.physical + logical - run.logical) * bs + 4086 % bs, &mut sig)?;
         Ok(&sig == b"SWAPSPACE2" || &sig == b"SWAP-SPACE")
+    }
+}
+
+/// Parses an inode from its on-disk bytes (`raw` is one inode-table slot, at least 128 bytes).
+pub fn parse_inode(ino: u64, raw: &[u8]) -> Inode {
+    let big = raw.len() > 128;
+    let extra_isize = if big { le16(raw, 0x80) as usize } else { 0 };
+    // Fields past the 128-byte core exist when i_extra_isize covers them.
+    let extra = |off: usize| -> Option<u32> {
+        if big && 128 + extra_isize >= off + 4 && off + 4 <= raw.len() {
+            Some(le32(raw, off))
+        } else {
+            None
+        }
+    };
+    let inline_xattrs =
+        if big && 128 + extra_isize + 4 <= raw.len() { raw[128 + extra_isize..].to_vec() } else { Vec::new() };
+    let blocks_lo = le32(raw, 0x1C) as u64;
+    let blocks_hi = le16(raw, 0x74) as u64;
+    Inode {
+        ino,
+        mode: le16(raw, 0),
+        uid: le16(raw, 2) as u32 | (le16(raw, 0x78) as u32) << 16,
+        gid: le16(raw, 0x18) as u32 | (le16(raw, 0x7A) as u32) << 16,
+        size: le32(raw, 4) as u64 | (le32(raw, 0x6C) as u64) << 32,
+        links: le16(raw, 0x1A),
+        flags: le32(raw, 0x20),
+        blocks: blocks_lo | blocks_hi << 32,
+        file_acl: le32(raw, 0x68) as u64 | (le16(raw, 0x76) as u64) << 32,
+        atime: time(le32(raw, 0x08), extra(0x8C)),
+        ctime: time(le32(raw, 0x0C), extra(0x84)),
+        mtime: time(le32(raw, 0x10), extra(0x88)),
+        crtime: extra(0x90).map(|s| time(s, extra(0x94))),
+        block: raw[0x28..0x28 + 60].try_into().unwrap(),
+        inline_xattrs,
     }
 }
 

@@ -193,7 +193,9 @@ impl FatMap {
         }
         let mut boot = vec![0u8; 512];
         region.read_at(0, &mut boot)?;
-        let Some(geo) = FatGeometry::parse(&boot, region.len)? else { return Ok(None) };
+        let Some(geo) = FatGeometry::parse(&boot, region.len)? else {
+            return Ok(None);
+        };
         let free_hint = if geo.kind == FatKind::Fat32 { Self::fsinfo_free(region, &boot, &geo) } else { None };
         let windows = vec![None; geo.fat_count as usize];
         Ok(Some(FatMap { region: region.clone(), geo, free_hint, windows }))

@@ -2,8 +2,11 @@
 
 pub mod btrfs;
 pub mod ext4;
+pub mod ext4_audit;
 pub mod ext4_files;
+pub mod ext4_journal;
 pub mod fat;
+pub mod jbd2;
 pub mod ntfs;
 pub mod xfs;
 
@@ -38,13 +41,15 @@ pub fn detect(region: &Region) -> Detected {
         match probe(region) {
             Ok(Some(map)) => return Detected { map, warning: None },
             Ok(None) => {}
-            Err(e) => return Detected {
-                map: Box::new(AllBlocks { reason: format!("non-zero chunks (damaged {name} filesystem)") }),
-                warning: Some(format!(
+            Err(e) => {
+                return Detected {
+                    map: Box::new(AllBlocks { reason: format!("non-zero chunks (damaged {name} filesystem)") }),
+                    warning: Some(format!(
                     "{}: {name} signature found but the filesystem looks damaged ({e:#}); imaging all non-zero blocks",
                     region.path.display()
                 )),
-            },
+                }
+            }
         }
     }
     Detected { map: Box::new(AllBlocks { reason: "non-zero chunks (no known filesystem)".into() }), warning: None }

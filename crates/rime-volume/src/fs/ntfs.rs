@@ -386,7 +386,9 @@ impl NtfsMap {
         }
         let mut boot = vec![0u8; 512];
         region.read_at(0, &mut boot)?;
-        let Some(geo) = NtfsGeometry::parse(&boot, region.len)? else { return Ok(None) };
+        let Some(geo) = NtfsGeometry::parse(&boot, region.len)? else {
+            return Ok(None);
+        };
         let region = region.clone();
         let rb = geo.record_bytes;
 
@@ -753,7 +755,9 @@ struct Found {
 fn fold(name: &[u16]) -> Vec<u16> {
     name.iter()
         .map(|&u| {
-            let Some(c) = char::from_u32(u as u32) else { return u };
+            let Some(c) = char::from_u32(u as u32) else {
+                return u;
+            };
             let mut up = c.to_uppercase();
             match (up.next(), up.next()) {
                 (Some(x), None) if (x as u32) <= 0xFFFF => x as u32 as u16,

@@ -20,6 +20,7 @@
 //! On-disk numbers are big-endian; CRCs are CRC-32C stored little-endian.
 
 use crate::bytes::{be16, be32, be64};
+use crate::checksum::crc32c_skipping;
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
@@ -222,7 +223,9 @@ impl XfsMap {
         ensure!(region.len >= sectsize, "the volume is smaller than one XFS sector");
         let mut raw = vec![0u8; sectsize as usize];
         region.read_at(0, &mut raw)?;
-        let Some(sb) = Superblock::parse(&raw)? else { return Ok(None) };
+        let Some(sb) = Superblock::parse(&raw)? else {
+            return Ok(None);
+        };
         let fs_bytes = sb.dblocks.checked_mul(sb.block_size).context("filesystem size overflows")?;
         ensure!(
             fs_bytes <= region.len,
@@ -765,8 +768,12 @@ fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
         }
         at += n;
     }
-    let Some((_, head_at)) = best else { return Ok(LogState::Dirty("no log record found".into())) };
-    let Some(last) = log.record(head_at)? else { return Ok(LogState::Dirty("the last log record is torn".into())) };
+    let Some((_, head_at)) = best else {
+        return Ok(LogState::Dirty("no log record found".into()));
+    };
+    let Some(last) = log.record(head_at)? else {
+        return Ok(LogState::Dirty("the last log record is torn".into()));
+    };
     if last.tail == last.lsn && last.num_ops == 1 && log_ops(&last)?[0].0 & XLOG_UNMOUNT_TRANS != 0 {
         return Ok(LogState::Clean);
     }
@@ -775,7 +782,9 @@ fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
     for _ in 0..MAX_COVERING_RECORDS {
         let at = lsn & 0xFFFF_FFFF;
         ensure!(at < log.bbs, "log tail {lsn:#x} lies outside the log");
-        let Some(r) = log.record(at)? else { return Ok(LogState::Dirty(format!("log record at block {at} is torn"))) };
+        let Some(r) = log.record(at)? else {
+            return Ok(LogState::Dirty(format!("log record at block {at} is torn")));
+        };
         if r.lsn != lsn {
             return Ok(LogState::Dirty(format!("the log tail {lsn:#x} holds record {:#x}", r.lsn)));
         }
@@ -790,83 +799,4 @@ fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
         lsn = cycle << 32 | (next % log.bbs);
     }
     Ok(LogState::Dirty(format!("more than {MAX_COVERING_RECORDS} log records await replay")))
-}
-
-// ---------------------------------------------------------------------------------------------
-// CRC-32C (Castagnoli), as XFS v5 and btrfs use it.
-// ---------------------------------------------------------------------------------------------
-
-/// CRC-32C of `data` (initial value !0, final inversion): the checksum XFS v5 metadata and
-/// btrfs (csum type 0) store little-endian.
-pub(crate) fn crc32c(data: &[u8]) -> u32 {
-    !crc32c_update(!0, data)
-}
-
-/// CRC-32C of `buf` with the four bytes at `hole` taken as zero (where the checksum lives).
-fn crc32c_skipping(buf: &[u8], hole: usize) -> u32 {
-    let c = crc32c_update(!0, &buf[..hole]);
-    let c = crc32c_update(c, &[0; 4]);
-    !crc32c_update(c, &buf[hole + 4..])
-}
-
-fn crc32c_update(crc: u32, data: &[u8]) -> u32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("sse4.2") {
-        // SAFETY: the CPU supports SSE4.2, checked just above.
-        return unsafe { crc32c_sse42(crc, data) };
-    }
-    let mut c = crc;
-    for &b in data {
-        c = CRC32C_TABLE[((c ^ b as u32) & 0xFF) as usize] ^ (c >> 8);
-    }
-    c
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse4.2")]
-unsafe fn crc32c_sse42(crc: u32, data: &[u8]) -> u32 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
-    let mut words = data.chunks_exact(8);
-    let mut c = crc as u64;
-    for w in &mut words {
-        c = _mm_crc32_u64(c, u64::from_le_bytes(w.try_into().unwrap()));
-    }
-    let mut c = c as u32;
-    for &b in words.remainder() {
-        c = _mm_crc32_u8(c, b);
-    }
-    c
-}
-
-const CRC32C_TABLE: [u32; 256] = {
-    let mut t = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
-            k += 1;
-        }
-        t[i] = c;
-        i += 1;
-    }
-    t
-};
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crc32c_known_values() {
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        assert_eq!(crc32c(b""), 0);
-        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
-        let mut soft = !0u32;
-        for &b in &data {
-            soft = CRC32C_TABLE[((soft ^ b as u32) & 0xFF) as usize] ^ (soft >> 8);
-        }
-        assert_eq!(!soft, crc32c(&data));
-    }
 }

@@ -196,7 +196,9 @@ pub fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
-            let Ok(m) = fs::symlink_metadata(e.path()) else { continue };
+            let Ok(m) = fs::symlink_metadata(e.path()) else {
+                continue;
+            };
             if m.is_dir() {
                 total += dir_bytes(&e.path());
             } else if m.is_file() {
@@ -213,7 +215,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     if let Ok(entries) = fs::read_dir(dir) {
         for e in entries.flatten() {
             let p = e.path();
-            let Ok(m) = fs::symlink_metadata(&p) else { continue };
+            let Ok(m) = fs::symlink_metadata(&p) else {
+                continue;
+            };
             if m.is_dir() {
                 out.extend(files_under(&p));
             } else if m.is_file() {
