@@ -493,6 +493,7 @@ impl Ext4Map {
         let mut readings = Vec::new();
         let mut extra = Vec::new();
         let mut unreadable = None;
+        let mut warnings = Vec::new();
         match &vol.journal {
             JournalState::Clean => readings.push(Reading::new(region, &sb, true)?),
             JournalState::Replay { replay, replayed, kernel_replays, .. } => {
@@ -502,6 +503,12 @@ impl Ext4Map {
                 readings.push(Reading::new(first, &sb, true)?);
                 readings.push(Reading::new(second, &sb, false)?);
                 extra = replay.written_ranges();
+                if let Some(tid) = replay.failed_commit {
+                    warnings.push(format!(
+                        "journal transaction {tid} fails its checksum: the kernel will not mount this filesystem \
+                         until e2fsck replays the journal up to it, as the map does"
+                    ));
+                }
             }
             JournalState::Unreadable(why) => {
                 unreadable = Some(why.clone());
@@ -548,7 +555,7 @@ impl Ext4Map {
             unreadable_told: false,
             distrusted: BTreeMap::new(),
             audit,
-            warnings: Vec::new(),
+            warnings,
             files,
         }))
     }

@@ -22,7 +22,8 @@
 //!   superblock, in a tail of every descriptor and revoke block, in the commit block and in each
 //!   tag (16 bits in v2, 32 in v3, over the sequence and the block). A commit block that fails
 //!   its checksum ends the log before its transaction (whether it is stale data or a torn
-//!   commit). A descriptor or revoke block that fails its checksum ends the log there if the next
+//!   commit); one whose header alone still checks out is accepted by newer kernels and not by
+//!   older ones, so it is damage here: no single replay is certain. A descriptor or revoke block that fails its checksum ends the log there if the next
 //!   commit is older than the last good one (stale data from an earlier use of the journal), and
 //!   is damage otherwise; so is a replayed block whose tag checksum fails, a revoke block that
 //!   overflows, or a log block outside the journal. Damage is an error: the kernel refuses to
@@ -72,6 +73,9 @@ const CRC32_CHKSUM_SIZE: u8 = 4;
 const FLAG_ESCAPE: u16 = 1;
 const FLAG_SAME_UUID: u16 = 2;
 const FLAG_LAST_TAG: u16 = 8;
+
+/// Bytes of `struct commit_header` (60, padded to the alignment of its 64-bit commit time).
+const COMMIT_HEADER: usize = 64;
 
 /// Journal blocks read in one request while scanning.
 const READ_AHEAD: u64 = 256;
@@ -400,14 +404,25 @@ impl Journal {
                         commit_ok = matches || unused;
                         crc_v1 = Crc32Be::new();
                     }
-                    if sb.csum_v2or3() {
-                        let mut copy = buf.clone();
-                        copy[16..20].fill(0);
-                        commit_ok &= be32(&buf, 16) == crc32c_raw(self.csum_seed, &copy);
+                    if sb.csum_v2or3() && be32(&buf, 16) != commit_checksum(&buf, bs, self.csum_seed) {
+                        // Newer kernels accept a commit block whose header alone checks out
+                        // (its tail torn), older ones end the log there: the two replays
+                        // differ, so neither can be trusted to be the one that happens.
+                        ensure!(
+                            be32(&buf, 16) != commit_checksum(&buf, COMMIT_HEADER, self.csum_seed),
+                            "the commit block of transaction {next_tid} is torn after its header, which some \
+                             kernels replay and others do not"
+                        );
+                        commit_ok = false;
                     }
                     if !commit_ok {
-                        // A torn or stale commit: the log ends before this transaction (with
-                        // async commit the kernel scans on, but replays nothing more either).
+                        // The log ends before this transaction. Unless the commit is older
+                        // than the last good one (stale data), the kernel calls the journal
+                        // corrupt and refuses to mount (with async commit it scans on, but
+                        // replays nothing more either); e2fsck then replays up to here.
+                        if commit_time >= last_commit_time && sb.incompat & INCOMPAT_ASYNC_COMMIT == 0 {
+                            replay.failed_commit = Some(next_tid);
+                        }
                         break;
                     }
                     let t = std::mem::take(&mut pending);
@@ -460,6 +475,15 @@ struct Transaction {
     damage: Option<String>,
 }
 
+/// A commit block's v2/v3 checksum over its first `covered` bytes, the rest and the checksum
+/// field taken as zero (`covered` is the block size, or the header for the partial check).
+fn commit_checksum(buf: &[u8], covered: usize, seed: u32) -> u32 {
+    let mut copy = vec![0u8; buf.len()];
+    copy[..covered].copy_from_slice(&buf[..covered]);
+    copy[16..20].fill(0);
+    crc32c_raw(seed, &copy)
+}
+
 fn block_tail_ok(buf: &[u8], seed: u32) -> bool {
     let n = buf.len();
     let mut copy = buf.to_vec();
@@ -489,6 +513,9 @@ pub struct Replay {
     /// First transaction of the log, and the one after its last committed transaction.
     pub first_tid: u32,
     pub end_tid: u32,
+    /// A transaction whose commit block fails its checksum: the kernel refuses to mount until
+    /// `e2fsck` has replayed the journal up to it (which is what this replay is).
+    pub failed_commit: Option<u32>,
 }
 
 impl Replay {
@@ -499,6 +526,7 @@ impl Replay {
             transactions: 0,
             first_tid: tid,
             end_tid: tid,
+            failed_commit: None,
         }
     }
 
