@@ -26,15 +26,15 @@ pub struct Layout {
 /// Finds the layout of a volume: a GPT disk, else a filesystem, else an MBR disk, else raw
 /// data (all non-zero chunks). GPT comes first because its checksums make it unambiguous; an
 /// MBR signature is shared with FAT and NTFS boot sectors, so filesystems are tried before it.
-pub fn map_volume(volume: &Region) -> Result<Layout> {
+pub fn map_volume(volume: &Region, options: &fs::MapOptions) -> Result<Layout> {
     let table = partition::read(volume)?;
     if let Some(t) = table.as_ref().filter(|t| t.kind == partition::TableKind::Gpt) {
-        return Ok(disk_layout(volume, t));
+        return Ok(disk_layout(volume, t, options));
     }
-    let detected = fs::detect(volume);
+    let detected = fs::detect_with(volume, options);
     if detected.map.filesystem().is_none() && detected.warning.is_none() {
         if let Some(t) = table.as_ref() {
-            return Ok(disk_layout(volume, t));
+            return Ok(disk_layout(volume, t, options));
         }
     }
     Ok(Layout {
@@ -45,13 +45,13 @@ pub fn map_volume(volume: &Region) -> Result<Layout> {
     })
 }
 
-fn disk_layout(disk: &Region, table: &PartitionTable) -> Layout {
+fn disk_layout(disk: &Region, table: &PartitionTable, options: &fs::MapOptions) -> Layout {
     let mut segments = Vec::new();
     let mut partitions = Vec::new();
     let mut warnings = Vec::new();
     for p in &table.partitions {
         let region = disk.sub(p.start, p.len).expect("partition table checked against the disk");
-        let detected = fs::detect(&region);
+        let detected = fs::detect_with(&region, options);
         if let Some(w) = detected.warning {
             warnings.push(format!("partition {}: {w}", p.number));
         }

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use rime_core::commands::{backup, extract, forget, ls, mount, prune, restore, snapshots, verify};
 use rime_core::retention::Policy;
 use rime_repo::{Compression, Repository};
+use rime_volume::fs::{CrossCheck, MapOptions};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -57,6 +58,11 @@ enum Command {
         /// Cyclic backup: keep the last N snapshots of this set of volumes, prune the rest.
         #[arg(long)]
         keep_last: Option<usize>,
+        /// Check allocation records against the files using them before trusting them (ext
+        /// block bitmaps against in-use inodes, a FAT against its directories). auto: where
+        /// nothing else vouches for them (ext without metadata_csum, a FAT marked dirty).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+        cross_check: String,
     },
     /// List snapshots.
     Snapshots,
@@ -191,7 +197,7 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = rime_core::commands::init::init(&location, chunk_size)?;
             output::init(&repo, cli.json);
         }
-        Command::Backup { volumes, tags, compression, mode, all_blocks, exclude_files, keep_last } => {
+        Command::Backup { volumes, tags, compression, mode, all_blocks, exclude_files, keep_last, cross_check } => {
             let mut volumes = volumes;
             if volumes.is_empty() {
                 let sample = sample::ensure_sample_volume(&data_dir()?)?;
@@ -221,6 +227,7 @@ fn run(cli: Cli) -> Result<i32> {
                 keep_last,
                 threads,
                 host: rime_core::hostname(),
+                map_options: MapOptions { cross_check: CrossCheck::parse(&cross_check)? },
             };
             let summary = backup::backup(&repo, &opts, progress.as_ref())?;
             output::backup(&summary, cli.json);

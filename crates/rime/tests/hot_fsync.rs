@@ -47,7 +47,10 @@ fn fsynced_files_survive(mkfs: &str) {
     let v = first_volume(&backup);
     let map = v["map"].as_str().unwrap();
     assert!(map.contains("online snapshot"), "{map}");
-    assert!(map.contains("journal transaction"), "the snapshot should have caught committed changes in the journal: {map}");
+    assert!(
+        map.contains("journal transaction"),
+        "the snapshot should have caught committed changes in the journal: {map}"
+    );
     assert_eq!(backup["warnings"], serde_json::json!([]), "{map}");
     let snapshot = backup["snapshot"].as_str().unwrap().to_string();
     mnt.unmount();

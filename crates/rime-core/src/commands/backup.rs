@@ -55,6 +55,8 @@ pub struct BackupOptions {
     pub keep_last: Option<usize>,
     pub threads: usize,
     pub host: String,
+    /// How the used-block maps are made (cross-checks).
+    pub map_options: rime_volume::fs::MapOptions,
 }
 
 #[derive(Debug, Serialize)]
@@ -82,7 +84,8 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
             }
             layout::all_blocks("all blocks (--all-blocks)")
         } else {
-            layout::map_volume(&ov.volume.region()).with_context(|| format!("{}", ov.volume.path.display()))?
+            layout::map_volume(&ov.volume.region(), &opts.map_options)
+                .with_context(|| format!("{}", ov.volume.path.display()))?
         };
         for w in layout.warnings.drain(..) {
             progress.warn(&w);
@@ -119,7 +122,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     let snapshot = SnapshotId::random();
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
 
-    let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress);
+    let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress, &mut warnings);
     let entries = match result.and_then(|entries| sink.flush().map(|_| entries)) {
         Ok(entries) => entries,
         Err(e) => {
@@ -254,6 +257,7 @@ fn archive_all(
     snapshot: &SnapshotId,
     sink: &mut PackSink,
     progress: &dyn Progress,
+    warnings: &mut Vec<String>,
 ) -> Result<Vec<VolumeEntry>> {
     let chunk_size = repo.config.chunk_size;
     let mut entries = Vec::new();
@@ -287,7 +291,9 @@ fn archive_all(
         };
         progress.end();
         for w in map.take_warnings() {
-            progress.warn(&format!("{}: {w}", volume.path.display()));
+            let w = format!("{}: {w}", volume.path.display());
+            progress.warn(&w);
+            warnings.push(w);
         }
         let index_path = volume_index_path(snapshot, number);
         let digest = vidx.finish(repo.backend.as_ref(), &index_path)?;

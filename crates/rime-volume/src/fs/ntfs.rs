@@ -15,6 +15,7 @@
 //! `file_extents` resolves a path through the `$I30` directory indexes (case-insensitively, as
 //! Windows does) and returns where a file's data lives, for `--exclude-file`.
 
+use super::Untrusted;
 use crate::device::Region;
 use crate::usedmap::{push_range, FileExtent, FileExtents, SwapFile, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
@@ -436,10 +437,14 @@ impl NtfsMap {
         match map.stream(VOLUME_RECORD, &rec3, ATTR_VOLUME_INFORMATION, &[]).context("$Volume")? {
             Some(Stream::Resident(v)) => {
                 let flags = r16(&v, 0x0A).context("$VOLUME_INFORMATION")?;
-                ensure!(
-                    flags & VOLUME_IS_DIRTY == 0,
-                    "the volume is marked dirty (a check is scheduled or it was not shut down cleanly), so its $Bitmap cannot be trusted"
-                );
+                if flags & VOLUME_IS_DIRTY != 0 {
+                    return Err(Untrusted(
+                        "the volume is marked dirty (a check is scheduled or it was not shut down cleanly), so its \
+                         $Bitmap cannot be trusted"
+                            .into(),
+                    )
+                    .into());
+                }
             }
             _ => bail!("$Volume has no (resident) volume information"),
         }

@@ -19,11 +19,12 @@
 //!
 //! On-disk numbers are big-endian; CRCs are CRC-32C stored little-endian.
 
+use super::Untrusted;
 use crate::bytes::{be16, be32, be64};
 use crate::checksum::crc32c_skipping;
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::ops::Range;
 
 const SB_MAGIC: u32 = 0x5846_5342; // "XFSB"
@@ -260,10 +261,13 @@ impl XfsMap {
         map.fs_free_blocks = free;
         match log_state(&map.region, &map.sb)? {
             LogState::Clean | LogState::Covered => {}
-            LogState::Dirty(why) => bail!(
-                "the log holds metadata changes not yet written in place ({why}): the free-space btrees may be \
-                 stale until the log is replayed (mount the filesystem, or freeze it before taking a snapshot)"
-            ),
+            LogState::Dirty(why) => {
+                return Err(Untrusted(format!(
+                    "the log holds metadata changes not yet written in place ({why}): the free-space btrees may be \
+                     stale until the log is replayed (mount the filesystem, or freeze it before taking a snapshot)"
+                ))
+                .into())
+            }
         }
         Ok(Some(map))
     }
@@ -740,7 +744,9 @@ fn logs_only_the_superblock(r: &LogRecord) -> Result<bool> {
 
 fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
     let Some((ag, agbno, blocks)) = sb.log else {
-        bail!("the log is on an external device, so whether it is clean cannot be checked")
+        return Err(
+            Untrusted("the log is on an external device, so whether it is clean cannot be checked".into()).into()
+        );
     };
     let log =
         Log { region, start: (ag * sb.agblocks + agbno) * sb.block_size, bbs: blocks * sb.block_size / BB as u64 };
