@@ -4,6 +4,7 @@
 //! Needs dosfstools (mkfs.vfat, fsck.fat) and mtools.
 
 use rime_volume::fs::fat::{FatGeometry, FatKind, FatMap};
+use rime_volume::fs::{CrossCheck, MapOptions};
 use rime_volume::{UsedMap, Volume};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -361,4 +362,87 @@ fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
     }
     assert!(rejected > 0, "no corruption was ever detected");
     assert!(mapped > 0, "every corruption was rejected (FAT damage should still map)");
+}
+
+/// The first and last cluster of a file, as `mshowfat` gives its (single) run.
+fn file_clusters(img: &Path, path: &str) -> (u64, u64) {
+    let out = run("mshowfat", &["-i", s(img), path]);
+    let run = out.split('<').nth(1).and_then(|r| r.split('>').next()).expect("one cluster run");
+    let (a, b) = run.split_once('-').unwrap_or((run, run));
+    (a.trim().parse().unwrap(), b.trim().parse().unwrap())
+}
+
+/// Writes FAT entry `n` of copy `copy` (16- or 32-bit entries).
+fn set_fat_entry(img: &Path, geo: &FatGeometry, copy: u64, n: u64, value: u32) {
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    let base = geo.fat_start + copy * geo.fat_bytes;
+    match geo.kind {
+        FatKind::Fat16 => std::os::unix::fs::FileExt::write_all_at(&f, &(value as u16).to_le_bytes(), base + n * 2),
+        FatKind::Fat32 => std::os::unix::fs::FileExt::write_all_at(&f, &value.to_le_bytes(), base + n * 4),
+        FatKind::Fat12 => panic!("FAT12 entries are not written by this test"),
+    }
+    .unwrap();
+}
+
+fn covers(ranges: &[Range<u64>], r: &Range<u64>) -> bool {
+    ranges.iter().any(|u| u.start <= r.start && u.end >= r.end)
+}
+
+fn geometry(img: &Path) -> FatGeometry {
+    let mut boot = vec![0u8; 512];
+    std::os::unix::fs::FileExt::read_exact_at(&std::fs::File::open(img).unwrap(), &mut boot, 0).unwrap();
+    FatGeometry::parse(&boot, std::fs::metadata(img).unwrap().len()).unwrap().unwrap()
+}
+
+fn map_with(img: &Path, cross_check: CrossCheck) -> (Vec<Range<u64>>, Vec<String>, String) {
+    let vol = Volume::open(img, false).unwrap();
+    let mut map = FatMap::probe_with(&vol.region(), &MapOptions { cross_check }).unwrap().unwrap();
+    let ranges = walk(&mut map, vol.size);
+    (ranges, map.take_warnings(), map.describe())
+}
+
+/// A crash between writing a directory entry and its FAT entries: the entry points at clusters
+/// the FAT calls free. On a volume marked dirty the directories are walked, and the clusters
+/// they reach are imaged.
+#[test]
+fn a_dirty_fat_is_checked_against_its_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bits, size, state_byte) in [(16u32, 16 * MIB, 0x25u64), (32, 64 * MIB, 0x41)] {
+        let img = make_fat(dir.path(), &format!("dirty{bits}.img"), bits, size, None, &[]);
+        std::fs::write(dir.path().join("victim.bin"), Rng(9).bytes(100_000)).unwrap();
+        run("mcopy", &["-i", s(&img), s(&dir.path().join("victim.bin")), "::/"]);
+        let geo = geometry(&img);
+        let (first, last) = file_clusters(&img, "::/victim.bin");
+        for copy in 0..geo.fat_count {
+            for n in first..=last {
+                set_fat_entry(&img, &geo, copy, n, 0);
+            }
+        }
+        let victim = geo.cluster_range(first);
+        // Clean: the FAT is trusted as it stands, and the cluster is free by its word.
+        let (ranges, warnings, _) = map_with(&img, CrossCheck::Auto);
+        assert!(!covers(&ranges, &victim) && warnings.is_empty(), "FAT{bits}: {warnings:?}");
+        // Dirty (as Linux marks a mounted volume): the directories are checked first.
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&img).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x01], state_byte).unwrap();
+        let (ranges, warnings, described) = map_with(&img, CrossCheck::Auto);
+        assert!(covers(&ranges, &victim), "FAT{bits}: the cluster the directory entry points at must be imaged");
+        assert!(warnings.iter().any(|w| w.contains("directory entries point at") && w.contains("dirty")), "{warnings:?}");
+        assert!(described.contains("dirty"), "{described}");
+        let (ranges, _, _) = map_with(&img, CrossCheck::Never);
+        assert!(!covers(&ranges, &victim), "FAT{bits}: --cross-check never trusts the FAT");
+    }
+}
+
+/// A write torn between the FAT copies: the second copy marks a cluster the first calls free.
+#[test]
+fn fat_copies_that_disagree_are_united_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = make_fat(dir.path(), "torn.img", 16, 16 * MIB, None, &[]);
+    let geo = geometry(&img);
+    let n = geo.cluster_count; // a free cluster near the end
+    set_fat_entry(&img, &geo, 1, n, 0xFFFF);
+    let (ranges, warnings, _) = map_with(&img, CrossCheck::Auto);
+    assert!(covers(&ranges, &geo.cluster_range(n)), "a cluster any copy marks used is imaged");
+    assert!(warnings.iter().any(|w| w.contains("disagree on 1 cluster")), "{warnings:?}");
 }

@@ -7,6 +7,13 @@
 //! the range asked, through one small window per FAT copy, so memory stays bounded whatever the
 //! size of the FAT.
 //!
+//! FAT keeps no journal, and nothing checksums it. Two things make the FAT alone untrustworthy,
+//! and both are handled: copies that disagree (a write torn between FAT #1 and FAT #2) are
+//! united, with a warning; and a volume marked dirty (mounted when copied, or not unmounted
+//! cleanly: Linux's boot-sector state bit, Windows' "clean shutdown" bit in FAT entry 1) is
+//! cross-checked against its directories first (`fat_audit`), since a directory entry may point
+//! at clusters the FAT does not show yet.
+//!
 //! The FAT type follows the cluster count, as the specification says (< 4085 clusters: FAT12,
 //! < 65525: FAT16, else FAT32), with one exception taken from Linux and dosfstools: a BPB laid out
 //! for FAT32 (16-bit FAT size and root entry count both zero) is FAT32 whatever its cluster count,
@@ -17,6 +24,7 @@ use crate::bytes::{le16, le32};
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Result};
+use std::collections::BTreeSet;
 use std::ops::Range;
 
 /// Bytes of one FAT copy held in memory at a time (per copy).
@@ -184,6 +192,15 @@ pub struct FatMap {
     free_hint: Option<u64>,
     /// Per FAT copy: (window start within the copy, bytes).
     windows: Vec<Option<(u64, Vec<u8>)>>,
+    /// Why the volume counts as dirty (not unmounted cleanly), if it does.
+    dirty: Option<&'static str>,
+    /// Whether the directories are still to be checked against the FAT before mapping.
+    audit_pending: bool,
+    /// Clusters directory entries reach that no FAT copy marks used (found by the check).
+    reached: BTreeSet<u64>,
+    /// Clusters seen so far on which the FAT copies disagree (free in one, used in another).
+    disagreements: u64,
+    warnings: Vec<String>,
 }
 
 impl FatMap {
@@ -193,7 +210,7 @@ impl FatMap {
     }
 
     /// [`FatMap::probe`], with the directory cross-check as `options` say.
-    pub fn probe_with(region: &Region, _options: &MapOptions) -> Result<Option<FatMap>> {
+    pub fn probe_with(region: &Region, options: &MapOptions) -> Result<Option<FatMap>> {
         if region.len < 512 {
             return Ok(None);
         }
@@ -204,7 +221,68 @@ impl FatMap {
         };
         let free_hint = if geo.kind == FatKind::Fat32 { Self::fsinfo_free(region, &boot, &geo) } else { None };
         let windows = vec![None; geo.fat_count as usize];
-        Ok(Some(FatMap { region: region.clone(), geo, free_hint, windows }))
+        let mut map = FatMap {
+            region: region.clone(),
+            geo,
+            free_hint,
+            windows,
+            dirty: None,
+            audit_pending: false,
+            reached: BTreeSet::new(),
+            disagreements: 0,
+            warnings: Vec::new(),
+        };
+        map.dirty = map.dirty_state(&boot)?;
+        map.audit_pending = options.cross_check.wanted(map.dirty.is_some());
+        Ok(Some(map))
+    }
+
+    /// Why the volume is dirty: Linux sets a bit in the boot sector while mounted, Windows
+    /// clears the "clean shutdown" bit of FAT entry 1 (FAT16/32 only).
+    fn dirty_state(&mut self, boot: &[u8]) -> Result<Option<&'static str>> {
+        let state = boot[if self.geo.kind == FatKind::Fat32 { 0x41 } else { 0x25 }];
+        if state & 0x01 != 0 {
+            return Ok(Some("its boot sector says it is mounted or was not unmounted cleanly"));
+        }
+        let clean_bit = match self.geo.kind {
+            FatKind::Fat12 => return Ok(None),
+            FatKind::Fat16 => 0x8000,
+            FatKind::Fat32 => 0x0800_0000,
+        };
+        Ok((self.entry(0, 1)? & clean_bit == 0).then_some("its FAT says it was not shut down cleanly"))
+    }
+
+    /// The FAT12/16 root directory area.
+    pub(super) fn read_root_area(&self) -> Result<Vec<u8>> {
+        let start = self.geo.fat_start + self.geo.fat_count * self.geo.fat_bytes;
+        let mut buf = vec![0u8; (self.geo.data_start - start) as usize];
+        self.region.read_at(start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Cluster `n`'s bytes.
+    pub(super) fn read_cluster(&self, n: u64) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; self.geo.cluster_bytes as usize];
+        self.region.read_at(self.geo.cluster_range(n).start, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Runs the directory cross-check if it is pending.
+    fn run_audit(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.audit_pending) {
+            return Ok(());
+        }
+        self.reached = super::fat_audit::missing_clusters(self)?;
+        if !self.reached.is_empty() {
+            let n = self.reached.len();
+            self.warnings.push(format!(
+                "{n} cluster{} that directory entries point at {} marked free in the FAT{}; imaged too",
+                if n == 1 { "" } else { "s" },
+                if n == 1 { "is" } else { "are" },
+                self.dirty.map(|d| format!(" (the volume is dirty: {d})")).unwrap_or_default()
+            ));
+        }
+        Ok(())
     }
 
     /// The FSInfo sector's free cluster count, if the sector is there and the count plausible.
@@ -264,14 +342,28 @@ impl FatMap {
         })
     }
 
-    /// Whether cluster `n` is in use according to any FAT copy.
-    fn cluster_used(&mut self, n: u64) -> Result<bool> {
+    /// How many FAT copies mark cluster `n` in use.
+    fn copies_marking(&mut self, n: u64) -> Result<usize> {
+        let mut used = 0;
         for copy in 0..self.windows.len() {
-            if self.entry(copy, n)? != 0 {
-                return Ok(true);
-            }
+            used += usize::from(self.entry(copy, n)? != 0);
         }
-        Ok(false)
+        Ok(used)
+    }
+
+    /// Whether cluster `n` is in use according to any FAT copy.
+    pub(super) fn marked_used(&mut self, n: u64) -> Result<bool> {
+        Ok(self.copies_marking(n)? > 0)
+    }
+
+    /// Whether cluster `n` is used: marked so in any FAT copy, or reached from a directory.
+    /// Counts the clusters whose copies disagree.
+    fn cluster_used(&mut self, n: u64) -> Result<bool> {
+        let used = self.copies_marking(n)?;
+        if used > 0 && used < self.windows.len() {
+            self.disagreements += 1;
+        }
+        Ok(used > 0 || self.reached.contains(&n))
     }
 }
 
@@ -281,7 +373,31 @@ impl UsedMap for FatMap {
     }
 
     fn describe(&self) -> String {
-        format!("{} file allocation table", self.geo.kind.name())
+        let mut d = format!("{} file allocation table", self.geo.kind.name());
+        if self.geo.fat_count > 1 {
+            d.push_str(&format!(" (all {} copies)", self.geo.fat_count));
+        }
+        if self.dirty.is_some() {
+            d.push_str("; dirty");
+        }
+        if self.audit_pending || !self.reached.is_empty() {
+            d.push_str("; checked against its directories");
+        }
+        d
+    }
+
+    fn take_warnings(&mut self) -> Vec<String> {
+        let mut w = std::mem::take(&mut self.warnings);
+        if self.disagreements > 0 {
+            w.push(format!(
+                "the {} FAT copies disagree on {} cluster{}; every cluster any copy marks used was imaged",
+                self.geo.fat_count,
+                self.disagreements,
+                if self.disagreements == 1 { "" } else { "s" }
+            ));
+            self.disagreements = 0;
+        }
+        w
     }
 
     fn reported_used_bytes(&self) -> Option<u64> {
@@ -291,6 +407,7 @@ impl UsedMap for FatMap {
     fn used_ranges(&mut self, start: u64, len: u64, out: &mut Vec<Range<u64>>) -> Result<()> {
         let end = start.checked_add(len).filter(|&e| e <= self.region.len);
         let Some(end) = end else { bail!("range {start}+{len} lies outside the volume ({} bytes)", self.region.len) };
+        self.run_audit()?;
         let (data_start, data_end, cb) = (self.geo.data_start, self.geo.data_end, self.geo.cluster_bytes);
         // Reserved sectors, FATs and the FAT12/16 root directory.
         if start < data_start {

@@ -6,6 +6,7 @@ pub mod ext4_audit;
 pub mod ext4_files;
 pub mod ext4_journal;
 pub mod fat;
+pub mod fat_audit;
 pub mod jbd2;
 pub mod ntfs;
 pub mod xfs;
