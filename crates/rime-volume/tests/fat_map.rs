@@ -427,7 +427,10 @@ fn a_dirty_fat_is_checked_against_its_directories() {
         std::os::unix::fs::FileExt::write_all_at(&f, &[0x01], state_byte).unwrap();
         let (ranges, warnings, described) = map_with(&img, CrossCheck::Auto);
         assert!(covers(&ranges, &victim), "FAT{bits}: the cluster the directory entry points at must be imaged");
-        assert!(warnings.iter().any(|w| w.contains("directory entries point at") && w.contains("dirty")), "{warnings:?}");
+        assert!(
+            warnings.iter().any(|w| w.contains("directory entries point at") && w.contains("dirty")),
+            "{warnings:?}"
+        );
         assert!(described.contains("dirty"), "{described}");
         let (ranges, _, _) = map_with(&img, CrossCheck::Never);
         assert!(!covers(&ranges, &victim), "FAT{bits}: --cross-check never trusts the FAT");

@@ -461,6 +461,77 @@ fn a_dirty_volume_is_refused() {
     assert!(format!("{err:#}").contains("dirty"), "{err:#}");
 }
 
+/// Byte offset of `$LogFile`'s data: its first run, from `ntfsinfo`.
+fn logfile_offset(img: &Path) -> u64 {
+    let info = run("ntfsinfo", &["-i", "2", "-v", s(img)]);
+    let cluster: u64 = run("ntfsinfo", &["-m", s(img)])
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Cluster Size:"))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("cluster size");
+    let runs = info.split("Runlist:").nth(1).expect("$LogFile's runlist");
+    let lcn = runs.lines().nth(1).and_then(|l| l.split_whitespace().nth(1)).expect("first run");
+    u64::from_str_radix(lcn.trim_start_matches("0x"), 16).unwrap() * cluster
+}
+
+/// A restart page of 4096 bytes as Windows writes it (update sequence array applied), with a
+/// restart area naming the client list and flags.
+fn restart_page(lsn: u64, client_in_use: u16, flags: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 4096];
+    p[0..4].copy_from_slice(b"RSTR");
+    p[4..6].copy_from_slice(&0x1Eu16.to_le_bytes()); // update sequence array offset
+    p[6..8].copy_from_slice(&9u16.to_le_bytes()); // 8 sectors + 1
+    p[0x10..0x14].copy_from_slice(&4096u32.to_le_bytes()); // system page size
+    p[0x14..0x18].copy_from_slice(&4096u32.to_le_bytes()); // log page size
+    p[0x18..0x1A].copy_from_slice(&0x30u16.to_le_bytes()); // restart area offset
+    p[0x1A..0x1C].copy_from_slice(&1u16.to_le_bytes());
+    p[0x1C..0x1E].copy_from_slice(&1u16.to_le_bytes());
+    let ra = 0x30;
+    p[ra..ra + 8].copy_from_slice(&lsn.to_le_bytes());
+    p[ra + 8..ra + 10].copy_from_slice(&1u16.to_le_bytes()); // log clients
+    p[ra + 10..ra + 12].copy_from_slice(&0xFFFFu16.to_le_bytes()); // free list
+    p[ra + 12..ra + 14].copy_from_slice(&client_in_use.to_le_bytes());
+    p[ra + 14..ra + 16].copy_from_slice(&flags.to_le_bytes());
+    // Update sequence number 7: the last two bytes of each sector move into the array.
+    p[0x1E..0x20].copy_from_slice(&7u16.to_le_bytes());
+    for i in 0..8 {
+        let end = (i + 1) * 512 - 2;
+        let saved = [p[end], p[end + 1]];
+        p[0x20 + 2 * i..0x22 + 2 * i].copy_from_slice(&saved);
+        p[end..end + 2].copy_from_slice(&7u16.to_le_bytes());
+    }
+    p
+}
+
+/// A `$LogFile` that Windows has not replayed (a crash, fast-startup hibernation) makes the
+/// bitmap untrusted; an empty one (what ntfs-3g leaves) or a clean restart area does not.
+#[test]
+fn an_unclean_logfile_is_not_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = make_ntfs(dir.path(), "log.img", 16 * MIB, &[], MIB, 8);
+    let at = logfile_offset(&img);
+    let probe = || NtfsMap::probe(&Volume::open(&img, false).unwrap().region());
+    assert!(probe().unwrap().is_some(), "an empty $LogFile is clean");
+    let f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+    let write = |page: &[u8], second: bool| {
+        std::os::unix::fs::FileExt::write_all_at(&f, page, at + if second { 4096 } else { 0 }).unwrap()
+    };
+    // Clean restart areas: no client in use, or the clean flag.
+    write(&restart_page(100, 0xFFFF, 0), false);
+    write(&restart_page(90, 0, 0x2), true);
+    assert!(probe().unwrap().is_some());
+    // The newer page says a client is active and the volume not clean.
+    write(&restart_page(200, 0, 0), true);
+    let err = probe().err().expect("an unclean $LogFile is not trusted");
+    assert!(err.downcast_ref::<rime_volume::fs::Untrusted>().is_some(), "{err:#}");
+    assert!(format!("{err:#}").contains("$LogFile"), "{err:#}");
+    let d = rime_volume::fs::detect(&Volume::open(&img, false).unwrap().region());
+    assert!(d.map.filesystem().is_none() && d.warning.as_deref().is_some_and(|w| w.contains("$LogFile")));
+    // An older unclean page does not override a newer clean one.
+    write(&restart_page(50, 0, 0), true);
+    assert!(probe().unwrap().is_some());
+}
+
 #[test]
 fn damaged_filesystems_are_rejected_or_mapped_without_panics() {
     let dir = tempfile::tempdir().unwrap();

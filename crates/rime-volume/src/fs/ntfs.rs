@@ -8,7 +8,9 @@
 //!
 //! Used: every cluster whose bitmap bit is set, the boot sector, and every byte past the last
 //! cluster (the backup boot sector sits in the volume's last sector). A volume marked dirty
-//! (check scheduled, unclean shutdown) is refused: its bitmap may lag behind its allocations. Every number read from disk
+//! (check scheduled, unclean shutdown) or whose `$LogFile` is not clean (changes Windows has
+//! still to replay: a crash, or "fast startup" hibernation) is not trusted: its bitmap may lag
+//! behind its allocations. Every number read from disk
 //! — record and index sizes, attribute offsets, data run lengths and offsets — is checked before
 //! use; nonsense is an error, never a panic or a read outside the region.
 //!
@@ -38,11 +40,16 @@ const ATTR_BITMAP: u32 = 0xB0;
 const ATTR_END: u32 = 0xFFFF_FFFF;
 
 const RECORD_IN_USE: u16 = 0x1;
+/// `$LogFile` restart area: no client has the log open.
+const LOGFILE_NO_CLIENT: u16 = 0xFFFF;
+/// `$LogFile` restart area flag: the volume was left clean.
+const RESTART_VOLUME_IS_CLEAN: u16 = 0x2;
 const RECORD_IS_DIRECTORY: u16 = 0x2;
 /// $VOLUME_INFORMATION flag: a check is scheduled, or the volume was not shut down cleanly.
 const VOLUME_IS_DIRTY: u16 = 0x1;
 
 const MFT_RECORD: u64 = 0;
+const LOGFILE_RECORD: u64 = 2;
 const VOLUME_RECORD: u64 = 3;
 const ROOT_RECORD: u64 = 5;
 const BITMAP_RECORD: u64 = 6;
@@ -449,6 +456,12 @@ impl NtfsMap {
             _ => bail!("$Volume has no (resident) volume information"),
         }
 
+        // Windows logs metadata changes in $LogFile and replays them at mount: a log that is not
+        // clean (a crash, or a volume hibernated by "fast startup") leaves $Bitmap stale.
+        if let Some(why) = map.logfile_unclean()? {
+            return Err(Untrusted(format!("its $LogFile holds changes Windows has not replayed ({why})")).into());
+        }
+
         let rec6 = map.read_record(BITMAP_RECORD)?;
         ensure!(r16(&rec6, 0x16)? & RECORD_IN_USE != 0, "MFT record 6 ($Bitmap) is not in use");
         let needed = map.geo.clusters.div_ceil(8);
@@ -512,6 +525,57 @@ impl NtfsMap {
             pos += n as u64;
         }
         Ok(())
+    }
+
+    /// Why `$LogFile` is not clean, or `None` when it is: empty (all 0xFF, as Linux's ntfs-3g
+    /// and mkntfs leave it), or a restart area with no client in use or marked clean. The newer
+    /// of the two restart pages counts, as in ntfs-3g's `ntfs_check_logfile`.
+    fn logfile_unclean(&self) -> Result<Option<String>> {
+        let rec = self.read_record(LOGFILE_RECORD)?;
+        let log = match self.stream(LOGFILE_RECORD, &rec, ATTR_DATA, &[]).context("$LogFile")? {
+            Some(Stream::NonResident(nr)) => nr,
+            _ => bail!("$LogFile has no non-resident data"),
+        };
+        ensure!(log.data_size >= 2 * 4096, "$LogFile is only {} bytes", log.data_size);
+        let mut first = vec![0u8; 4096];
+        self.read_stream(&log, 0, &mut first)?;
+        if first.iter().all(|&b| b == 0xFF) {
+            return Ok(None);
+        }
+        let page_size = match &first[0..4] {
+            b"RSTR" => r32(&first, 0x10)? as u64,
+            b"CHKD" => return Ok(Some("chkdsk was interrupted while repairing it".into())),
+            _ => return Ok(Some("its first restart page is neither empty nor a restart page".into())),
+        };
+        ensure!(
+            page_size.is_power_of_two() && (512..=65536).contains(&page_size) && 2 * page_size <= log.data_size,
+            "$LogFile's restart page size {page_size} is invalid"
+        );
+        // (current LSN, clean) of each valid restart page.
+        let mut newest: Option<(u64, bool)> = None;
+        for at in [0, page_size] {
+            let mut page = vec![0u8; page_size as usize];
+            self.read_stream(&log, at, &mut page)?;
+            if apply_fixups(&mut page, b"RSTR").is_err() {
+                continue;
+            }
+            let ra = r16(&page, 0x18)? as usize;
+            if ra < 0x1E || ra + 0x30 > page.len() {
+                continue;
+            }
+            let lsn = r64(&page, ra)?;
+            let in_use = r16(&page, ra + 0x0C)?;
+            let flags = r16(&page, ra + 0x0E)?;
+            let clean = in_use == LOGFILE_NO_CLIENT || flags & RESTART_VOLUME_IS_CLEAN != 0;
+            if newest.is_none_or(|(l, _)| lsn > l) {
+                newest = Some((lsn, clean));
+            }
+        }
+        Ok(match newest {
+            None => Some("neither restart page is intact".into()),
+            Some((_, true)) => None,
+            Some((lsn, false)) => Some(format!("a client is active and the volume is not marked clean at LSN {lsn}")),
+        })
     }
 
     /// Reads MFT record `n`, fixups undone.
