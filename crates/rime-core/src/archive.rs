@@ -39,13 +39,17 @@ pub struct ArchiveStats {
 /// Receives new chunks and packs them; shared by all volumes of one backup so that chunks
 /// repeated across volumes are stored once. Full packs are finished (trailer, fsync, rename,
 /// index file) on a background thread so the pipeline never waits for the disk to sync.
+/// The background pack finisher: where full packs go, and the thread that returns what it
+/// published.
+type Finisher = (Sender<PackWriter>, std::thread::JoinHandle<(Vec<FinishedPack>, Result<()>)>);
+
 pub struct PackSink {
     backend: Arc<dyn Backend>,
     existing: Arc<ChunkIndex>,
     pack_size: u64,
     current: Option<PackWriter>,
     added: IdSet,
-    finisher: Option<(Sender<PackWriter>, std::thread::JoinHandle<(Vec<FinishedPack>, Result<()>)>)>,
+    finisher: Option<Finisher>,
     /// Packs this backup has published (complete after `flush` or `abandon`).
     pub published: Vec<FinishedPack>,
 }
@@ -319,11 +323,10 @@ fn read_chunks(
             if run_end > i {
                 read += run_bytes;
             }
-            for k in i..run_end.max(i + 1) {
+            for p in batch.iter_mut().take(run_end.max(i + 1)).skip(i) {
                 if tokens.send(()).is_err() {
                     return Ok((used, read)); // the writer stopped; its error is reported
                 }
-                let p = &mut batch[k];
                 if p.reused.is_some() {
                     used += p.ranges.iter().map(|r| r.end - r.start).sum::<u64>();
                 }

@@ -81,7 +81,7 @@ impl RestoreTarget {
         let fd = self.file.as_raw_fd();
         let done = if self.is_block_device {
             let range: [u64; 2] = [offset, len];
-            offset % 512 == 0 && len % 512 == 0
+            offset.is_multiple_of(512) && len.is_multiple_of(512)
                 // SAFETY: BLKZEROOUT reads a [u64; 2] from a valid pointer.
                 && unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) } == 0
         } else {

@@ -69,7 +69,11 @@ fn encode_entries(entries: &[PackEntry]) -> Vec<u8> {
 }
 
 fn decode_entries(table: &[u8], pack_size: Option<u64>) -> Result<Vec<PackEntry>> {
-    ensure!(table.len() % ENTRY_LEN == 0, "entry table length {} is not a multiple of {ENTRY_LEN}", table.len());
+    ensure!(
+        table.len().is_multiple_of(ENTRY_LEN),
+        "entry table length {} is not a multiple of {ENTRY_LEN}",
+        table.len()
+    );
     let entries = table.chunks_exact(ENTRY_LEN).map(PackEntry::decode).collect::<Result<Vec<_>>>()?;
     if let Some(size) = pack_size {
         for e in &entries {

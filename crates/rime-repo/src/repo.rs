@@ -29,6 +29,9 @@ fn local_root(location: &str) -> Result<PathBuf> {
     Ok(PathBuf::from(location))
 }
 
+/// A manifest that could not be read: (path, reason).
+pub type UnreadableManifest = (String, String);
+
 impl Repository {
     /// Creates a new repository; refuses a location that already holds anything.
     pub fn init(location: &str, chunk_size: u32) -> Result<Repository> {
@@ -81,7 +84,7 @@ impl Repository {
     }
 
     /// All readable manifests, oldest first, and the paths of unreadable ones with the reason.
-    pub fn manifests(&self) -> Result<(Vec<Manifest>, Vec<(String, String)>)> {
+    pub fn manifests(&self) -> Result<(Vec<Manifest>, Vec<UnreadableManifest>)> {
         let mut good = Vec::new();
         let mut bad = Vec::new();
         for path in self.backend.list("snapshots")? {

@@ -173,7 +173,7 @@ impl Volume {
             bail!("read past the end of {} ({} + {} > {})", self.path.display(), offset, len, self.size);
         }
         let dst = &mut buf.as_mut_slice()[..len];
-        if offset % ALIGN as u64 == 0 && len % ALIGN == 0 {
+        if offset.is_multiple_of(ALIGN as u64) && len.is_multiple_of(ALIGN) {
             let mut direct = self.direct.lock().unwrap();
             if let Some(file) = direct.as_ref() {
                 match FileExt::read_exact_at(file, dst, offset) {
@@ -211,7 +211,7 @@ unsafe impl Send for AlignedBuf {}
 
 impl AlignedBuf {
     pub fn new(len: usize) -> AlignedBuf {
-        assert!(len > 0 && len % ALIGN == 0);
+        assert!(len > 0 && len.is_multiple_of(ALIGN));
         let layout = std::alloc::Layout::from_size_align(len, ALIGN).expect("valid layout");
         // SAFETY: non-zero size; zeroed so the bytes are initialised.
         let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).expect("allocation");

@@ -99,9 +99,9 @@ fn run_case(case: &Case) {
     }
     // The test means something only if copies caught committed changes in flight.
     assert!(followed > 0, "{}: no copy had a journal or log to follow", case.name);
-    if case.journal.is_some() {
+    if let Some(flavour) = case.journal {
         assert!(wrapped, "{}: the journal never wrapped during the load", case.name);
-        assert!(flavour_seen, "{}: no map followed a journal with {}", case.name, case.journal.unwrap());
+        assert!(flavour_seen, "{}: no map followed a journal with {flavour}", case.name);
     }
     env.assert_verify_clean();
 }

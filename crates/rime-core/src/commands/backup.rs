@@ -122,9 +122,12 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     let snapshot = SnapshotId::random();
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
 
-    let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress, &mut warnings);
-    let entries = match result.and_then(|entries| sink.flush().map(|_| entries)) {
-        Ok(entries) => entries,
+    let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress);
+    let entries = match result.and_then(|done| sink.flush().map(|_| done)) {
+        Ok((entries, map_warnings)) => {
+            warnings.extend(map_warnings);
+            entries
+        }
         Err(e) => {
             let published = sink.abandon();
             drop(lock);
@@ -257,8 +260,8 @@ fn archive_all(
     snapshot: &SnapshotId,
     sink: &mut PackSink,
     progress: &dyn Progress,
-    warnings: &mut Vec<String>,
-) -> Result<Vec<VolumeEntry>> {
+) -> Result<(Vec<VolumeEntry>, Vec<String>)> {
+    let mut warnings = Vec::new();
     let chunk_size = repo.config.chunk_size;
     let mut entries = Vec::new();
     for (number, Planned { volume: ov, layout, excluded }) in planned.into_iter().enumerate() {
@@ -330,7 +333,7 @@ fn archive_all(
             index_digest: digest,
         });
     }
-    Ok(entries)
+    Ok((entries, warnings))
 }
 
 /// Removes what a failed backup published, so the repository is as it was. A pack is removed

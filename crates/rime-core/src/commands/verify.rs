@@ -157,7 +157,7 @@ pub fn verify(
     report.chunks_checked = chunks;
     report.bytes_checked = bytes;
     let mut found = found.into_inner().unwrap();
-    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.sort_by_key(|a| a.0);
     for (id, pack, kind, detail) in found {
         report.problems.push(problem(kind, detail, Some(id.to_hex()), Some(pack), names(&needed[&id])));
     }

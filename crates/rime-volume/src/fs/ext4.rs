@@ -179,7 +179,9 @@ impl Superblock {
         ensure!(s.blocks_count > s.first_data_block, "block count {} is invalid", s.blocks_count);
         ensure!(s.first_data_block <= 1, "first data block {} is invalid", s.first_data_block);
         ensure!(
-            s.clusters_per_group >= 8 && s.clusters_per_group % 8 == 0 && s.clusters_per_group <= 8 * block_size,
+            s.clusters_per_group >= 8
+                && s.clusters_per_group.is_multiple_of(8)
+                && s.clusters_per_group <= 8 * block_size,
             "clusters per group {} is invalid",
             s.clusters_per_group
         );
@@ -388,7 +390,7 @@ impl Superblock {
 }
 
 fn is_power_of(mut n: u64, p: u64) -> bool {
-    while n > 1 && n % p == 0 {
+    while n > 1 && n.is_multiple_of(p) {
         n /= p;
     }
     n == 1
@@ -626,7 +628,7 @@ impl Ext4Map {
         let mut c = c0;
         while c < c1 {
             let byte = bitmap[(c / 8) as usize];
-            if byte == 0 && c % 8 == 0 && c + 8 <= c1 {
+            if byte == 0 && c.is_multiple_of(8) && c + 8 <= c1 {
                 c += 8;
                 continue;
             }

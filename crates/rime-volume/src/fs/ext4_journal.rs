@@ -50,7 +50,7 @@ impl ExtVolume {
         let Some(sb) = Superblock::read(region)? else {
             return Ok(None);
         };
-        let fs_bytes = sb.blocks_count.checked_mul(sb.block_size).unwrap_or(u64::MAX);
+        let fs_bytes = sb.blocks_count.saturating_mul(sb.block_size);
         ensure!(
             fs_bytes <= region.len,
             "the filesystem ({fs_bytes} bytes) is larger than the volume ({} bytes)",
