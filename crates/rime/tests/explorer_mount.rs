@@ -9,41 +9,7 @@ mod explorer_util;
 use common::*;
 use explorer_util::*;
 use std::fs;
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
-
-/// Starts `rime mount` and waits for its "mounted" line.
-fn start_mount(env: &Env, snap: &str, dir: &Path) -> MountProcess {
-    fs::create_dir_all(dir).unwrap();
-    let mut child = rime_command()
-        .arg("--repo")
-        .arg(&env.repo)
-        .args(["mount", snap])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut proc = MountProcess { child: Some(child), dir: dir.to_path_buf() };
-    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
-        let mut c = proc.child.take().unwrap();
-        let _ = c.kill();
-        let out = c.wait_with_output().unwrap();
-        panic!("rime mount did not report being mounted: {}", String::from_utf8_lossy(&out.stderr))
-    });
-    assert!(line.starts_with("mounted snapshot"), "{line}");
-    assert!(is_mounted(dir), "{} should be a mount point", dir.display());
-    proc
-}
 
 /// Waits for the mount process to exit; returns its exit code.
 fn wait_exit(proc: &mut MountProcess, within: Duration) -> Option<i32> {
@@ -56,23 +22,6 @@ fn wait_exit(proc: &mut MountProcess, within: Duration) -> Option<i32> {
         }
         assert!(start.elapsed() < within, "rime mount did not exit within {within:?}");
         std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn loop_ro(image: &Path, dir: &Path) -> (LoopDev, Mount) {
-    let lo = LoopDev::attach_ro(image);
-    let m = Mount::new(&lo.dev, dir, &["ro"]);
-    (lo, m)
-}
-
-trait AttachRo {
-    fn attach_ro(file: &Path) -> LoopDev;
-}
-
-impl AttachRo for LoopDev {
-    fn attach_ro(file: &Path) -> LoopDev {
-        let out = sh("losetup", &["--find", "--show", "--read-only", file.to_str().unwrap()]);
-        LoopDev { dev: PathBuf::from(out.trim()) }
     }
 }
 

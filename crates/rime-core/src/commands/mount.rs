@@ -5,8 +5,11 @@
 //!   <volume>               one file per backed-up volume, as large as the volume: `mount -o
 //!                          loop,ro` it (any filesystem the kernel knows, XFS and btrfs
 //!                          included), or `losetup -P -r` it for a whole disk
+//!   <volume>.replayed      ext3/ext4 whose journal a mount would replay: the volume replayed
+//!                          and marked clean, so that `mount -o loop,ro` shows what a
+//!                          read-write mount would (a read-only mount cannot replay)
 //!   <volume>.files/        the volume's file tree, for filesystems Rime reads (ext2/3/4, FAT,
-//!                          NTFS)
+//!                          NTFS), as a mount shows it (after journal replay)
 //!   <volume>.part<N>.files/  the file tree of partition N of a whole-disk volume
 //! ```
 //!
@@ -16,7 +19,7 @@
 //! already a mount point is refused with a one-line error.
 
 use crate::explorer::{Explorer, Selection};
-use crate::snapshot_reader::{ReadStats, SnapshotReader};
+use crate::snapshot_reader::ReadStats;
 use anyhow::{bail, Context, Result};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, MountOption,
@@ -25,13 +28,15 @@ use fuser::{
 };
 use rime_explore::{FileTree, Kind, NodeId, Stat};
 use rime_repo::Repository;
+use rime_volume::fs::ext4_journal::ExtVolume;
+use rime_volume::Region;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Attributes never change (the snapshot is immutable): let the kernel cache them.
@@ -51,6 +56,8 @@ pub struct MountOptions {
 pub struct MountedVolume {
     /// File name under the mount point.
     pub image: String,
+    /// ext whose journal awaits replay: a second image, replayed and marked clean.
+    pub replayed_image: Option<String>,
     pub size: u64,
     /// Browsable trees: (directory name, filesystem).
     pub trees: Vec<(String, String)>,
@@ -100,7 +107,8 @@ impl Inodes {
 }
 
 struct SnapshotFs {
-    images: Vec<(String, Arc<SnapshotReader>)>,
+    /// Image files: name and contents.
+    images: Vec<(String, Region)>,
     trees: Vec<Tree>,
     inodes: Mutex<Inodes>,
     time: SystemTime,
@@ -178,7 +186,7 @@ impl SnapshotFs {
         let node = self.inodes.lock().unwrap().node(ino).ok_or(Errno::ENOENT)?;
         match node {
             Node::Root => Ok(self.synthetic(ino, FileType::Directory, 0, 0o555, 2 + self.trees.len() as u32)),
-            Node::Image(i) => Ok(self.synthetic(ino, FileType::RegularFile, self.images[i].1.size(), 0o444, 1)),
+            Node::Image(i) => Ok(self.synthetic(ino, FileType::RegularFile, self.images[i].1.len, 0o444, 1)),
             Node::Tree(t, id) => {
                 let st = self.trees[t].fs.stat(id).map_err(io_err)?;
                 Ok(Self::tree_attr(ino, &st))
@@ -266,7 +274,7 @@ impl Filesystem for SnapshotFs {
         match node {
             Some(Node::Image(i)) => {
                 let reader = &self.images[i].1;
-                let len = (size as u64).min(reader.size().saturating_sub(offset)) as usize;
+                let len = (size as u64).min(reader.len.saturating_sub(offset)) as usize;
                 let mut buf = vec![0u8; len];
                 match reader.read_at(offset, &mut buf) {
                     Ok(()) => reply.data(&buf),
@@ -332,7 +340,7 @@ impl Filesystem for SnapshotFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let total: u64 = self.images.iter().map(|(_, r)| r.size()).sum();
+        let total: u64 = self.images.iter().map(|(_, r)| r.len).sum();
         reply.statfs(total / 4096, 0, 0, self.inodes.lock().unwrap().nodes.len() as u64, 0, 4096, 255, 4096);
     }
 
@@ -435,7 +443,8 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
     let mut volumes = Vec::new();
     for v in &manifest.volumes {
         let reader = explorer.reader(v)?;
-        let mut mounted = MountedVolume { image: v.name.clone(), size: v.size, trees: Vec::new() };
+        let mut mounted =
+            MountedVolume { image: v.name.clone(), replayed_image: None, size: v.size, trees: Vec::new() };
         let mut selections = vec![(format!("{}.files", v.name), Selection { volume: v.clone(), partition: None })];
         for p in &v.partitions {
             selections.push((
@@ -455,7 +464,15 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
                 Err(e) => tracing::warn!("volume {label}: its filesystem cannot be browsed: {e:#}"),
             }
         }
-        images.push((v.name.clone(), reader));
+        let image = Region::from_source(reader, v.name.clone(), v.size);
+        // An ext volume whose journal a mount would replay also appears replayed and marked
+        // clean: a read-only loop mount cannot replay it, and `noload` would show it stale.
+        if let Some(replayed) = ExtVolume::open(&image).ok().flatten().and_then(|e| e.replayed_image().ok().flatten()) {
+            let name = format!("{}.replayed", v.name);
+            mounted.replayed_image = Some(name.clone());
+            images.push((name, replayed));
+        }
+        images.push((v.name.clone(), image));
         volumes.push(mounted);
     }
 

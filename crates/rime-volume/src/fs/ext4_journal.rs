@@ -14,8 +14,15 @@
 use super::ext4::Superblock;
 use super::ext4_files::Ext4Files;
 use super::jbd2::{Journal, JournalRun, Replay};
-use crate::device::Region;
+use crate::checksum::crc32c_raw;
+use crate::device::{BlockSource, Region};
 use anyhow::{ensure, Context, Result};
+use std::sync::Arc;
+
+const SUPERBLOCK_AT: u64 = 1024;
+/// Offset of `s_checksum` in the superblock.
+const SB_CSUM_AT: usize = 0x3FC;
+const INCOMPAT_RECOVER: u32 = 0x4;
 
 /// What the journal means for the filesystem's on-disk structures.
 #[derive(Clone)]
@@ -31,6 +38,8 @@ pub enum JournalState {
         kernel_replays: bool,
         /// "checksum v3", ... for messages.
         checksums: &'static str,
+        /// The journal superblock: its filesystem block, and whether it carries a checksum.
+        journal_sb: (u64, bool),
     },
     /// The filesystem needs recovery but its journal cannot be followed; the reason.
     Unreadable(String),
@@ -76,6 +85,37 @@ impl ExtVolume {
         }
     }
 
+    /// The filesystem as `e2fsck -E journal_only` would leave it: replayed, its journal empty
+    /// and `needs_recovery` cleared (checksums updated), so that a read-only mount, which cannot
+    /// replay, shows what a read-write mount would. `None` when a mount replays nothing.
+    pub fn replayed_image(&self) -> Result<Option<Region>> {
+        let JournalState::Replay { replay, replayed, kernel_replays: true, journal_sb: (jsb_block, jsb_csum), .. } =
+            &self.journal
+        else {
+            return Ok(None);
+        };
+        let mut sb = vec![0u8; 1024];
+        replayed.read_at(SUPERBLOCK_AT, &mut sb)?;
+        let incompat = u32::from_le_bytes(sb[0x60..0x64].try_into().unwrap()) & !INCOMPAT_RECOVER;
+        sb[0x60..0x64].copy_from_slice(&incompat.to_le_bytes());
+        if self.sb.has_metadata_csum() {
+            let c = crc32c_raw(!0, &sb[..SB_CSUM_AT]);
+            sb[SB_CSUM_AT..].copy_from_slice(&c.to_le_bytes());
+        }
+        let jsb_at = jsb_block * self.sb.block_size;
+        let mut jsb = vec![0u8; 1024];
+        self.raw.read_at(jsb_at, &mut jsb)?;
+        jsb[0x18..0x1C].copy_from_slice(&replay.end_tid.to_be_bytes()); // s_sequence: the next one
+        jsb[0x1C..0x20].fill(0); // s_start: the log is empty
+        if *jsb_csum {
+            jsb[0xFC..0x100].fill(0);
+            let c = crc32c_raw(!0, &jsb);
+            jsb[0xFC..0x100].copy_from_slice(&c.to_be_bytes());
+        }
+        let patched = Patched { inner: replayed.clone(), patches: vec![(SUPERBLOCK_AT, sb), (jsb_at, jsb)] };
+        Ok(Some(Region::from_source(Arc::new(patched), self.raw.path.clone(), self.raw.len)))
+    }
+
     /// One line on the journal, for the map's description; `None` when there is nothing to say.
     pub fn describe_journal(&self) -> Option<String> {
         match &self.journal {
@@ -100,11 +140,11 @@ fn journal_state(region: &Region, sb: &Superblock) -> JournalState {
     let needed = sb.needs_recovery();
     match open_replay(region, sb) {
         Ok(None) => JournalState::Clean,
-        Ok(Some((replay, replayed, checksums))) => {
+        Ok(Some(Opened { replay, replayed, checksums, journal_sb })) => {
             if replay.is_empty() && replay.transactions == 0 {
                 JournalState::Clean
             } else {
-                JournalState::Replay { replay, replayed, kernel_replays: needed, checksums }
+                JournalState::Replay { replay, replayed, kernel_replays: needed, checksums, journal_sb }
             }
         }
         // A journal that is not needed cannot hide anything from the home blocks.
@@ -113,8 +153,16 @@ fn journal_state(region: &Region, sb: &Superblock) -> JournalState {
     }
 }
 
+/// A journal read to its end.
+struct Opened {
+    replay: Replay,
+    replayed: Region,
+    checksums: &'static str,
+    journal_sb: (u64, bool),
+}
+
 /// The journal's replay and the replayed view; `Ok(None)` when the log is empty.
-fn open_replay(region: &Region, sb: &Superblock) -> Result<Option<(Replay, Region, &'static str)>> {
+fn open_replay(region: &Region, sb: &Superblock) -> Result<Option<Opened>> {
     ensure!(
         sb.journal_inum != 0,
         "the journal is on a separate device, which a backup of this volume does not include"
@@ -134,10 +182,33 @@ fn open_replay(region: &Region, sb: &Superblock) -> Result<Option<(Replay, Regio
     }
     ensure!(!sb.has_fast_commit(), "the filesystem uses fast commits, which only ext4 itself can replay");
     let checksums = journal.sb.checksum_name();
+    let journal_sb = (journal.superblock_block()?, journal.sb.has_superblock_checksum());
     let replay = journal.scan()?;
     let replayed = replay.overlay(region, sb.block_size);
     if let Some(after) = Superblock::read(&replayed)? {
         ensure!(sb.same_layout(&after), "the journal changes the filesystem's layout (an online resize in progress)");
     }
-    Ok(Some((replay, replayed, checksums)))
+    Ok(Some(Opened { replay, replayed, checksums, journal_sb }))
+}
+
+/// A region with some byte ranges replaced.
+struct Patched {
+    inner: Region,
+    /// (offset, bytes), not overlapping.
+    patches: Vec<(u64, Vec<u8>)>,
+}
+
+impl BlockSource for Patched {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(offset, buf).map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let end = offset + buf.len() as u64;
+        for (at, bytes) in &self.patches {
+            let (a, b) = ((*at).max(offset), (at + bytes.len() as u64).min(end));
+            if a < b {
+                buf[(a - offset) as usize..(b - offset) as usize]
+                    .copy_from_slice(&bytes[(a - at) as usize..(b - at) as usize]);
+            }
+        }
+        Ok(())
+    }
 }

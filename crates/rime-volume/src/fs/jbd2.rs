@@ -107,6 +107,11 @@ pub struct JournalSuperblock {
 }
 
 impl JournalSuperblock {
+    /// Whether the superblock carries a checksum (journal checksums v2 and v3).
+    pub fn has_superblock_checksum(&self) -> bool {
+        self.csum_v2or3()
+    }
+
     fn csum_v2or3(&self) -> bool {
         self.incompat & (INCOMPAT_CSUM_V2 | INCOMPAT_CSUM_V3) != 0
     }
@@ -253,6 +258,11 @@ impl Journal {
         }
         j.sb = sb;
         Ok(j)
+    }
+
+    /// The filesystem block holding the journal superblock (journal block 0).
+    pub fn superblock_block(&self) -> Result<u64> {
+        Ok(self.fs_block_of(0)?.0)
     }
 
     /// Whether the log holds transactions (`s_start` is non-zero): the kernel replays them on

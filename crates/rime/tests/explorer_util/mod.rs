@@ -4,13 +4,16 @@
 
 #![allow(dead_code)]
 
+use crate::common::{rime_command, sh, Env, LoopDev, Mount};
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::CString;
 use std::fs;
+use std::io::BufRead;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 fn c(path: &Path) -> CString {
     CString::new(path.as_os_str().as_bytes()).unwrap()
@@ -256,4 +259,52 @@ pub fn is_mounted(dir: &Path) -> bool {
         .unwrap()
         .lines()
         .any(|l| l.split(' ').nth(1) == Some(canon.to_str().unwrap()))
+}
+
+/// Starts `rime mount` and waits for its "mounted" line.
+pub fn start_mount(env: &Env, snap: &str, dir: &Path) -> MountProcess {
+    fs::create_dir_all(dir).unwrap();
+    let mut child = rime_command()
+        .arg("--repo")
+        .arg(&env.repo)
+        .args(["mount", snap])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut proc = MountProcess { child: Some(child), dir: dir.to_path_buf() };
+    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| {
+        let mut c = proc.child.take().unwrap();
+        let _ = c.kill();
+        let out = c.wait_with_output().unwrap();
+        panic!("rime mount did not report being mounted: {}", String::from_utf8_lossy(&out.stderr))
+    });
+    assert!(line.starts_with("mounted snapshot"), "{line}");
+    assert!(is_mounted(dir), "{} should be a mount point", dir.display());
+    proc
+}
+
+pub fn loop_ro(image: &Path, dir: &Path) -> (LoopDev, Mount) {
+    let lo = LoopDev::attach_ro(image);
+    let m = Mount::new(&lo.dev, dir, &["ro"]);
+    (lo, m)
+}
+
+pub trait AttachRo {
+    fn attach_ro(file: &Path) -> LoopDev;
+}
+
+impl AttachRo for LoopDev {
+    fn attach_ro(file: &Path) -> LoopDev {
+        let out = sh("losetup", &["--find", "--show", "--read-only", file.to_str().unwrap()]);
+        LoopDev { dev: PathBuf::from(out.trim()) }
+    }
 }
