@@ -664,7 +664,9 @@ impl Ext4Map {
         if self.audit != Audit::Pending {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         let missing = super::ext4_audit::missing_blocks(self)?;
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), missing = missing.ranges.len(), "inode cross-check");
         let added: u64 = missing.ranges.iter().map(|r| r.end - r.start).sum();
         if added > 0 {
             let named: Vec<String> = missing.inodes.iter().take(GROUPS_NAMED).map(|i| i.to_string()).collect();

@@ -8,9 +8,10 @@
 //! attribute block, extent tree nodes or indirect blocks, and its data, including directory
 //! blocks — is checked against the map. Blocks the map leaves out are returned, to be imaged too.
 //!
-//! Reads: the used part of every inode table (`INODE_UNINIT` groups and `bg_itable_unused`
-//! tails skipped where descriptor checksums vouch for them) in runs of up to [`TABLE_READ`]
-//! bytes, plus each inode's extent-tree or indirect blocks. Memory: one table run, the map's
+//! Reads: the used part of every inode table — up to its last inode in use, runs of up to
+//! [`TABLE_READ`] bytes that hold none skipped, and `INODE_UNINIT` groups and `bg_itable_unused`
+//! tails skipped where descriptor checksums vouch for them — plus each inode's extent-tree or
+//! indirect blocks. Memory: one table run, the map's
 //! bitmap cache, and the blocks found missing — capped at [`MAX_MISSING_RANGES`], beyond which
 //! the bitmaps are too wrong to be worth correcting and the check fails (the caller then images
 //! all non-zero blocks).
@@ -53,10 +54,19 @@ pub fn missing_blocks(map: &mut Ext4Map) -> Result<Missing> {
         region
             .read_at(d.inode_bitmap * sb.block_size, &mut inode_bitmap)
             .with_context(|| format!("inode bitmap of group {g}"))?;
-        let slots = if vouched && d.itable_unused <= ipg { ipg - d.itable_unused } else { ipg };
+        let in_use = |i: u64| inode_bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
+        // Only the table up to the last inode in use (the reserved ones count in group 0), and
+        // only the pieces of it that hold one: inodes are allocated from the front.
+        let reserved = if g == 0 { sb.first_ino.saturating_sub(1).min(ipg) } else { 0 };
+        let mut slots = if vouched && d.itable_unused <= ipg { ipg - d.itable_unused } else { ipg };
+        slots = (0..slots).rev().find(|&i| in_use(i)).map_or(0, |i| i + 1).max(reserved);
         let mut slot = 0;
         while slot < slots {
             let n = (TABLE_READ / isz).min(slots - slot);
+            if slot >= reserved && !(slot..slot + n).any(in_use) {
+                slot += n;
+                continue;
+            }
             let mut table = vec![0u8; (n * isz) as usize];
             region
                 .read_at(d.inode_table * sb.block_size + slot * isz, &mut table)
@@ -64,8 +74,7 @@ pub fn missing_blocks(map: &mut Ext4Map) -> Result<Missing> {
             for k in 0..n {
                 let i = slot + k;
                 let ino = g as u64 * ipg + i + 1;
-                let in_use = inode_bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
-                if !in_use && ino >= sb.first_ino {
+                if !in_use(i) && ino >= sb.first_ino {
                     continue;
                 }
                 let inode = parse_inode(ino, &table[(k * isz) as usize..((k + 1) * isz) as usize]);

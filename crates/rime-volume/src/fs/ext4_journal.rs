@@ -183,7 +183,15 @@ fn open_replay(region: &Region, sb: &Superblock) -> Result<Option<Opened>> {
     ensure!(!sb.has_fast_commit(), "the filesystem uses fast commits, which only ext4 itself can replay");
     let checksums = journal.sb.checksum_name();
     let journal_sb = (journal.superblock_block()?, journal.sb.has_superblock_checksum());
+    let started = std::time::Instant::now();
     let replay = journal.scan()?;
+    tracing::debug!(
+        transactions = replay.transactions,
+        blocks = replay.blocks_replayed(),
+        seconds = started.elapsed().as_secs_f64(),
+        "{}: journal read",
+        region.path.display()
+    );
     let replayed = replay.overlay(region, sb.block_size);
     if let Some(after) = Superblock::read(&replayed)? {
         ensure!(sb.same_layout(&after), "the journal changes the filesystem's layout (an online resize in progress)");
