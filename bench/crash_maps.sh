@@ -12,7 +12,9 @@
 #   sudo bench/crash_maps.sh        # prints a table; figures go to docs/PERFORMANCE.md by hand
 #
 # Environment: BENCH_WORK (default bench/work, shared with run.sh), BENCH_ROUNDS (default 5),
-# RIME (default: target/release/rime, built if missing). Needs root (loop mounts, drop_caches),
+# RIME (default: target/release/rime, built if missing), BENCH_BASELINE=REV (also time a clean,
+# unchanged backup of the benchmark volume with rime built from REV, e.g. the commit before the
+# checks, against this one). Needs root (loop mounts, drop_caches),
 # xfsprogs (the reflink host), e2fsprogs, python3.
 set -euo pipefail
 
@@ -31,6 +33,14 @@ cd "$WORK"
 # A private copy: a rebuild during the run must not change what is measured.
 cp "$RIME" "$WORK/cm-rime"
 RIME=$WORK/cm-rime
+if [[ -n ${BENCH_BASELINE:-} ]]; then
+    log "building the baseline rime $BENCH_BASELINE"
+    rm -rf "$WORK/cm-baseline-src"
+    mkdir -p "$WORK/cm-baseline-src"
+    git -C "$ROOT" archive "$BENCH_BASELINE" | tar -x -C "$WORK/cm-baseline-src"
+    (cd "$WORK/cm-baseline-src" && CARGO_TARGET_DIR=$WORK/cm-baseline-target cargo build --release -q -p rime)
+    cp "$WORK/cm-baseline-target/release/rime" "$WORK/cm-rime-baseline"
+fi
 
 cleanup() {
     for m in "$WORK"/cm-live "$WORK"/cm-host; do mountpoint -q "$m" && umount "$m"; done
@@ -59,9 +69,12 @@ backup() {
     rm -rf "$WORK/cm-repo"
     sync
     sleep 3
-    "$RIME" --repo "$WORK/cm-repo" init >/dev/null
-    timed "$RIME" --repo "$WORK/cm-repo" backup --json "$@"
+    "${BIN:-$RIME}" --repo "$WORK/cm-repo" init >/dev/null
+    timed "${BIN:-$RIME}" --repo "$WORK/cm-repo" backup --json "$@"
 }
+
+# The same with the baseline build.
+baseline_backup() { BIN=$WORK/cm-rime-baseline backup "$@"; }
 
 # ---------------------------------------------------------------------------------------------
 # The volumes
@@ -160,6 +173,9 @@ for round in $(seq "$ROUNDS"); do
     map_full=$(jq -r '.manifest.volumes[0].map' "$WORK/cm-out")
     pair always never backup --cross-check always base.img -- backup --cross-check never base.img
     pair ext3auto ext3never backup base-ext3.img -- backup --cross-check never base-ext3.img
+    if [[ -n ${BENCH_BASELINE:-} ]]; then
+        pair now before backup base.img -- baseline_backup base.img
+    fi
 done
 backup base-ext3.img >/dev/null
 map_ext3=$(jq -r '.manifest.volumes[0].map' "$WORK/cm-out")
@@ -176,6 +192,8 @@ Median of $ROUNDS rounds, wall seconds, page cache dropped before each run (rime
 | of which the journal read itself (median, s) | $(m scan) | | |
 | benchmark volume (ext4, metadata_csum): --cross-check always vs never | $(m always) | $(m never) | $(ratio always never) |
 | benchmark files on ext3: default (cross-check on) vs never | $(m ext3auto) | $(m ext3never) | $(ratio ext3auto ext3never) |
+
+$(if [[ -n ${BENCH_BASELINE:-} ]]; then echo "| clean benchmark volume (no journal to replay): this rime vs $BENCH_BASELINE | $(m now) | $(m before) | $(ratio now before) |"; fi)
 
 map of the full-journal copy: $map_full
 map of the ext3 volume: $map_ext3

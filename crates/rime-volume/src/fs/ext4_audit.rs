@@ -11,16 +11,18 @@
 //! Reads: the used part of every inode table — up to its last inode in use, runs of up to
 //! [`TABLE_READ`] bytes that hold none skipped, and `INODE_UNINIT` groups and `bg_itable_unused`
 //! tails skipped where descriptor checksums vouch for them — plus each inode's extent-tree or
-//! indirect blocks. Memory: one table run, the map's
-//! bitmap cache, and the blocks found missing — capped at [`MAX_MISSING_RANGES`], beyond which
+//! indirect blocks, by [`READERS`] threads at once. Memory: one table run per reader, the block
+//! references of one round of [`GROUPS_PER_ROUND`] groups, the map's bitmap cache, and the
+//! blocks found missing — capped at [`MAX_MISSING_RANGES`], beyond which
 //! the bitmaps are too wrong to be worth correcting and the check fails (the caller then images
 //! all non-zero blocks).
 
-use super::ext4::Ext4Map;
-use super::ext4_files::{parse_inode, Inode, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
+use super::ext4::{Ext4Map, GroupDesc, Superblock};
+use super::ext4_files::{parse_inode, Ext4Files, Inode, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG};
 use crate::usedmap::{push_range, union_ranges};
 use anyhow::{ensure, Context, Result};
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Bytes of inode table read at once.
 const TABLE_READ: u64 = 1 << 20;
@@ -28,6 +30,10 @@ const TABLE_READ: u64 = 1 << 20;
 const MAX_MISSING_RANGES: usize = 1 << 20;
 /// Inode numbers remembered for the warning.
 const INODES_KEPT: usize = 64;
+/// Threads reading groups at once.
+const READERS: usize = 4;
+/// Groups read before their blocks are checked (bounds the references held at once).
+const GROUPS_PER_ROUND: usize = 64;
 
 /// What the check found: block ranges the bitmaps leave out (sorted, merged) and some of the
 /// inodes that reference them.
@@ -37,69 +43,105 @@ pub struct Missing {
     pub inodes: Vec<u64>,
 }
 
-/// The blocks that in-use inodes reference and `map` leaves out.
+/// The blocks that in-use inodes reference and `map` leaves out. Groups are read
+/// [`READERS`] at a time (the work is waiting on reads: inode tables and indirect blocks), a
+/// round of [`GROUPS_PER_ROUND`] groups at once, and checked against the map in order.
 pub fn missing_blocks(map: &mut Ext4Map) -> Result<Missing> {
     let sb = map.superblock().clone();
     let groups = map.mount_groups().to_vec();
-    let region = map.files().region().clone();
-    let ipg = sb.inodes_per_group;
-    let isz = sb.inode_size;
     let mut found = Missing::default();
-    let mut inode_bitmap = vec![0u8; sb.block_size as usize];
-    for (g, d) in groups.iter().enumerate() {
-        let vouched = sb.has_group_desc_csum() && d.checksum_ok;
-        if vouched && d.inode_uninit() {
-            continue;
-        }
-        region
-            .read_at(d.inode_bitmap * sb.block_size, &mut inode_bitmap)
-            .with_context(|| format!("inode bitmap of group {g}"))?;
-        let in_use = |i: u64| inode_bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
-        // Only the table up to the last inode in use (the reserved ones count in group 0), and
-        // only the pieces of it that hold one: inodes are allocated from the front.
-        let reserved = if g == 0 { sb.first_ino.saturating_sub(1).min(ipg) } else { 0 };
-        let mut slots = if vouched && d.itable_unused <= ipg { ipg - d.itable_unused } else { ipg };
-        slots = (0..slots).rev().find(|&i| in_use(i)).map_or(0, |i| i + 1).max(reserved);
-        let mut slot = 0;
-        while slot < slots {
-            let n = (TABLE_READ / isz).min(slots - slot);
-            if slot >= reserved && !(slot..slot + n).any(in_use) {
-                slot += n;
-                continue;
-            }
-            let mut table = vec![0u8; (n * isz) as usize];
-            region
-                .read_at(d.inode_table * sb.block_size + slot * isz, &mut table)
-                .with_context(|| format!("inode table of group {g}"))?;
-            for k in 0..n {
-                let i = slot + k;
-                let ino = g as u64 * ipg + i + 1;
-                if !in_use(i) && ino >= sb.first_ino {
+    for (round, chunk) in groups.chunks(GROUPS_PER_ROUND).enumerate() {
+        let first = round * GROUPS_PER_ROUND;
+        let refs = {
+            let files = map.files();
+            let next = AtomicUsize::new(0);
+            let per_group: Vec<Result<Vec<(u64, Range<u64>)>>> = std::thread::scope(|s| {
+                let workers: Vec<_> = (0..READERS.min(chunk.len()))
+                    .map(|_| {
+                        s.spawn(|| {
+                            let mut out = Vec::new();
+                            loop {
+                                let i = next.fetch_add(1, Ordering::Relaxed);
+                                let Some(d) = chunk.get(i) else { break };
+                                out.push((i, group_refs(files, &sb, (first + i) as u64, d)));
+                            }
+                            out
+                        })
+                    })
+                    .collect();
+                let mut all: Vec<_> =
+                    workers.into_iter().flat_map(|w| w.join().expect("audit reader panicked")).collect();
+                all.sort_by_key(|(i, _)| *i);
+                all.into_iter().map(|(_, r)| r).collect()
+            });
+            per_group
+        };
+        for group in refs {
+            for (ino, r) in group? {
+                let missing = map.unmapped_part(r.start, r.end)?;
+                if missing.is_empty() {
                     continue;
                 }
-                let inode = parse_inode(ino, &table[(k * isz) as usize..((k + 1) * isz) as usize]);
-                for r in referenced(map, &inode).with_context(|| format!("blocks of inode {ino}"))? {
-                    let missing = map.unmapped_part(r.start, r.end)?;
-                    if missing.is_empty() {
-                        continue;
-                    }
-                    if found.inodes.len() < INODES_KEPT && found.inodes.last() != Some(&ino) {
-                        found.inodes.push(ino);
-                    }
-                    for m in missing {
-                        add(&mut found.ranges, m);
-                    }
-                    ensure!(
-                        found.ranges.len() <= MAX_MISSING_RANGES,
-                        "the block bitmaps leave out more than {MAX_MISSING_RANGES} runs of blocks that inodes use"
-                    );
+                if found.inodes.len() < INODES_KEPT && found.inodes.last() != Some(&ino) {
+                    found.inodes.push(ino);
                 }
+                for m in missing {
+                    add(&mut found.ranges, m);
+                }
+                ensure!(
+                    found.ranges.len() <= MAX_MISSING_RANGES,
+                    "the block bitmaps leave out more than {MAX_MISSING_RANGES} runs of blocks that inodes use"
+                );
             }
-            slot += n;
         }
     }
     found.ranges = union_ranges(std::mem::take(&mut found.ranges));
     Ok(found)
+}
+
+/// Every (inode, block range) that the in-use inodes of group `g` reference.
+fn group_refs(files: &Ext4Files, sb: &Superblock, g: u64, d: &GroupDesc) -> Result<Vec<(u64, Range<u64>)>> {
+    let region = files.region();
+    let (ipg, isz) = (sb.inodes_per_group, sb.inode_size);
+    let vouched = sb.has_group_desc_csum() && d.checksum_ok;
+    if vouched && d.inode_uninit() {
+        return Ok(Vec::new());
+    }
+    let mut inode_bitmap = vec![0u8; sb.block_size as usize];
+    region
+        .read_at(d.inode_bitmap * sb.block_size, &mut inode_bitmap)
+        .with_context(|| format!("inode bitmap of group {g}"))?;
+    let in_use = |i: u64| inode_bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0;
+    // Only the table up to the last inode in use (the reserved ones count in group 0), and only
+    // the pieces of it that hold one: inodes are allocated from the front.
+    let reserved = if g == 0 { sb.first_ino.saturating_sub(1).min(ipg) } else { 0 };
+    let mut slots = if vouched && d.itable_unused <= ipg { ipg - d.itable_unused } else { ipg };
+    slots = (0..slots).rev().find(|&i| in_use(i)).map_or(0, |i| i + 1).max(reserved);
+    let mut out = Vec::new();
+    let mut slot = 0;
+    while slot < slots {
+        let n = (TABLE_READ / isz).min(slots - slot);
+        if slot >= reserved && !(slot..slot + n).any(in_use) {
+            slot += n;
+            continue;
+        }
+        let mut table = vec![0u8; (n * isz) as usize];
+        region
+            .read_at(d.inode_table * sb.block_size + slot * isz, &mut table)
+            .with_context(|| format!("inode table of group {g}"))?;
+        for k in 0..n {
+            let i = slot + k;
+            let ino = g * ipg + i + 1;
+            if !in_use(i) && ino >= sb.first_ino {
+                continue;
+            }
+            let inode = parse_inode(ino, &table[(k * isz) as usize..((k + 1) * isz) as usize]);
+            let refs = referenced(files, sb, &inode).with_context(|| format!("blocks of inode {ino}"))?;
+            out.extend(refs.into_iter().map(|r| (ino, r)));
+        }
+        slot += n;
+    }
+    Ok(out)
 }
 
 /// Appends `r`, merging with the last range when it continues it (runs mostly come in order).
@@ -113,8 +155,7 @@ fn add(ranges: &mut Vec<Range<u64>>, r: Range<u64>) {
 /// Block ranges an inode references: its attribute block, the blocks of its mapping (extent
 /// tree or indirect blocks) and its data. Devices, FIFOs, sockets, fast symlinks and inline data
 /// reference none. Reserved inodes (below `first_ino`) with no mode are read when they hold blocks.
-fn referenced(map: &Ext4Map, inode: &Inode) -> Result<Vec<Range<u64>>> {
-    let files = map.files();
+fn referenced(files: &Ext4Files, sb: &Superblock, inode: &Inode) -> Result<Vec<Range<u64>>> {
     let mut out = Vec::new();
     if inode.file_acl != 0 {
         out.push(inode.file_acl..inode.file_acl + 1);
@@ -123,7 +164,7 @@ fn referenced(map: &Ext4Map, inode: &Inode) -> Result<Vec<Range<u64>>> {
     let maps_blocks = match t {
         S_IFREG | S_IFDIR => true,
         S_IFLNK => !files.is_fast_symlink(inode),
-        0 => inode.ino < map.superblock().first_ino && inode.blocks > 0,
+        0 => inode.ino < sb.first_ino && inode.blocks > 0,
         _ => false,
     };
     if maps_blocks && !inode.is_inline() {
