@@ -55,7 +55,7 @@ pub fn missing_blocks(map: &mut Ext4Map) -> Result<Missing> {
         let refs = {
             let files = map.files();
             let next = AtomicUsize::new(0);
-            let per_group: Vec<Result<Vec<(u64, Range<u64>)>>> = std::thread::scope(|s| {
+            let per_group: Vec<Result<References>> = std::thread::scope(|s| {
                 let workers: Vec<_> = (0..READERS.min(chunk.len()))
                     .map(|_| {
                         s.spawn(|| {
@@ -99,8 +99,11 @@ pub fn missing_blocks(map: &mut Ext4Map) -> Result<Missing> {
     Ok(found)
 }
 
+/// Block ranges in-use inodes reference, each with its inode number.
+type References = Vec<(u64, Range<u64>)>;
+
 /// Every (inode, block range) that the in-use inodes of group `g` reference.
-fn group_refs(files: &Ext4Files, sb: &Superblock, g: u64, d: &GroupDesc) -> Result<Vec<(u64, Range<u64>)>> {
+fn group_refs(files: &Ext4Files, sb: &Superblock, g: u64, d: &GroupDesc) -> Result<References> {
     let region = files.region();
     let (ipg, isz) = (sb.inodes_per_group, sb.inode_size);
     let vouched = sb.has_group_desc_csum() && d.checksum_ok;
