@@ -138,9 +138,13 @@ impl Volume {
             Err(e) => return Err(e).with_context(|| format!("cannot open volume {}", path.display())),
         };
         let size = file.seek(SeekFrom::End(0)).with_context(|| format!("size of {}", path.display()))?;
+        // This descriptor serves the filesystem maps' metadata reads (bitmaps, inode tables,
+        // journals, indirect blocks: small or already large requests at scattered places); bulk
+        // data goes through the O_DIRECT one. Read-ahead here would only fetch blocks nobody asked
+        // for, in the background, competing with the bulk reads.
         // SAFETY: advisory hint on an owned descriptor; failure is harmless.
         unsafe {
-            libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_SEQUENTIAL);
+            libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_RANDOM);
         }
         let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
         Ok(Volume {
