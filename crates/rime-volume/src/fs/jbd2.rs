@@ -20,14 +20,18 @@
 //! - Checksums: v1 (`COMPAT_CHECKSUM`) is a CRC-32/BE over the transaction's descriptor and data
 //!   blocks, kept in the commit block; v2/v3 are CRC-32C seeded from the journal UUID, in the
 //!   superblock, in a tail of every descriptor and revoke block, in the commit block and in each
-//!   tag (16 bits in v2, 32 in v3, over the sequence and the block). A commit block that fails
-//!   its checksum ends the log before its transaction (whether it is stale data or a torn
-//!   commit); one whose header alone still checks out is accepted by newer kernels and not by
-//!   older ones, so it is damage here: no single replay is certain. A descriptor or revoke block that fails its checksum ends the log there if the next
-//!   commit is older than the last good one (stale data from an earlier use of the journal), and
-//!   is damage otherwise; so is a replayed block whose tag checksum fails, a revoke block that
-//!   overflows, or a log block outside the journal. Damage is an error: the kernel refuses to
-//!   mount such a filesystem, and the caller must not trust its on-disk maps either.
+//!   tag (16 bits in v2, 32 in v3, over the sequence and the block).
+//! - A commit block that fails its checksum ends the log before its transaction. If it is older
+//!   than the last good commit it is stale data from an earlier use of the journal; otherwise the
+//!   kernel calls the journal corrupt and will not mount until `e2fsck` has replayed the log up
+//!   to there, which is what the replay then describes ([`Replay::failed_commit`]). One whose
+//!   header alone still checks out (its tail torn) is accepted by newer kernels and not by older
+//!   ones: no single replay is certain, so that is damage.
+//! - A descriptor or revoke block that fails its checksum ends the log there if the next commit
+//!   is older than the last good one (stale data), and is damage otherwise; so is a replayed
+//!   block whose tag checksum fails, a revoke block that overflows, or a log block outside the
+//!   journal. Damage is an error: the kernel refuses to recover such a journal, and the caller
+//!   must not trust the filesystem's on-disk maps either.
 //! - A revoke record in transaction R cancels the copies of that block in transactions up to
 //!   and including R (sequence numbers compare modulo 2^32).
 //!
