@@ -110,47 +110,6 @@ fn exclusions_reach_into_partitions_of_a_disk() {
     });
 }
 
-/// An ntfs-3g FUSE mount (the kernel here has no NTFS driver), unmounted on drop.
-struct NtfsMount(std::path::PathBuf);
-
-impl NtfsMount {
-    fn new(img: &Path, dir: &Path, read_only: bool) -> NtfsMount {
-        std::fs::create_dir_all(dir).unwrap();
-        let mut args = vec![img.to_str().unwrap(), dir.to_str().unwrap()];
-        if read_only {
-            args.extend(["-o", "ro"]);
-        }
-        sh("ntfs-3g", &args);
-        NtfsMount(dir.to_path_buf())
-    }
-}
-
-impl Drop for NtfsMount {
-    fn drop(&mut self) {
-        let mut unmounted = false;
-        for _ in 0..50 {
-            if std::process::Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success()) {
-                unmounted = true;
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        if !unmounted {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-        // ntfs-3g exits a moment after the unmount; until then it holds the image open for
-        // writing (and Rime rightly calls the image in use).
-        let dir = self.0.to_str().unwrap().to_string();
-        for _ in 0..100 {
-            let out = std::process::Command::new("pgrep").args(["-f", &format!("ntfs-3g .* {dir}")]).output().unwrap();
-            if out.stdout.is_empty() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-}
-
 #[test]
 fn ntfs_page_files_are_left_out_and_named_files_too() {
     let env = Env::new();
@@ -159,10 +118,10 @@ fn ntfs_page_files_are_left_out_and_named_files_too() {
     sh("mkntfs", &["-F", "-Q", img.to_str().unwrap()]);
     {
         let m = NtfsMount::new(&img, &env.path("mnt"), false);
-        write_random_file(&m.0.join("pagefile.sys"), 31, 8 * MIB);
-        std::fs::create_dir_all(m.0.join("Users/me")).unwrap();
-        write_random_file(&m.0.join("Users/me/cache.bin"), 32, 4 * MIB);
-        write_random_file(&m.0.join("Users/me/keep.bin"), 33, 3 * MIB);
+        write_random_file(&m.dir.join("pagefile.sys"), 31, 8 * MIB);
+        std::fs::create_dir_all(m.dir.join("Users/me")).unwrap();
+        write_random_file(&m.dir.join("Users/me/cache.bin"), 32, 4 * MIB);
+        write_random_file(&m.dir.join("Users/me/keep.bin"), 33, 3 * MIB);
     }
     let json = env.backup_json(&[img.to_str().unwrap(), "--exclude-file", "/users/ME/Cache.bin"]);
     let vol = first_volume(&json);
@@ -179,14 +138,14 @@ fn ntfs_page_files_are_left_out_and_named_files_too() {
     env.restore("latest", &out, &[]);
     sh("ntfsfix", &["-n", out.to_str().unwrap()]);
     let m = NtfsMount::new(&out, &env.path("mnt-out"), true);
-    let page = read_file(&m.0.join("pagefile.sys"));
+    let page = read_file(&m.dir.join("pagefile.sys"));
     assert!(
         page.len() as u64 == 8 * MIB && page.iter().all(|&b| b == 0),
         "pagefile.sys keeps its size, reads as zeros"
     );
-    let cache = read_file(&m.0.join("Users/me/cache.bin"));
+    let cache = read_file(&m.dir.join("Users/me/cache.bin"));
     assert!(cache.len() as u64 == 4 * MIB && cache.iter().all(|&b| b == 0));
     let expected = env.path("keep-expected.bin");
     write_random_file(&expected, 33, 3 * MIB);
-    assert!(read_file(&m.0.join("Users/me/keep.bin")) == read_file(&expected), "kept files keep their data");
+    assert!(read_file(&m.dir.join("Users/me/keep.bin")) == read_file(&expected), "kept files keep their data");
 }

@@ -66,7 +66,7 @@ fn ntfs_ls_and_extract_match_ntfs3g() {
     sh("mkntfs", &["-q", "-F", "-f", image.to_str().unwrap()]);
     let mnt = env.path("mnt");
     fs::create_dir_all(&mnt).unwrap();
-    sh("ntfs-3g", &[image.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let rw = NtfsMount::new(&image, &mnt, false);
     let fill = std::panic::catch_unwind(|| {
         populate_tree(&mnt, 51, 2 * MIB);
         let f = fs::File::create(mnt.join("sparse.bin")).unwrap();
@@ -76,7 +76,7 @@ fn ntfs_ls_and_extract_match_ntfs3g() {
         drop(f);
         set_times(&mnt.join("docs/readme.txt"), 1_500_000_000, 123_456_700);
     });
-    sh("umount", &[mnt.to_str().unwrap()]);
+    rw.unmount();
     fill.unwrap();
     let snap = env.backup(&[image.to_str().unwrap()]);
 
@@ -90,13 +90,13 @@ fn ntfs_ls_and_extract_match_ntfs3g() {
     assert_eq!(e[0]["inode"], e[1]["inode"], "hard links share a file record");
     assert_eq!(e[0]["nlink"].as_u64(), Some(3));
 
-    sh("ntfs-3g", &["-o", "ro", image.to_str().unwrap(), mnt.to_str().unwrap()]);
+    let ro = NtfsMount::new(&image, &mnt, true);
     let check = std::panic::catch_unwind(|| {
         // ntfs-3g maps no owners or modes by default; compare everything else.
         let how = Compare { dir_times: true, xattrs: false, owners: true, holes: true, modes: false, times: true };
         assert_same_tree(&mnt, &out, &how, &[]);
     });
-    sh("umount", &[mnt.to_str().unwrap()]);
+    ro.unmount();
     check.unwrap();
     let sm = fs::metadata(out.join("sparse.bin")).unwrap();
     assert_eq!(sm.len(), 16 << 20);

@@ -780,3 +780,74 @@ pub fn wait_run(child: Child, what: &str) -> Run {
     let out = child.wait_with_output().expect("wait for rime");
     to_run(vec![what.to_string()], out)
 }
+
+/// An ntfs-3g FUSE mount of an image file (the kernel here has no NTFS driver).
+///
+/// ntfs-3g finishes writing and closes the image a moment *after* `umount` returns: a FUSE mount
+/// of a plain file is not a `fuseblk` mount, so the kernel does not wait for the daemon. Until it
+/// exits the image is incomplete and open for writing (and Rime rightly refuses it as in use), so
+/// unmounting also waits until no process holds the image.
+pub struct NtfsMount {
+    pub dir: PathBuf,
+    image: PathBuf,
+    mounted: bool,
+}
+
+impl NtfsMount {
+    #[track_caller]
+    pub fn new(image: &Path, dir: &Path, read_only: bool) -> NtfsMount {
+        fs::create_dir_all(dir).unwrap();
+        let mut args = vec![p(image), p(dir)];
+        if read_only {
+            args.extend(["-o", "ro"]);
+        }
+        sh("ntfs-3g", &args);
+        NtfsMount { dir: dir.to_path_buf(), image: image.to_path_buf(), mounted: true }
+    }
+
+    /// Unmounts and waits for ntfs-3g to close the image; panics if it does not within 10 s.
+    #[track_caller]
+    pub fn unmount(mut self) {
+        sh("umount", &[p(&self.dir)]);
+        self.mounted = false;
+        assert!(wait_until_closed(&self.image), "ntfs-3g still holds {} 10 s after umount", self.image.display());
+    }
+}
+
+impl Drop for NtfsMount {
+    fn drop(&mut self) {
+        if !self.mounted {
+            return;
+        }
+        for _ in 0..50 {
+            if Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                wait_until_closed(&self.image);
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Waits up to 10 s until no process has `file` open (read from `/proc/*/fd`); false on timeout.
+pub fn wait_until_closed(file: &Path) -> bool {
+    let Ok(file) = fs::canonicalize(file) else { return true };
+    for _ in 0..200 {
+        if !open_by_any_process(&file) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+fn open_by_any_process(file: &Path) -> bool {
+    let Ok(procs) = fs::read_dir("/proc") else { return false };
+    procs.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))).any(
+        |proc| {
+            let Ok(fds) = fs::read_dir(proc.path().join("fd")) else { return false };
+            fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == file))
+        },
+    )
+}

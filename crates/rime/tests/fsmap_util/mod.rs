@@ -157,7 +157,10 @@ pub fn populate(dir: &Path, seed: u64, target: u64) {
 }
 
 /// A loop mount, unmounted on drop.
-pub struct Mounted(pub PathBuf);
+/// `.1`: for an ntfs-3g mount, the image, which ntfs-3g finishes writing and closes a moment
+/// after `umount` returns (a FUSE mount of a plain file is not `fuseblk`, so the kernel does not
+/// wait for the daemon); dropping waits for that too.
+pub struct Mounted(pub PathBuf, Option<PathBuf>);
 
 impl Mounted {
     #[track_caller]
@@ -165,7 +168,7 @@ impl Mounted {
         fs::create_dir_all(dir).unwrap();
         let o = if opts.is_empty() { "loop".to_string() } else { format!("loop,{opts}") };
         run("mount", &["-o", &o, s(img), s(dir)]);
-        Mounted(dir.to_path_buf())
+        Mounted(dir.to_path_buf(), None)
     }
 
     /// An ntfs-3g FUSE mount (the kernel has no ntfs driver).
@@ -177,7 +180,7 @@ impl Mounted {
             args.extend(["-o", "ro"]);
         }
         run("ntfs-3g", &args);
-        Mounted(dir.to_path_buf())
+        Mounted(dir.to_path_buf(), Some(img.to_path_buf()))
     }
 
     /// Used bytes as `df` reports them.
@@ -191,6 +194,9 @@ impl Drop for Mounted {
     fn drop(&mut self) {
         for _ in 0..50 {
             if Command::new("umount").arg(&self.0).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+                if let Some(image) = &self.1 {
+                    wait_until_closed(image);
+                }
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -280,4 +286,22 @@ pub fn assert_restore_is_masked_original(original: &Path, restored: &Path) {
         pos += n as u64;
     }
     assert!(garbage_left_out, "the original's free space should have held garbage that the restore leaves out");
+}
+
+/// Waits up to 10 s until no process has `file` open (read from `/proc/*/fd`).
+pub fn wait_until_closed(file: &Path) {
+    let Ok(file) = fs::canonicalize(file) else { return };
+    let open_anywhere = || {
+        let Ok(procs) = fs::read_dir("/proc") else { return false };
+        procs.flatten().any(|proc| {
+            let Ok(fds) = fs::read_dir(proc.path().join("fd")) else { return false };
+            fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == file))
+        })
+    };
+    for _ in 0..200 {
+        if !open_anywhere() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
