@@ -13,7 +13,7 @@ use crate::snapshot_reader::{load_chunk_index, ReadCounter, SnapshotReader};
 use anyhow::{Context, Result};
 use rime_repo::volume_index::VolumeIndexReader;
 use rime_repo::{ChunkId, Repository};
-use rime_snapshot::client::SnapshotSource;
+use rime_serve::SnapshotSource;
 use rime_snapshot::Bitmap;
 use rime_volume::usedmap::{push_range, FileExtents, UsedMap};
 use rime_volume::{Volume, VolumeKind};
@@ -30,7 +30,7 @@ pub fn protected(path: &Path) -> Option<PathBuf> {
     if std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
         return Some(path.to_path_buf());
     }
-    rime_snapshot::serve::find_server(path).map(|r| r.control)
+    rime_serve::find_server(path).map(|r| r.control)
 }
 
 /// One protected volume being backed up online.
@@ -107,7 +107,7 @@ impl OnlineVolume {
 
     /// The backup `snapshot` was published.
     pub fn finish(&self, snapshot: &str) -> Result<()> {
-        self.source.finish(snapshot, &self.used, &self.partial)
+        Ok(self.source.finish(snapshot, &self.used, &self.partial)?)
     }
 }
 

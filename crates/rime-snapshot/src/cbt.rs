@@ -26,7 +26,7 @@ const MAGIC: &[u8; 8] = b"RIMECBT1";
 const HEADER: usize = 128;
 
 /// Why the map says what it says, for status output and tests.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum CbtOrigin {
     /// Loaded after a clean shutdown.

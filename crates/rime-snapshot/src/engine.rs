@@ -19,12 +19,12 @@
 
 use crate::bitmap::Bitmap;
 use crate::cbt::Cbt;
+use crate::error::{Result, SnapshotError};
 use crate::store::{DiffStore, StoreError, StoreLimits};
-use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, FileTypeExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -69,7 +69,7 @@ impl Default for SnapshotLimits {
     }
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SnapshotInfo {
     pub id: u64,
     pub size: u64,
@@ -83,7 +83,7 @@ pub struct SnapshotInfo {
     pub dump: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StoreStatus {
     pub bytes: u64,
     pub peak: u64,
@@ -92,10 +92,21 @@ pub struct StoreStatus {
     pub protected_blocks: u64,
 }
 
-#[derive(Clone, Debug, Serialize)]
+/// Where the engine is in a snapshot's life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineState {
+    Idle,
+    /// Waiting for a write-inactivity period, or for writes to drain.
+    Waiting,
+    Active,
+    /// The last snapshot was aborted; its backup has not ended it yet.
+    Aborted,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
-    /// "idle", "waiting", "active" or "aborted".
-    pub state: String,
+    pub state: EngineState,
     pub snapshot: Option<u64>,
     pub aborted: Option<String>,
     pub store: StoreStatus,
@@ -158,7 +169,7 @@ fn io_err(msg: String) -> std::io::Error {
 
 impl Engine {
     /// Opens a block device or image file read-write for serving.
-    pub fn open(path: &Path, cfg: EngineConfig) -> Result<Engine> {
+    pub fn open(path: &Path, cfg: EngineConfig) -> anyhow::Result<Engine> {
         let meta = std::fs::metadata(path).with_context(|| format!("cannot open volume {}", path.display()))?;
         let is_file = meta.is_file();
         if !is_file && !meta.file_type().is_block_device() {
@@ -284,10 +295,7 @@ impl Engine {
     /// allocated zeros otherwise.
     pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_punch: bool) -> std::io::Result<()> {
         self.modify(offset, len, fua, || {
-            if self.is_file
-                && may_punch
-                && self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len).is_ok()
-            {
+            if self.is_file && may_punch && self.punch_hole(offset, len).is_ok() {
                 return Ok(());
             }
             let zeros = vec![0u8; (1 << 20).min(len) as usize];
@@ -308,19 +316,14 @@ impl Engine {
         }
         self.modify(offset, len, false, || {
             // Punching a hole is best effort: trim is advisory.
-            let _ = self.fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len);
+            let _ = self.punch_hole(offset, len);
             Ok(())
         })
     }
 
-    fn fallocate(&self, mode: i32, offset: u64, len: u64) -> std::io::Result<()> {
-        // SAFETY: plain syscall on an owned descriptor.
-        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
+    fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        use rustix::fs::{fallocate, FallocateFlags};
+        Ok(fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)?)
     }
 
     /// Flush: everything written so far reaches stable storage.
@@ -400,9 +403,7 @@ impl Engine {
         {
             let mut st = self.snap.lock().unwrap();
             match &*st {
-                SnapState::Active(_) | SnapState::Waiting => {
-                    bail!("a snapshot of this volume is already in progress")
-                }
+                SnapState::Active(_) | SnapState::Waiting => return Err(SnapshotError::Busy),
                 _ => *st = SnapState::Waiting,
             }
         }
@@ -427,12 +428,7 @@ impl Engine {
                 break;
             }
             if begin.elapsed() >= limits.limit {
-                bail!(
-                    "no write-inactivity period of {} ms occurred within the snapshot time limit of {} s: the volume is written to without pause; \
-                     retry when it is quieter, or lower the write-inactivity period",
-                    limits.wip.as_millis(),
-                    limits.limit.as_secs_f64()
-                );
+                return Err(SnapshotError::NoQuietPeriod { wip: limits.wip, limit: limits.limit });
             }
             let wait_more = Duration::from_nanos(wip_ns.saturating_sub(if inflight == 0 { quiet } else { 0 }));
             std::thread::sleep(wait_more.clamp(Duration::from_micros(500), Duration::from_millis(20)));
@@ -447,10 +443,7 @@ impl Engine {
         if timeout.timed_out() {
             g.closed = false;
             self.gate_cv.notify_all();
-            bail!(
-                "in-flight writes did not drain within the drain limit of {} s; the snapshot was not taken",
-                limits.drain.as_secs_f64()
-            );
+            return Err(SnapshotError::DrainTimeout(limits.drain));
         }
         // The snapshot instant: nothing is being written.
         let drained = drain_start.elapsed();
@@ -486,8 +479,8 @@ impl Engine {
         })
     }
 
-    fn dump(&self, to: &Path) -> Result<()> {
-        let out = File::create(to).with_context(|| format!("create {}", to.display()))?;
+    fn dump(&self, to: &Path) -> std::io::Result<()> {
+        let out = File::create(to)?;
         let mut buf = vec![0u8; 4 << 20];
         let mut pos = 0;
         while pos < self.size {
@@ -507,10 +500,8 @@ impl Engine {
                 s.touched = Instant::now();
                 f(s)
             }
-            SnapState::Aborted { id: a, reason } if *a == id => {
-                bail!("the snapshot was aborted: {reason}")
-            }
-            _ => bail!("snapshot {id} is not active"),
+            SnapState::Aborted { id: a, reason } if *a == id => Err(SnapshotError::Aborted(reason.clone())),
+            _ => Err(SnapshotError::NotActive(id)),
         }
     }
 
@@ -558,7 +549,11 @@ impl Engine {
     pub fn protect_only(&self, id: u64, area: &Bitmap) -> Result<()> {
         self.with_snap(id, |snap| {
             if area.len() != snap.protect.len() {
-                bail!("protection area of {} blocks for a volume of {}", area.len(), snap.protect.len());
+                return Err(SnapshotError::WrongSize {
+                    what: "protection area",
+                    got: area.len(),
+                    want: snap.protect.len(),
+                });
             }
             snap.protect.and_with(area);
             for b in snap.store.blocks(usize::MAX) {
@@ -605,20 +600,20 @@ impl Engine {
                 self.peak_store.fetch_max(snap.store.peak(), Ordering::Relaxed);
                 drop(st);
                 match success {
-                    Some((backup, used)) => self.cbt.set_base(backup, used)?,
+                    Some((backup, used)) => self.cbt.set_base(backup, used).map_err(SnapshotError::ChangedBlockMap)?,
                     None => self.cbt.changed.or_with(&snap.delta),
                 }
                 Ok(())
             }
             SnapState::Aborted { id: a, reason } if a == id => {
                 if success.is_some() {
-                    bail!("the snapshot was aborted: {reason}");
+                    return Err(SnapshotError::Aborted(reason));
                 }
                 Ok(())
             }
             other => {
                 *st = other;
-                bail!("snapshot {id} is not active")
+                Err(SnapshotError::NotActive(id))
             }
         }
     }
@@ -657,13 +652,15 @@ impl Engine {
     pub fn status(&self) -> Status {
         let st = self.snap.lock().unwrap();
         let (state, snapshot, aborted, store) = match &*st {
-            SnapState::Idle => ("idle", None, None, StoreStatus::default()),
-            SnapState::Waiting => ("waiting", None, None, StoreStatus::default()),
-            SnapState::Active(s) => ("active", Some(s.id), None, self.store_status_of(s)),
-            SnapState::Aborted { id, reason } => ("aborted", Some(*id), Some(reason.clone()), StoreStatus::default()),
+            SnapState::Idle => (EngineState::Idle, None, None, StoreStatus::default()),
+            SnapState::Waiting => (EngineState::Waiting, None, None, StoreStatus::default()),
+            SnapState::Active(s) => (EngineState::Active, Some(s.id), None, self.store_status_of(s)),
+            SnapState::Aborted { id, reason } => {
+                (EngineState::Aborted, Some(*id), Some(reason.clone()), StoreStatus::default())
+            }
         };
         Status {
-            state: state.into(),
+            state,
             snapshot,
             aborted,
             store,
@@ -679,7 +676,7 @@ impl Engine {
     }
 
     /// Clean shutdown: no more writes are accepted; data and the changed-block map reach disk.
-    pub fn shutdown(&self) -> Result<()> {
+    pub fn shutdown(&self) -> anyhow::Result<()> {
         let mut g = self.gate.lock().unwrap();
         g.closed = true;
         let (_g, _) = self.gate_cv.wait_timeout_while(g, Duration::from_secs(30), |g| g.inflight > 0).unwrap();

@@ -2,7 +2,7 @@
 //! the snapshot instant, archived blocks free their copies, the store cap aborts cleanly, the
 //! write-inactivity period and the drain limit fail clearly, and the changed-block map.
 
-use rime_snapshot::engine::{Engine, EngineConfig, SnapshotLimits};
+use rime_snapshot::engine::{Engine, EngineConfig, EngineState, SnapshotLimits};
 use rime_snapshot::store::StoreLimits;
 use rime_snapshot::Bitmap;
 use std::path::Path;
@@ -96,7 +96,7 @@ fn snapshot_view_is_the_volume_at_the_snapshot_instant() {
     assert!(status.peak_store > 0 || status.store.peak > 0);
     assert!(view == dump, "snapshot view differs from the volume at the snapshot instant ({writes} writes)");
     e.end_snapshot(info.id, None).unwrap();
-    assert_eq!(e.status().state, "idle");
+    assert_eq!(e.status().state, EngineState::Idle);
 }
 
 #[test]
@@ -133,7 +133,7 @@ fn store_cap_aborts_cleanly_and_writes_go_on() {
     }
     assert!(t.elapsed() < Duration::from_secs(2), "writers never wait for the store");
     let st = e.status();
-    assert_eq!(st.state, "aborted");
+    assert_eq!(st.state, EngineState::Aborted);
     assert!(st.aborted.as_deref().unwrap().contains("cap"), "{st:?}");
     let err = e.snap_read(info.id, 0, &mut [0u8; 4096], true).unwrap_err().to_string();
     assert!(err.contains("aborted") && err.contains("cap"), "{err}");
@@ -146,7 +146,7 @@ fn store_cap_aborts_cleanly_and_writes_go_on() {
     // The aborted snapshot's changes are still tracked.
     assert!(e.status().changed_blocks >= 100);
     e.end_snapshot(info.id, None).unwrap();
-    assert_eq!(e.status().state, "idle");
+    assert_eq!(e.status().state, EngineState::Idle);
     // A new snapshot can be taken.
     let again = e.begin_snapshot(quick()).unwrap();
     e.end_snapshot(again.id, None).unwrap();
@@ -172,7 +172,7 @@ fn no_write_inactivity_within_the_limit_fails_clearly() {
     });
     assert!(err.contains("write-inactivity period") && err.contains("time limit"), "{err}");
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "{took:?}");
-    assert_eq!(e.status().state, "idle");
+    assert_eq!(e.status().state, EngineState::Idle);
 }
 
 #[test]

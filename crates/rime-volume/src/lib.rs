@@ -6,7 +6,6 @@ pub mod checksum;
 pub mod device;
 pub mod fs;
 pub mod layout;
-pub mod nbd;
 pub mod partition;
 pub mod qemu;
 pub mod usedmap;

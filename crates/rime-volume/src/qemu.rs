@@ -1,8 +1,8 @@
 //! VM disk images: recognising their formats and serving them with a private, read-only
 //! `qemu-nbd` on a unix socket (backing chains are followed by qemu).
 
-use crate::nbd::NbdClient;
 use anyhow::{bail, Context, Result};
+use rime_nbd::NbdClient;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -133,5 +133,11 @@ impl Drop for QemuNbd {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl crate::device::BlockSource for NbdClient {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        NbdClient::read_exact_at(self, buf, offset)
     }
 }

@@ -1,8 +1,8 @@
-//! `rime serve`: arguments; the work is in `rime_snapshot::serve`.
+//! `rime serve`: arguments; the work is in `rime_serve::serve`.
 
 use anyhow::Result;
+use rime_serve::{serve, ServeOptions};
 use rime_snapshot::engine::{EngineConfig, SnapshotLimits};
-use rime_snapshot::serve::{parse_size, serve, ServeOptions};
 use rime_snapshot::store::StoreLimits;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -27,11 +27,11 @@ pub struct ServeArgs {
     #[arg(long, default_value = "/var/lib/rime/cbt")]
     state_dir: PathBuf,
     /// Difference store: memory before spilling to a temporary file.
-    #[arg(long, default_value = "64M")]
-    store_memory: String,
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    store_memory: u64,
     /// Difference store cap (memory plus spill file); reaching it aborts the snapshot.
-    #[arg(long, default_value = "4G")]
-    store_cap: String,
+    #[arg(long, default_value = "4G", value_parser = parse_size)]
+    store_cap: u64,
     /// Folder of the difference store's spill file.
     #[arg(long, default_value = "/var/tmp")]
     spill_dir: PathBuf,
@@ -55,8 +55,7 @@ pub struct ServeArgs {
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let mut engine = EngineConfig::new(a.state_dir);
-    engine.store =
-        StoreLimits { memory: parse_size(&a.store_memory)?, cap: parse_size(&a.store_cap)?, spill_dir: a.spill_dir };
+    engine.store = StoreLimits { memory: a.store_memory, cap: a.store_cap, spill_dir: a.spill_dir };
     engine.dump_dir = a.dump_snapshots;
     let limits = SnapshotLimits {
         wip: Duration::from_millis(a.wip_ms),
@@ -81,4 +80,24 @@ pub fn run(a: ServeArgs) -> Result<()> {
         }
         eprintln!("rime: serving {} ({})", reg.volume.display(), what.join(", "));
     })
+}
+
+/// A byte size: `4096`, `64K`, `64M`, `4G`, `1T` (powers of 1024).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, shift) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("unknown size suffix in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], shift)
+        }
+        _ => (s, 0),
+    };
+    let n: u64 = num.trim().parse().map_err(|_| format!("not a size: {s:?}"))?;
+    n.checked_mul(1 << shift).ok_or_else(|| format!("size too large: {s:?}"))
 }

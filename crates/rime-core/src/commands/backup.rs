@@ -195,7 +195,7 @@ struct OpenVolume {
     volume: Volume,
     name: String,
     /// A protected volume's snapshot (`rime serve`), which `volume` reads.
-    online: Option<Arc<rime_snapshot::client::SnapshotSource>>,
+    online: Option<Arc<rime_serve::SnapshotSource>>,
 }
 
 /// A volume with its map decided.

@@ -7,8 +7,8 @@
 //! kept where the source filesystem has them.
 //!
 //! Safety against hostile images: every file is created relative to an open directory
-//! descriptor (`openat`/`mkdirat`/`symlinkat`/`linkat` with `O_NOFOLLOW`), so nothing inside the
-//! target is ever followed — a symlink from the image (even one pointing at `/etc` or `../..`)
+//! ([`rime_os::dirfd`]: `openat`/`mkdirat`/`symlinkat`/`linkat` with `O_NOFOLLOW`), so nothing
+//! inside the target is ever followed — a symlink from the image (even one pointing at `/etc` or `../..`)
 //! is created as a symlink and never walked through. Names that are empty, `.`, `..`, or
 //! contain `/` or NUL are refused; a directory met twice (a loop, or a hard-linked directory)
 //! is restored once. Refused items are reported and skipped; the rest is restored.
@@ -17,12 +17,12 @@ use crate::explorer::Explorer;
 use crate::snapshot_reader::ReadStats;
 use anyhow::{bail, Context, Result};
 use rime_explore::{FileTree, Kind, NodeId, Stat};
+use rime_os::dirfd::{self, Dir, Entry, Special};
 use rime_repo::Repository;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -69,10 +69,6 @@ fn cstr(b: &[u8]) -> Result<CString> {
     CString::new(b).context("name contains NUL")
 }
 
-fn last_err() -> std::io::Error {
-    std::io::Error::last_os_error()
-}
-
 /// Why a name from the image cannot be a file name here, if it cannot.
 pub fn unsafe_name(name: &[u8]) -> Option<&'static str> {
     if name.is_empty() {
@@ -90,24 +86,8 @@ pub fn unsafe_name(name: &[u8]) -> Option<&'static str> {
     }
 }
 
-fn open_dir_at(parent: &OwnedFd, name: &CString) -> std::io::Result<OwnedFd> {
-    // SAFETY: valid descriptor and NUL-terminated name; the result is checked.
-    let fd = unsafe {
-        libc::openat(
-            parent.as_raw_fd(),
-            name.as_ptr(),
-            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-        )
-    };
-    if fd < 0 {
-        return Err(last_err());
-    }
-    // SAFETY: fd is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn timespec(t: rime_explore::Time) -> libc::timespec {
-    libc::timespec { tv_sec: t.sec as libc::time_t, tv_nsec: t.nsec as libc::c_long }
+fn time(t: rime_explore::Time) -> dirfd::Time {
+    dirfd::Time { sec: t.sec, nsec: t.nsec }
 }
 
 struct Extractor<'a> {
@@ -134,59 +114,48 @@ impl<'a> Extractor<'a> {
     }
 
     /// Removes an existing non-directory `name` when overwriting; says whether the name is free.
-    fn make_room(&mut self, dir: &OwnedFd, name: &CString, path: &str) -> bool {
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: valid pointers; AT_SYMLINK_NOFOLLOW never follows.
-        let r = unsafe { libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) };
-        if r != 0 {
-            return true; // nothing there
-        }
-        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
-            self.skip(path, "a directory exists where a non-directory would go");
-            return false;
+    fn make_room(&mut self, dir: &Dir, name: &CString, path: &str) -> bool {
+        match dir.entry(name) {
+            Entry::Nothing => return true,
+            Entry::Directory => {
+                self.skip(path, "a directory exists where a non-directory would go");
+                return false;
+            }
+            Entry::Other => {}
         }
         if !self.overwrite {
             self.skip(path, "exists (use --overwrite to replace it)");
             return false;
         }
-        // SAFETY: unlinks the entry itself (never follows a symlink).
-        if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } != 0 {
-            let e = last_err();
+        if let Err(e) = dir.unlink(name) {
             self.skip(path, format!("cannot replace: {e}"));
             return false;
         }
         true
     }
 
-    fn set_owner(&mut self, dir: &OwnedFd, name: &CString, st: &Stat, path: &str) {
+    fn set_owner(&mut self, dir: &Dir, name: &CString, st: &Stat, path: &str) {
         if !self.root {
             return;
         }
-        // SAFETY: valid descriptor and name; does not follow symlinks.
-        if unsafe { libc::fchownat(dir.as_raw_fd(), name.as_ptr(), st.uid, st.gid, libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-            let e = last_err();
+        if let Err(e) = dir.chown(name, st.uid, st.gid) {
             self.warn(path, format!("chown: {e}"));
         }
     }
 
-    fn set_mode(&mut self, fd: &OwnedFd, st: &Stat, path: &str) {
-        // SAFETY: valid descriptor.
-        if unsafe { libc::fchmod(fd.as_raw_fd(), st.mode as libc::mode_t) } != 0 {
-            let e = last_err();
+    fn set_mode(&mut self, fd: impl AsFd, st: &Stat, path: &str) {
+        if let Err(e) = dirfd::set_mode(fd, st.mode) {
             self.warn(path, format!("chmod: {e}"));
         }
     }
 
-    fn set_times(&mut self, dir: &OwnedFd, name: &CString, st: &Stat, path: &str) {
-        let times = [timespec(st.atime), timespec(st.mtime)];
-        // SAFETY: valid descriptor, name and two timespecs; does not follow symlinks.
-        if unsafe { libc::utimensat(dir.as_raw_fd(), name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) } != 0 {
-            let e = last_err();
+    fn set_times(&mut self, dir: &Dir, name: &CString, st: &Stat, path: &str) {
+        if let Err(e) = dir.set_times(name, time(st.atime), time(st.mtime)) {
             self.warn(path, format!("set times: {e}"));
         }
     }
 
-    fn set_xattrs(&mut self, fd: Option<&OwnedFd>, dir: &OwnedFd, name: &CString, id: NodeId, path: &str) {
+    fn set_xattrs(&mut self, fd: Option<std::os::fd::BorrowedFd>, dir: &Dir, name: &CString, id: NodeId, path: &str) {
         let xattrs = match self.fs.xattrs(id) {
             Ok(x) => x,
             Err(e) => {
@@ -199,32 +168,21 @@ impl<'a> Extractor<'a> {
                 continue;
             };
             let r = match fd {
-                // SAFETY: valid descriptor, NUL-terminated name, value slice.
-                Some(fd) => unsafe {
-                    libc::fsetxattr(fd.as_raw_fd(), xname.as_ptr(), x.value.as_ptr().cast(), x.value.len(), 0)
-                },
-                None => {
-                    // A symlink: reach it through its directory's descriptor, never following it.
-                    let mut p = format!("/proc/self/fd/{}/", dir.as_raw_fd()).into_bytes();
-                    p.extend_from_slice(name.as_bytes());
-                    let Ok(p) = CString::new(p) else { continue };
-                    // SAFETY: valid NUL-terminated strings; lsetxattr does not follow the link.
-                    unsafe { libc::lsetxattr(p.as_ptr(), xname.as_ptr(), x.value.as_ptr().cast(), x.value.len(), 0) }
-                }
+                Some(fd) => dirfd::set_xattr(fd, &xname, &x.value),
+                // A symlink or special file: set on the entry itself, never following it.
+                None => dir.set_xattr_nofollow(name, &xname, &x.value),
             };
-            if r != 0 {
-                let e = last_err();
+            if let Err(e) = r {
                 self.warn(path, format!("xattr {}: {e}", String::from_utf8_lossy(&x.name)));
             }
         }
     }
 
     /// Opens the directory at `components` below `root`, never following symlinks.
-    fn walk(&self, root: &OwnedFd, components: &[CString]) -> std::io::Result<OwnedFd> {
-        // SAFETY: duplicating a valid descriptor.
-        let mut cur = unsafe { OwnedFd::from_raw_fd(libc::fcntl(root.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0)) };
+    fn walk(&self, root: &Dir, components: &[CString]) -> std::io::Result<Dir> {
+        let mut cur = root.try_clone()?;
         for c in components {
-            cur = open_dir_at(&cur, c)?;
+            cur = cur.open_dir(c)?;
         }
         Ok(cur)
     }
@@ -232,16 +190,7 @@ impl<'a> Extractor<'a> {
     /// Restores node `id` as `name` inside `dir`. `rel` is the path from --to (for hard links)
     /// and `shown` the path inside the image (for messages).
     #[allow(clippy::too_many_arguments)]
-    fn node(
-        &mut self,
-        root: &OwnedFd,
-        dir: &OwnedFd,
-        rel: &[CString],
-        name: &[u8],
-        id: NodeId,
-        shown: &str,
-        depth: usize,
-    ) {
+    fn node(&mut self, root: &Dir, dir: &Dir, rel: &[CString], name: &[u8], id: NodeId, shown: &str, depth: usize) {
         if let Some(why) = unsafe_name(name) {
             self.skip(shown, format!("unsafe name ({why})"));
             return;
@@ -272,8 +221,8 @@ impl<'a> Extractor<'a> {
     #[allow(clippy::too_many_arguments)]
     fn dir(
         &mut self,
-        root: &OwnedFd,
-        parent: &OwnedFd,
+        root: &Dir,
+        parent: &Dir,
         rel: &[CString],
         name: &CString,
         st: &Stat,
@@ -286,17 +235,12 @@ impl<'a> Extractor<'a> {
         if !self.dirs_seen.insert(st.id) {
             bail!("directory already restored from another path (a loop or a hard-linked directory in the image)");
         }
-        // SAFETY: valid descriptor and name. Owner-only until its metadata is applied.
-        if unsafe { libc::mkdirat(parent.as_raw_fd(), name.as_ptr(), 0o700) } != 0 {
-            let e = last_err();
-            if e.raw_os_error() != Some(libc::EEXIST) {
-                bail!("mkdir: {e}");
-            }
-        } else {
+        // Owner-only until its metadata is applied.
+        if parent.mkdir(name, 0o700).map_err(|e| anyhow::anyhow!("mkdir: {e}"))? {
             self.summary.dirs += 1;
         }
         // Entering never follows a symlink: an existing symlink here is refused (ELOOP/ENOTDIR).
-        let fd = open_dir_at(parent, name).map_err(|e| {
+        let fd = parent.open_dir(name).map_err(|e| {
             if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) {
                 anyhow::anyhow!("a non-directory exists where a directory would go")
             } else {
@@ -313,20 +257,12 @@ impl<'a> Extractor<'a> {
         // Metadata after the children, so their creation does not change the times.
         self.set_owner(parent, name, st, shown);
         self.set_mode(&fd, st, shown);
-        self.set_xattrs(Some(&fd), parent, name, st.id, shown);
+        self.set_xattrs(Some(fd.as_fd()), parent, name, st.id, shown);
         self.set_times(parent, name, st, shown);
         Ok(())
     }
 
-    fn file(
-        &mut self,
-        root: &OwnedFd,
-        dir: &OwnedFd,
-        rel: &[CString],
-        name: &CString,
-        st: &Stat,
-        shown: &str,
-    ) -> Result<()> {
+    fn file(&mut self, root: &Dir, dir: &Dir, rel: &[CString], name: &CString, st: &Stat, shown: &str) -> Result<()> {
         if st.nlink > 1 {
             if let Some(first) = self.links.get(&st.id).cloned() {
                 if !self.make_room(dir, name, shown) {
@@ -334,12 +270,7 @@ impl<'a> Extractor<'a> {
                 }
                 let (first_name, first_dir) = first.split_last().expect("a path has a name");
                 let from = self.walk(root, first_dir).context("reach the first link")?;
-                // SAFETY: valid descriptors and names; flags 0 never follows a symlink.
-                if unsafe { libc::linkat(from.as_raw_fd(), first_name.as_ptr(), dir.as_raw_fd(), name.as_ptr(), 0) }
-                    != 0
-                {
-                    bail!("link: {}", last_err());
-                }
+                dir.link(&from, first_name, name).map_err(|e| anyhow::anyhow!("link: {e}"))?;
                 self.summary.hardlinks += 1;
                 return Ok(());
             }
@@ -347,21 +278,8 @@ impl<'a> Extractor<'a> {
         if !self.make_room(dir, name, shown) {
             return Ok(());
         }
-        // SAFETY: valid descriptor and name; O_EXCL|O_NOFOLLOW never opens an existing file or link.
-        let fd = unsafe {
-            libc::openat(
-                dir.as_raw_fd(),
-                name.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-                0o600 as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            bail!("create: {}", last_err());
-        }
-        // SAFETY: fresh descriptor we own.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let file = std::fs::File::from(fd.try_clone()?);
+        // Never opens an existing file or link.
+        let file = dir.create_file(name, 0o600).map_err(|e| anyhow::anyhow!("create: {e}"))?;
         let ranges = self.fs.data_ranges(st.id).context("read the file's extents")?;
         for r in ranges {
             let mut pos = r.start;
@@ -380,8 +298,8 @@ impl<'a> Extractor<'a> {
         file.set_len(st.size).context("set size")?;
         self.summary.files += 1;
         self.set_owner(dir, name, st, shown);
-        self.set_mode(&fd, st, shown);
-        self.set_xattrs(Some(&fd), dir, name, st.id, shown);
+        self.set_mode(&file, st, shown);
+        self.set_xattrs(Some(file.as_fd()), dir, name, st.id, shown);
         self.set_times(dir, name, st, shown);
         if st.nlink > 1 {
             let mut path = rel.to_vec();
@@ -391,16 +309,13 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
-    fn symlink(&mut self, dir: &OwnedFd, name: &CString, st: &Stat, shown: &str) -> Result<()> {
+    fn symlink(&mut self, dir: &Dir, name: &CString, st: &Stat, shown: &str) -> Result<()> {
         let target = self.fs.read_link(st.id).context("read symlink")?;
         let target = cstr(&target).context("symlink target")?;
         if !self.make_room(dir, name, shown) {
             return Ok(());
         }
-        // SAFETY: valid strings and descriptor. The link is created, never followed.
-        if unsafe { libc::symlinkat(target.as_ptr(), dir.as_raw_fd(), name.as_ptr()) } != 0 {
-            bail!("symlink: {}", last_err());
-        }
+        dir.symlink(&target, name).map_err(|e| anyhow::anyhow!("symlink: {e}"))?;
         self.summary.symlinks += 1;
         self.set_owner(dir, name, st, shown);
         self.set_xattrs(None, dir, name, st.id, shown);
@@ -408,11 +323,11 @@ impl<'a> Extractor<'a> {
         Ok(())
     }
 
-    fn special(&mut self, dir: &OwnedFd, name: &CString, st: &Stat, shown: &str) -> Result<()> {
-        let (kind, dev) = match (st.kind, st.rdev) {
-            (Kind::Fifo, _) => (libc::S_IFIFO, 0),
-            (Kind::CharDev, Some((ma, mi))) if self.root => (libc::S_IFCHR, libc::makedev(ma, mi)),
-            (Kind::BlockDev, Some((ma, mi))) if self.root => (libc::S_IFBLK, libc::makedev(ma, mi)),
+    fn special(&mut self, dir: &Dir, name: &CString, st: &Stat, shown: &str) -> Result<()> {
+        let kind = match (st.kind, st.rdev) {
+            (Kind::Fifo, _) => Special::Fifo,
+            (Kind::CharDev, Some((major, minor))) if self.root => Special::CharDevice { major, minor },
+            (Kind::BlockDev, Some((major, minor))) if self.root => Special::BlockDevice { major, minor },
             _ => {
                 self.skip(shown, "device nodes are restored only by root");
                 return Ok(());
@@ -421,15 +336,11 @@ impl<'a> Extractor<'a> {
         if !self.make_room(dir, name, shown) {
             return Ok(());
         }
-        // SAFETY: valid descriptor and name.
-        if unsafe { libc::mknodat(dir.as_raw_fd(), name.as_ptr(), kind | 0o600, dev) } != 0 {
-            bail!("mknod: {}", last_err());
-        }
+        dir.mknod(name, kind, 0o600).map_err(|e| anyhow::anyhow!("mknod: {e}"))?;
         self.summary.special += 1;
         self.set_owner(dir, name, st, shown);
-        // SAFETY: valid descriptor and name; fchmodat on a device/fifo node (not a symlink).
-        if unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), st.mode as libc::mode_t, 0) } != 0 {
-            let e = last_err();
+        // A device or fifo node, never a symlink.
+        if let Err(e) = dir.chmod(name, st.mode) {
             self.warn(shown, format!("chmod: {e}"));
         }
         self.set_xattrs(None, dir, name, st.id, shown);
@@ -458,20 +369,12 @@ pub fn extract(repo: Repository, opts: &ExtractOptions) -> Result<ExtractSummary
     }
 
     std::fs::create_dir_all(&opts.to).with_context(|| format!("create {}", opts.to.display()))?;
-    let to = CString::new(opts.to.as_os_str().as_bytes()).context("--to contains NUL")?;
-    // SAFETY: NUL-terminated path; the result is checked.
-    let root_fd = unsafe { libc::open(to.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-    if root_fd < 0 {
-        bail!("{} is not a directory: {}", opts.to.display(), last_err());
-    }
-    // SAFETY: fresh descriptor we own.
-    let root_fd = unsafe { OwnedFd::from_raw_fd(root_fd) };
+    let root_fd = Dir::open(&opts.to).map_err(|e| anyhow::anyhow!("{} is not a directory: {e}", opts.to.display()))?;
 
     let mut ex = Extractor {
         fs: fs.as_ref(),
         overwrite: opts.overwrite,
-        // SAFETY: geteuid has no preconditions.
-        root: unsafe { libc::geteuid() } == 0,
+        root: rime_os::process::is_root(),
         summary: ExtractSummary::default(),
         links: HashMap::new(),
         dirs_seen: HashSet::new(),

@@ -1,5 +1,6 @@
 //! A minimal NBD client (fixed newstyle handshake, `NBD_OPT_GO`, simple replies): enough to
-//! read a disk image that `qemu-nbd` serves as the guest sees it.
+//! read a disk image that `qemu-nbd` serves as the guest sees it. Reads are bounds-checked
+//! against the export size before they are sent; one request is in flight at a time.
 //!
 //! Protocol facts from the NBD protocol document (`doc/proto.md` of the NBD project).
 
@@ -9,50 +10,8 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Mutex;
 
-/// Protocol numbers shared by this client and `rime serve`'s NBD server.
-pub mod proto {
-    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-    pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
-    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-    pub const REQUEST_MAGIC: u32 = 0x2560_9513;
-    pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-    pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
-    pub const FLAG_NO_ZEROES: u16 = 1 << 1;
-    pub const OPT_EXPORT_NAME: u32 = 1;
-    pub const OPT_ABORT: u32 = 2;
-    pub const OPT_LIST: u32 = 3;
-    pub const OPT_INFO: u32 = 6;
-    pub const OPT_GO: u32 = 7;
-    pub const REP_ACK: u32 = 1;
-    pub const REP_SERVER: u32 = 2;
-    pub const REP_INFO: u32 = 3;
-    pub const REP_ERR_UNSUP: u32 = (1 << 31) + 1;
-    pub const REP_ERR_INVALID: u32 = (1 << 31) + 3;
-    pub const REP_ERR_UNKNOWN: u32 = (1 << 31) + 6;
-    pub const INFO_EXPORT: u16 = 0;
-    pub const INFO_NAME: u16 = 1;
-    pub const INFO_DESCRIPTION: u16 = 2;
-    pub const INFO_BLOCK_SIZE: u16 = 3;
-    pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
-    pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-    pub const TFLAG_SEND_FUA: u16 = 1 << 3;
-    pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
-    pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-    pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
-    pub const CMD_FLAG_FUA: u16 = 1 << 0;
-    pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
-    pub const CMD_READ: u16 = 0;
-    pub const CMD_WRITE: u16 = 1;
-    pub const CMD_DISC: u16 = 2;
-    pub const CMD_FLUSH: u16 = 3;
-    pub const CMD_TRIM: u16 = 4;
-    pub const CMD_WRITE_ZEROES: u16 = 6;
-    pub const EIO: u32 = 5;
-    pub const EINVAL: u32 = 22;
-    pub const ENOSPC: u32 = 28;
-    pub const ENOTSUP: u32 = 95;
-}
-use proto::*;
+use crate::proto::*;
+use crate::wire::{read_u16, read_u32, read_u64};
 
 /// Largest single read request; servers must accept at least 32 MiB.
 const MAX_READ: usize = 4 << 20;
@@ -60,22 +19,6 @@ const MAX_READ: usize = 4 << 20;
 pub struct NbdClient {
     stream: Mutex<(UnixStream, u64)>,
     size: u64,
-}
-
-fn read_u16(s: &mut impl Read) -> Result<u16> {
-    let mut b = [0u8; 2];
-    s.read_exact(&mut b)?;
-    Ok(u16::from_be_bytes(b))
-}
-fn read_u32(s: &mut impl Read) -> Result<u32> {
-    let mut b = [0u8; 4];
-    s.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-fn read_u64(s: &mut impl Read) -> Result<u64> {
-    let mut b = [0u8; 8];
-    s.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
 }
 
 impl NbdClient {
@@ -156,8 +99,9 @@ impl NbdClient {
     }
 }
 
-impl crate::device::BlockSource for NbdClient {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+impl NbdClient {
+    /// Reads `buf.len()` bytes at `offset`, in pieces the server must accept.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         if offset.checked_add(buf.len() as u64).is_none_or(|e| e > self.size) {
             return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "read past the NBD export's end"));
         }

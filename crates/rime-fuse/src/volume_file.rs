@@ -1,17 +1,19 @@
-//! The protected volume as a single file under a FUSE mount: `DIR/<name>`. A loop device on
-//! that file can carry a mounted filesystem; every write reaches the copy-on-write engine.
+//! A block export (for `rime serve`, the protected volume) as a single file under a FUSE mount:
+//! `DIR/<name>`. A loop device on that file can carry a mounted filesystem; every write reaches
+//! the export (the copy-on-write engine). Offsets past the export's end are clamped or refused,
+//! never passed on.
 //!
 //! Files are opened with direct I/O: the kernel keeps no page cache of the file, so writes that
 //! arrive over NBD are never hidden behind stale cached pages (the loop device's own cache
 //! above it is the filesystem's cache).
 
-use crate::engine::Engine;
 use anyhow::{Context, Result};
 use fuser::{
     Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig,
     LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
     ReplyStatfs, ReplyWrite, Request, WriteFlags,
 };
+use rime_nbd::Export;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,7 +23,9 @@ const TTL: Duration = Duration::from_secs(1);
 const FILE_INO: INodeNo = INodeNo(2);
 
 struct VolumeFs {
-    engine: Arc<Engine>,
+    engine: Arc<dyn Export>,
+    uid: u32,
+    gid: u32,
     name: String,
     started: SystemTime,
 }
@@ -45,8 +49,8 @@ impl VolumeFs {
             kind,
             perm,
             nlink,
-            uid: unsafe { libc::getuid() },
-            gid: unsafe { libc::getgid() },
+            uid: self.uid,
+            gid: self.gid,
             rdev: 0,
             flags: 0,
             blksize: 4096,
@@ -173,7 +177,7 @@ impl Filesystem for VolumeFs {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.engine.sync() {
+        match self.engine.flush() {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
@@ -244,9 +248,10 @@ pub struct FuseExport {
 
 impl FuseExport {
     /// Mounts `dir` with one file, `name`, that is the volume.
-    pub fn mount(engine: Arc<Engine>, dir: &Path, name: &str) -> Result<FuseExport> {
+    pub fn mount(engine: Arc<dyn Export>, dir: &Path, name: &str) -> Result<FuseExport> {
         std::fs::create_dir_all(dir).with_context(|| format!("create mount point {}", dir.display()))?;
-        let fs = VolumeFs { engine, name: name.to_string(), started: SystemTime::now() };
+        let (uid, gid) = rime_os::process::real_ids();
+        let fs = VolumeFs { engine, uid, gid, name: name.to_string(), started: SystemTime::now() };
         let mut config = Config::default();
         config.mount_options = vec![MountOption::FSName("rime".into()), MountOption::Subtype("rime".into())];
         config.n_threads = Some(2);

@@ -1,13 +1,17 @@
-//! An NBD server for a protected volume: fixed newstyle handshake (`NBD_OPT_EXPORT_NAME`,
+//! An NBD server for one [`Export`]: fixed newstyle handshake (`NBD_OPT_EXPORT_NAME`,
 //! `NBD_OPT_INFO`, `NBD_OPT_GO`, `NBD_OPT_LIST`, `NBD_OPT_ABORT`), simple replies, and the
-//! commands read, write (with FUA), flush, trim, write-zeroes and disconnect. Every write goes
-//! through the copy-on-write engine. Listens on TCP or on a unix socket.
+//! commands read, write (with FUA), flush, trim, write-zeroes and disconnect. Listens on TCP or
+//! on a unix socket, one thread per connection.
+//!
+//! Invariants: no request outside `0..export.size()` reaches the export (reads and trims get
+//! EINVAL, writes ENOSPC); no payload above [`MAX_PAYLOAD`] is read into memory.
 //!
 //! Protocol facts from the NBD protocol document (`doc/proto.md` of the NBD project).
 
-use crate::engine::Engine;
+use crate::proto::*;
+use crate::wire::{read_u32, read_u64};
+use crate::Export;
 use anyhow::{Context, Result};
-use rime_volume::nbd::proto::*;
 use std::io::{BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
@@ -15,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Largest read or write payload accepted (the protocol's customary 32 MiB).
-const MAX_PAYLOAD: u32 = 32 << 20;
+pub const MAX_PAYLOAD: u32 = 32 << 20;
 
 /// Where to listen: `HOST:PORT` (TCP) or a unix socket path (`unix:PATH` or a path with a `/`).
 #[derive(Clone, Debug)]
@@ -37,7 +41,7 @@ impl Address {
 }
 
 pub struct NbdServer {
-    engine: Arc<Engine>,
+    export: Arc<dyn Export>,
     name: String,
 }
 
@@ -57,8 +61,8 @@ impl Stream for std::os::unix::net::UnixStream {
 
 impl NbdServer {
     /// `name` is the export's name; the default (empty) name is accepted too.
-    pub fn new(engine: Arc<Engine>, name: String) -> Arc<NbdServer> {
-        Arc::new(NbdServer { engine, name })
+    pub fn new(export: Arc<dyn Export>, name: String) -> Arc<NbdServer> {
+        Arc::new(NbdServer { export, name })
     }
 
     /// Binds and serves in background threads, one per connection.
@@ -143,7 +147,7 @@ impl NbdServer {
                         anyhow::bail!("unknown export {name:?}");
                     }
                     let mut out = Vec::new();
-                    out.extend_from_slice(&self.engine.size().to_be_bytes());
+                    out.extend_from_slice(&self.export.size().to_be_bytes());
                     out.extend_from_slice(&self.tflags().to_be_bytes());
                     if !no_zeroes {
                         out.extend_from_slice(&[0u8; 124]);
@@ -163,7 +167,7 @@ impl NbdServer {
                     let mut d = Vec::new();
                     d.extend_from_slice(&(self.name.len() as u32).to_be_bytes());
                     d.extend_from_slice(self.name.as_bytes());
-                    d.extend_from_slice(b"rime protected volume");
+                    d.extend_from_slice(self.export.description().as_bytes());
                     reply(w, opt, REP_SERVER, &d)?;
                     reply(w, opt, REP_ACK, &[])?;
                 }
@@ -185,14 +189,14 @@ impl NbdServer {
                     }
                     let mut info = Vec::new();
                     info.extend_from_slice(&INFO_EXPORT.to_be_bytes());
-                    info.extend_from_slice(&self.engine.size().to_be_bytes());
+                    info.extend_from_slice(&self.export.size().to_be_bytes());
                     info.extend_from_slice(&self.tflags().to_be_bytes());
                     reply(w, opt, REP_INFO, &info)?;
                     for kind in reqs.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])) {
                         let mut d = kind.to_be_bytes().to_vec();
                         match kind {
                             INFO_NAME => d.extend_from_slice(self.name.as_bytes()),
-                            INFO_DESCRIPTION => d.extend_from_slice(b"rime protected volume"),
+                            INFO_DESCRIPTION => d.extend_from_slice(self.export.description().as_bytes()),
                             INFO_BLOCK_SIZE => {
                                 d.extend_from_slice(&1u32.to_be_bytes());
                                 d.extend_from_slice(&4096u32.to_be_bytes());
@@ -225,7 +229,7 @@ impl NbdServer {
             let offset = u64::from_be_bytes(hdr[16..24].try_into().unwrap());
             let len = u32::from_be_bytes(hdr[24..28].try_into().unwrap());
             let fua = flags & CMD_FLAG_FUA != 0;
-            let in_range = offset.checked_add(len as u64).is_some_and(|e| e <= self.engine.size());
+            let in_range = offset.checked_add(len as u64).is_some_and(|e| e <= self.export.size());
             let errno = |e: std::io::Error| e.raw_os_error().map(|n| n as u32).unwrap_or(EIO);
             match cmd {
                 CMD_READ => {
@@ -234,7 +238,7 @@ impl NbdServer {
                         continue;
                     }
                     buf.resize(16 + len as usize, 0);
-                    match self.engine.read(offset, &mut buf[16..]) {
+                    match self.export.read(offset, &mut buf[16..]) {
                         Ok(()) => {
                             buf[0..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
                             buf[4..8].copy_from_slice(&0u32.to_be_bytes());
@@ -251,21 +255,21 @@ impl NbdServer {
                     let err = if !in_range {
                         ENOSPC
                     } else {
-                        self.engine.write(offset, &buf, fua).err().map(errno).unwrap_or(0)
+                        self.export.write(offset, &buf, fua).err().map(errno).unwrap_or(0)
                     };
                     simple_reply(w, err, handle, &[])?;
                 }
                 CMD_FLUSH => {
-                    let err = self.engine.sync().err().map(errno).unwrap_or(0);
+                    let err = self.export.flush().err().map(errno).unwrap_or(0);
                     simple_reply(w, err, handle, &[])?;
                 }
                 CMD_TRIM => {
                     let err = if !in_range {
                         EINVAL
                     } else {
-                        let mut e = self.engine.trim(offset, len as u64).err().map(errno).unwrap_or(0);
+                        let mut e = self.export.trim(offset, len as u64).err().map(errno).unwrap_or(0);
                         if e == 0 && fua {
-                            e = self.engine.sync().err().map(errno).unwrap_or(0);
+                            e = self.export.flush().err().map(errno).unwrap_or(0);
                         }
                         e
                     };
@@ -275,7 +279,7 @@ impl NbdServer {
                     let err = if !in_range {
                         ENOSPC
                     } else {
-                        self.engine
+                        self.export
                             .write_zeroes(offset, len as u64, fua, flags & CMD_FLAG_NO_HOLE == 0)
                             .err()
                             .map(errno)
@@ -284,7 +288,7 @@ impl NbdServer {
                     simple_reply(w, err, handle, &[])?;
                 }
                 CMD_DISC => {
-                    let _ = self.engine.sync();
+                    let _ = self.export.flush();
                     return Ok(());
                 }
                 _ => simple_reply(w, ENOTSUP, handle, &[])?,
@@ -312,16 +316,4 @@ fn simple_reply(w: &mut dyn Stream, error: u32, handle: [u8; 8], data: &[u8]) ->
     out.extend_from_slice(data);
     w.write_all(&out)?;
     Ok(())
-}
-
-fn read_u32(r: &mut impl Read) -> Result<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b)?;
-    Ok(u32::from_be_bytes(b))
-}
-
-fn read_u64(r: &mut impl Read) -> Result<u64> {
-    let mut b = [0u8; 8];
-    r.read_exact(&mut b)?;
-    Ok(u64::from_be_bytes(b))
 }

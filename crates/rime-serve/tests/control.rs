@@ -3,9 +3,9 @@
 //! blocks first (freeing them on the server) without changing what it reads, and a backup that
 //! goes away aborts its snapshot at once.
 
-use rime_snapshot::client::SnapshotSource;
-use rime_snapshot::control::ControlServer;
-use rime_snapshot::engine::{Engine, EngineConfig, SnapshotLimits};
+use rime_serve::control::ControlServer;
+use rime_serve::SnapshotSource;
+use rime_snapshot::engine::{Engine, EngineConfig, EngineState, SnapshotLimits};
 use rime_snapshot::store::StoreLimits;
 use rime_snapshot::Bitmap;
 use rime_volume::BlockSource;
@@ -34,8 +34,8 @@ fn a_filling_store_is_read_first_and_the_view_stays_exact() {
     let dir = tempfile::tempdir().unwrap();
     let (engine, sock) = setup(dir.path(), 1024, 256 * BS);
     let src = SnapshotSource::begin(&sock, None, None, None).unwrap();
-    let dump = std::fs::read(src.info["dump"].as_str().unwrap()).unwrap();
-    assert_eq!(engine.status().state, "active");
+    let dump = std::fs::read(src.info.dump.as_ref().unwrap()).unwrap();
+    assert_eq!(engine.status().state, EngineState::Active);
     src.protect(&Bitmap::full(1024)).unwrap();
     src.start_archiving();
     let mut view = vec![0u8; (1024 * BS) as usize];
@@ -72,7 +72,7 @@ fn a_backup_that_goes_away_aborts_its_snapshot() {
     assert_eq!(engine.status().store.bytes, 2 * BS);
     drop(src);
     let t = Instant::now();
-    while engine.status().state != "idle" {
+    while engine.status().state != EngineState::Idle {
         assert!(t.elapsed() < Duration::from_secs(10), "still {:?}", engine.status());
         std::thread::sleep(Duration::from_millis(10));
     }

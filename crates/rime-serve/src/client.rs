@@ -1,9 +1,14 @@
-//! The backup's side of a protected volume's control socket, and a `BlockSource` over a
+//! The backup's side of a protected volume's control socket ([`ControlClient`], typed
+//! requests and replies of [`crate::protocol`]), and [`SnapshotSource`], a `BlockSource` over a
 //! snapshot view that the ordinary backup pipeline reads.
+//!
+//! Invariants: a snapshot source that is dropped without [`SnapshotSource::finish`] ends its
+//! snapshot unsuccessfully (and the server aborts it anyway when the socket closes); blocks read
+//! early under store pressure are returned from the local spill file exactly once.
 
-use crate::bitmap::Bitmap;
-use anyhow::{anyhow, bail, Context, Result};
-use serde_json::{json, Value};
+use crate::protocol::{encode, ErrorKind, Reply, Request, WireBitmap, PROTOCOL_VERSION};
+use rime_snapshot::engine::{SnapshotInfo, Status};
+use rime_snapshot::Bitmap;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -14,6 +19,37 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// Why a control request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot reach the rime serve control socket {}: {source}", .path.display())]
+    Unreachable { path: PathBuf, source: std::io::Error },
+    #[error("the rime serve process closed the control socket")]
+    Closed,
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad reply on the control socket: {0}")]
+    BadReply(String),
+    #[error(
+        "rime serve speaks control protocol version {server}, this rime version {PROTOCOL_VERSION}: run the same rime on both sides"
+    )]
+    Version { server: u32 },
+    /// The server refused the request.
+    #[error("{message}")]
+    Refused { kind: ErrorKind, message: String },
+}
+
+type Result<T, E = ControlError> = std::result::Result<T, E>;
+
+/// What [`ControlClient::status`] reports.
+#[derive(Clone, Debug)]
+pub struct ServerStatus {
+    pub status: Status,
+    pub volume: PathBuf,
+    pub fuse_file: Option<PathBuf>,
+    pub pid: u32,
+}
+
 pub struct ControlClient {
     r: BufReader<UnixStream>,
     w: UnixStream,
@@ -23,36 +59,65 @@ pub struct ControlClient {
 impl ControlClient {
     pub fn connect(socket: &Path) -> Result<ControlClient> {
         let s = UnixStream::connect(socket)
-            .with_context(|| format!("cannot reach the rime serve control socket {}", socket.display()))?;
+            .map_err(|source| ControlError::Unreachable { path: socket.to_path_buf(), source })?;
         Ok(ControlClient { r: BufReader::new(s.try_clone()?), w: s, socket: socket.to_path_buf() })
     }
 
-    /// Sends one request; returns the reply (an error reply becomes an `Err`).
-    pub fn call(&mut self, req: &Value) -> Result<Value> {
-        let mut line = serde_json::to_vec(req)?;
-        line.push(b'\n');
-        self.w.write_all(&line).context("control socket closed")?;
-        let mut reply = String::new();
-        if self.r.read_line(&mut reply).context("control socket")? == 0 {
-            bail!("the rime serve process closed the control socket");
+    /// Sends one request; returns the reply (an error reply becomes [`ControlError::Refused`]).
+    pub fn call(&mut self, req: &Request) -> Result<Reply> {
+        self.w.write_all(&encode(req)).map_err(|_| ControlError::Closed)?;
+        let mut line = String::new();
+        if self.r.read_line(&mut line)? == 0 {
+            return Err(ControlError::Closed);
         }
-        let v: Value = serde_json::from_str(reply.trim()).context("bad reply on the control socket")?;
-        if v["ok"] != json!(true) {
-            bail!("{}", v["error"].as_str().unwrap_or("rime serve refused the request"));
+        match serde_json::from_str::<Reply>(line.trim()) {
+            Ok(Reply::Error { kind, message }) => Err(ControlError::Refused { kind, message }),
+            Ok(reply) => Ok(reply),
+            Err(e) => Err(ControlError::BadReply(e.to_string())),
         }
-        Ok(v)
     }
 
-    /// A `read` request: the reply and then its payload into `buf`.
+    /// A request whose only answer is [`Reply::Done`].
+    pub fn call_done(&mut self, req: &Request) -> Result<()> {
+        match self.call(req)? {
+            Reply::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A `read` request: the reply and then its payload into `buf`. Returns the difference
+    /// store's (bytes, cap).
     pub fn read(&mut self, id: u64, offset: u64, buf: &mut [u8], archive: bool) -> Result<(u64, u64)> {
-        let v = self.call(&json!({"op": "read", "id": id, "offset": offset, "len": buf.len(), "archive": archive}))?;
-        self.r.read_exact(buf).context("control socket closed during a read")?;
-        Ok((v["store_bytes"].as_u64().unwrap_or(0), v["store_cap"].as_u64().unwrap_or(u64::MAX)))
+        let req = Request::Read { id, offset, len: buf.len() as u64, archive };
+        match self.call(&req)? {
+            Reply::Read { len, store_bytes, store_cap } if len == buf.len() as u64 => {
+                self.r.read_exact(buf).map_err(|_| ControlError::Closed)?;
+                Ok((store_bytes, store_cap))
+            }
+            other => Err(unexpected(&other)),
+        }
     }
 
-    pub fn status(&mut self) -> Result<Value> {
-        self.call(&json!({"op": "status"}))
+    /// Who serves what; refuses a server of another protocol version.
+    pub fn status(&mut self) -> Result<ServerStatus> {
+        match self.call(&Request::Status)? {
+            Reply::Status { protocol, status, volume, fuse_file, pid } => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(ControlError::Version { server: protocol });
+                }
+                Ok(ServerStatus { status, volume, fuse_file, pid })
+            }
+            other => Err(unexpected(&other)),
+        }
     }
+}
+
+fn unexpected(reply: &Reply) -> ControlError {
+    ControlError::BadReply(format!("unexpected reply {}", String::from_utf8_lossy(&encode(reply)).trim()))
+}
+
+fn bitmap(b: &WireBitmap, blocks: u64) -> Result<Bitmap> {
+    b.to_bitmap(blocks).map_err(ControlError::BadReply)
 }
 
 /// An active snapshot, as the backup sees it. Reading it is a [`rime_volume::BlockSource`].
@@ -67,7 +132,7 @@ pub struct SnapshotSource {
     pub block_size: u32,
     pub taken_at: f64,
     pub volume: PathBuf,
-    pub info: Value,
+    pub info: SnapshotInfo,
     archiving: AtomicBool,
     /// Blocks read early because the difference store was filling: their snapshot contents,
     /// kept in a local temporary file until the pipeline gets to them.
@@ -96,24 +161,17 @@ impl SnapshotSource {
         wip: Option<Duration>,
         limit: Option<Duration>,
         drain: Option<Duration>,
-    ) -> Result<SnapshotSource> {
+    ) -> anyhow::Result<SnapshotSource> {
+        use anyhow::Context;
         let mut c = ControlClient::connect(socket)?;
-        let st = c.status()?;
-        let volume = PathBuf::from(st["volume"].as_str().unwrap_or("volume"));
-        let mut req = json!({"op": "begin"});
-        if let Some(w) = wip {
-            req["wip_ms"] = json!(w.as_millis() as u64);
-        }
-        if let Some(l) = limit {
-            req["limit_ms"] = json!(l.as_millis() as u64);
-        }
-        if let Some(d) = drain {
-            req["drain_ms"] = json!(d.as_millis() as u64);
-        }
-        let v = c.call(&req).with_context(|| format!("taking a snapshot of {}", volume.display()))?;
-        let s = &v["snapshot"];
-        let num = |k: &str| s[k].as_u64().ok_or_else(|| anyhow!("snapshot reply without {k}"));
-        let id = num("id")?;
+        let volume = c.status()?.volume;
+        let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
+        let req = Request::Begin { wip_ms: ms(wip), limit_ms: ms(limit), drain_ms: ms(drain) };
+        let info = match c.call(&req).with_context(|| format!("taking a snapshot of {}", volume.display()))? {
+            Reply::Snapshot { snapshot } => snapshot,
+            other => return Err(unexpected(&other).into()),
+        };
+        let id = info.id;
         let client = Arc::new(Mutex::new(c));
         let alive = Arc::new(AtomicBool::new(true));
         // Keepalive: the server aborts a snapshot whose backup stops asking (hangs).
@@ -126,7 +184,7 @@ impl SnapshotSource {
                         return;
                     }
                 }
-                if c2.lock().unwrap().call(&json!({"op": "ping", "id": id})).is_err() {
+                if c2.lock().unwrap().call_done(&Request::Ping { id }).is_err() {
                     return;
                 }
             }
@@ -134,10 +192,10 @@ impl SnapshotSource {
         Ok(SnapshotSource {
             id,
             alive,
-            size: num("size")?,
-            block_size: num("block_size")? as u32,
-            taken_at: s["taken_at"].as_f64().unwrap_or(0.0),
-            info: s.clone(),
+            size: info.size,
+            block_size: info.block_size,
+            taken_at: info.taken_at,
+            info,
             client,
             volume,
             archiving: AtomicBool::new(false),
@@ -154,8 +212,8 @@ impl SnapshotSource {
         self.size.div_ceil(self.block_size as u64)
     }
 
-    pub fn call(&self, req: Value) -> Result<Value> {
-        self.client.lock().unwrap().call(&req)
+    fn call_done(&self, req: Request) -> Result<()> {
+        self.client.lock().unwrap().call_done(&req)
     }
 
     /// From now on every read archives what it read (the pipeline reads each chunk once).
@@ -164,32 +222,32 @@ impl SnapshotSource {
     }
 
     pub fn protect(&self, area: &Bitmap) -> Result<()> {
-        self.call(json!({"op": "protect", "id": self.id, "area": area.to_hex()}))?;
-        Ok(())
+        self.call_done(Request::Protect { id: self.id, area: area.into() })
     }
 
     /// (base backup, blocks changed since it up to the snapshot instant, blocks it imaged)
     pub fn changes(&self) -> Result<(Option<String>, Bitmap, Option<Bitmap>)> {
-        let v = self.call(json!({"op": "changes", "id": self.id}))?;
+        let reply = self.client.lock().unwrap().call(&Request::Changes { id: self.id })?;
+        let Reply::Changes { base, changed, used } = reply else { return Err(unexpected(&reply)) };
         let n = self.blocks();
-        let changed = Bitmap::from_hex(n, v["changed"].as_str().unwrap_or("")).context("bad changed-block map")?;
-        let used = v["used"].as_str().and_then(|h| Bitmap::from_hex(n, h));
-        Ok((v["base"].as_str().map(str::to_string), changed, used))
+        Ok((base, bitmap(&changed, n)?, used.map(|u| bitmap(&u, n)).transpose()?))
     }
 
     /// The backup `backup` of this snapshot succeeded (`used`: blocks it imaged whole;
     /// `partial`: blocks it imaged in part).
     pub fn finish(&self, backup: &str, used: &Bitmap, partial: &Bitmap) -> Result<()> {
         self.ended.store(true, Ordering::SeqCst);
-        self.call(
-            json!({"op": "end", "id": self.id, "backup": backup, "used": used.to_hex(), "partial": partial.to_hex()}),
-        )?;
-        Ok(())
+        self.call_done(Request::End {
+            id: self.id,
+            backup: Some(backup.to_string()),
+            used: Some(used.into()),
+            partial: Some(partial.into()),
+        })
     }
 
     pub fn abort(&self) {
         if !self.ended.swap(true, Ordering::SeqCst) {
-            let _ = self.call(json!({"op": "end", "id": self.id}));
+            let _ = self.call_done(Request::End { id: self.id, backup: None, used: None, partial: None });
         }
     }
 
@@ -200,17 +258,20 @@ impl SnapshotSource {
         if (bytes as f64) < cap as f64 * PRESSURE {
             return Ok(());
         }
-        let v = c.call(&json!({"op": "buffered", "id": self.id, "max": 4096}))?;
-        let blocks: Vec<u64> =
-            v["blocks"].as_array().map(|a| a.iter().filter_map(Value::as_u64).collect()).unwrap_or_default();
+        let reply = c.call(&Request::Buffered { id: self.id, max: 4096 })?;
+        let Reply::Buffered { blocks } = reply else { return Err(unexpected(&reply)) };
         let bs = self.block_size as u64;
         let mut early = self.early.lock().unwrap();
         if early.file.is_none() {
-            early.file = Some(tempfile::tempfile_in(&self.spill_dir).context("temporary file for early-read blocks")?);
+            early.file = Some(tempfile::tempfile_in(&self.spill_dir)?);
         }
         let mut buf = vec![0u8; bs as usize];
         for b in blocks {
-            let len = bs.min(self.size - b * bs) as usize;
+            // Defensive: the server names blocks of this volume only.
+            let Some(left) = self.size.checked_sub(b.saturating_mul(bs)).filter(|&l| l > 0) else {
+                return Err(ControlError::BadReply(format!("buffered block {b} is outside the volume")));
+            };
+            let len = bs.min(left) as usize;
             let (bytes, cap) = c.read(self.id, b * bs, &mut buf[..len], true)?;
             self.last_store.store(bytes, Ordering::Relaxed);
             self.store_cap.store(cap, Ordering::Relaxed);

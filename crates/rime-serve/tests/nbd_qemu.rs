@@ -2,8 +2,9 @@
 //! over a unix socket and TCP; FUA and flush; write-zeroes and trim; and a snapshot taken
 //! while `qemu-io` writes through the server equals the volume at the snapshot instant.
 
+use rime_nbd::{Address, NbdServer};
+use rime_serve::export::VolumeExport;
 use rime_snapshot::engine::{Engine, EngineConfig, SnapshotLimits};
-use rime_snapshot::nbd::{Address, NbdServer};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ fn setup(dir: &Path, size: usize) -> (Arc<Engine>, String) {
     cfg.store.spill_dir = dir.to_path_buf();
     let engine = Arc::new(Engine::open(&vol, cfg).unwrap());
     let sock = dir.join("nbd.sock");
-    let server = NbdServer::new(engine.clone(), "vol".into());
+    let server = NbdServer::new(Arc::new(VolumeExport(engine.clone())), "vol".into());
     server.listen(&Address::parse(&format!("unix:{}", sock.display()))).unwrap();
     (engine, format!("nbd+unix:///?socket={}", sock.display()))
 }
@@ -110,7 +111,7 @@ fn qemu_tools_work_against_the_server() {
     assert!(std::fs::read(&copy).unwrap() == std::fs::read(engine.path()).unwrap());
 
     // TCP on 127.0.0.1.
-    let server = NbdServer::new(engine.clone(), "vol".into());
+    let server = NbdServer::new(Arc::new(VolumeExport(engine.clone())), "vol".into());
     let port = 20000 + (std::process::id() % 20000) as u16;
     server.listen(&Address::parse(&format!("127.0.0.1:{port}"))).unwrap();
     run("qemu-io", &["-f", "raw", "-c", "read -P 0xab 1M 64k", &format!("nbd://127.0.0.1:{port}")]);

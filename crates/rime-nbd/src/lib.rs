@@ -1,0 +1,32 @@
+//! NBD, in one home: the protocol numbers ([`proto`]), a client that reads an export
+//! ([`client`], used to read disk images through `qemu-nbd`), and a server that exports any
+//! [`Export`] ([`server`], used by `rime serve` for a protected volume).
+//!
+//! Written here rather than taken from a crate: the maintained NBD crates are client-only or
+//! async-only, and the server must hand every write synchronously to the copy-on-write engine.
+//! Protocol facts from the NBD protocol document (`doc/proto.md` of the NBD project).
+
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod proto;
+pub mod server;
+mod wire;
+
+pub use client::NbdClient;
+pub use server::{Address, NbdServer};
+
+/// What an NBD server exports: a fixed-size block device. Offsets and lengths the server passes
+/// are always within `0..size()`.
+pub trait Export: Send + Sync {
+    fn size(&self) -> u64;
+    /// Shown to clients that ask for a description (`NBD_OPT_LIST`, `NBD_INFO_DESCRIPTION`).
+    fn description(&self) -> &str;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// `fua`: durable before the call returns.
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> std::io::Result<()>;
+    /// `may_punch`: the range may become a hole rather than written zeroes.
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_punch: bool) -> std::io::Result<()>;
+    fn trim(&self, offset: u64, len: u64) -> std::io::Result<()>;
+    fn flush(&self) -> std::io::Result<()>;
+}

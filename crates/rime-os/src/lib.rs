@@ -1,0 +1,15 @@
+//! Operating-system glue, kept out of the command library and the engines: every system call
+//! Rime makes outside plain `std` goes through here, through `rustix` and `nix`, so that the
+//! other crates need no `unsafe`.
+//!
+//! - [`signals`]: taking SIGINT/SIGTERM/... synchronously in one thread (`rime serve`, `rime mount`);
+//! - [`mounts`]: mount-point checks and unmounting;
+//! - [`process`]: whether a process is alive;
+//! - [`dirfd`]: file operations relative to an open directory, for writing a restored tree.
+
+#![forbid(unsafe_code)]
+
+pub mod dirfd;
+pub mod mounts;
+pub mod process;
+pub mod signals;

@@ -1,0 +1,94 @@
+//! Mount points: refusing ones a FUSE view must not cover, and unmounting.
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountPointError {
+    #[error("mount point {} does not exist", .0.display())]
+    Missing(PathBuf),
+    #[error("mount point {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("mount point {} is busy (something is already mounted there)", .0.display())]
+    Busy(PathBuf),
+    #[error("mount point {} is not empty", .0.display())]
+    NotEmpty(PathBuf),
+    #[error("mount point {}: {source}", .path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// Refuses mount points that do not exist, are not empty directories, or are mount points.
+pub fn check_mountpoint(path: &Path) -> Result<(), MountPointError> {
+    let io = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::NotFound => MountPointError::Missing(path.to_path_buf()),
+        _ => MountPointError::Io { path: path.to_path_buf(), source: e },
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    if !meta.is_dir() {
+        return Err(MountPointError::NotADirectory(path.to_path_buf()));
+    }
+    let canonical = path.canonicalize().map_err(io)?;
+    let parent = canonical.parent().unwrap_or(Path::new("/"));
+    let busy = canonical == Path::new("/")
+        || std::fs::metadata(parent).map(|p| p.dev() != meta.dev() || p.ino() == meta.ino()).unwrap_or(false)
+        || is_mount_point(&canonical);
+    if busy {
+        return Err(MountPointError::Busy(path.to_path_buf()));
+    }
+    if std::fs::read_dir(&canonical).map_err(io)?.next().is_some() {
+        return Err(MountPointError::NotEmpty(path.to_path_buf()));
+    }
+    Ok(())
+}
+
+/// `canonical` is listed in `/proc/self/mountinfo`.
+fn is_mount_point(canonical: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| {
+            m.lines().any(|l| {
+                l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(canonical.as_os_str().as_bytes())
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// `/proc/self/mountinfo` escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Unmounts a FUSE view: `umount2` as root (lazily if it is busy, so the view disappears now and
+/// its session ends when the last user lets go), else `fusermount3 -u -z` / `fusermount -u -z`.
+pub fn unmount(mountpoint: &Path) {
+    use rustix::mount::{unmount, UnmountFlags};
+    if unmount(mountpoint, UnmountFlags::empty()).is_ok() || unmount(mountpoint, UnmountFlags::DETACH).is_ok() {
+        return;
+    }
+    for tool in ["fusermount3", "fusermount"] {
+        if std::process::Command::new(tool).arg("-u").arg("-z").arg(mountpoint).status().is_ok_and(|s| s.success()) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_escapes_are_undone() {
+        assert_eq!(super::unescape_mountinfo(r"/mnt/a\040b\134c"), b"/mnt/a b\\c");
+        assert_eq!(super::unescape_mountinfo(r"/x\04"), b"/x\\04");
+    }
+}

@@ -1,0 +1,17 @@
+//! Processes.
+
+/// Whether process `pid` exists (signal 0: nothing is sent).
+pub fn is_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    rustix::process::Pid::from_raw(pid).is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+}
+
+/// The effective user is root (device nodes and owners can be restored).
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// The real user and group (the owner shown for synthetic files).
+pub fn real_ids() -> (u32, u32) {
+    (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw())
+}
