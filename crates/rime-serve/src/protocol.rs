@@ -155,3 +155,43 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     line.push(b'\n');
     line
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_keep_their_wire_form() {
+        let r = Request::Read { id: 3, offset: 4096, len: 65536, archive: true };
+        let line = String::from_utf8(encode(&r)).unwrap();
+        assert_eq!(line, "{\"op\":\"read\",\"id\":3,\"offset\":4096,\"len\":65536,\"archive\":true}\n");
+        assert_eq!(serde_json::from_str::<Request>(line.trim()).unwrap(), r);
+        let begin: Request = serde_json::from_str(r#"{"op":"begin","wip_ms":50}"#).unwrap();
+        assert_eq!(begin, Request::Begin { wip_ms: Some(50), limit_ms: None, drain_ms: None });
+    }
+
+    #[test]
+    fn unknown_operations_and_fields_are_refused() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format_disk"}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"ping","id":1,"force":true}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"read","id":1}"#).is_err(), "missing fields");
+    }
+
+    #[test]
+    fn bitmaps_of_another_volume_are_refused() {
+        let b = Bitmap::new(100);
+        b.set(7);
+        let wire = WireBitmap::from(&b);
+        assert!(wire.to_bitmap(100).unwrap().get(7));
+        assert!(wire.to_bitmap(101).is_err());
+        let lying = WireBitmap { blocks: 100, hex: "00".into() };
+        assert!(lying.to_bitmap(100).is_err(), "hex too short for its block count");
+    }
+
+    #[test]
+    fn error_replies_carry_their_kind() {
+        let reply = Reply::Error { kind: ErrorKind::of(&SnapshotError::Busy), message: "busy".into() };
+        let line = String::from_utf8(encode(&reply)).unwrap();
+        assert_eq!(line, "{\"reply\":\"error\",\"kind\":\"busy\",\"message\":\"busy\"}\n");
+    }
+}

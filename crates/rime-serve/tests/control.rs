@@ -84,3 +84,27 @@ fn a_backup_that_goes_away_aborts_its_snapshot() {
     assert!(format!("{err:#}").contains("already in progress"), "{err:#}");
     drop(a);
 }
+
+#[test]
+fn a_server_of_another_protocol_version_is_refused() {
+    use rime_serve::protocol::{encode, Reply};
+    use std::io::{BufRead, Write};
+    // Only this build's server can run here, so a stand-in socket answers `status` as a server
+    // of protocol version 2 would (with a real engine's status).
+    let dir = tempfile::tempdir().unwrap();
+    let (engine, _) = setup(dir.path(), 16, 16 * BS);
+    let sock = dir.path().join("other.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let status = engine.status();
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
+        let reply = Reply::Status { protocol: 2, status, volume: "/dev/other".into(), fuse_file: None, pid: 1 };
+        (&s).write_all(&encode(&reply)).unwrap();
+    });
+    let err = SnapshotSource::begin(&sock, None, None, None).err().expect("another version must be refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("protocol version 2") && msg.contains("version 1"), "{msg}");
+    assert_eq!(engine.status().state, EngineState::Idle, "no snapshot was taken");
+}
