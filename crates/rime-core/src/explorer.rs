@@ -145,7 +145,7 @@ impl Explorer {
     /// Takes the shared repository lock (so no prune removes chunks under us), resolves the
     /// snapshot and loads the chunk index.
     pub fn open(repo: Repository, snapshot: &str, cache_bytes: Option<u64>) -> Result<Explorer> {
-        let lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
+        let lock = repo.lock(LockMode::Shared, "explore", Duration::from_secs(30))?;
         let manifest = repo.resolve(snapshot)?;
         let counter = Arc::new(ReadCounter::default());
         let index = load_chunk_index(&repo, &counter)?;

@@ -3,6 +3,7 @@
 
 pub mod archive;
 pub mod commands;
+pub mod error;
 pub mod exclusions;
 pub mod explorer;
 pub mod inuse;
@@ -13,6 +14,7 @@ pub mod retention;
 pub mod snapshot_reader;
 pub mod target;
 
+pub use error::CommandError;
 pub use progress::{NoProgress, Progress};
 
 /// Worker threads for hashing, compressing and decompressing: one per core.
@@ -22,9 +24,5 @@ pub fn default_threads() -> usize {
 
 /// This machine's host name, recorded in every snapshot.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
+    rime_os::process::host_name()
 }

@@ -9,10 +9,9 @@
 //! server, whose changed-block map then counts from this snapshot's instant.
 
 use crate::archive::Prior;
-use crate::snapshot_reader::{load_chunk_index, ReadCounter, SnapshotReader};
 use anyhow::{Context, Result};
 use rime_repo::volume_index::VolumeIndexReader;
-use rime_repo::{ChunkId, Repository};
+use rime_repo::{ChunkId, ChunkIndex, Repository};
 use rime_serve::SnapshotSource;
 use rime_snapshot::Bitmap;
 use rime_volume::usedmap::{push_range, FileExtents, UsedMap};
@@ -57,10 +56,10 @@ pub fn open(control: &Path) -> Result<(Volume, Arc<SnapshotSource>)> {
 /// source to archiving reads.
 pub fn prepare(
     repo: &Repository,
+    index: &Arc<ChunkIndex>,
     source: Arc<SnapshotSource>,
     volume: &Volume,
     map: &mut Box<dyn UsedMap>,
-    chunk_size: u32,
 ) -> Result<OnlineVolume> {
     let bs = source.block_size as u64;
     let blocks = source.blocks();
@@ -76,7 +75,7 @@ pub fn prepare(
         used.clear(b);
     }
 
-    let reuse = Reuse::find(repo, &source, volume, chunk_size, &used, &partial)?;
+    let reuse = Reuse::find(repo, index, &source, volume, &used, &partial)?;
     let area = used_or_partial;
     if let Some(r) = &reuse {
         r.unprotect(&area);
@@ -121,7 +120,8 @@ struct Reuse {
     /// Used blocks written since the base.
     changed: Bitmap,
     index: VolumeIndexReader,
-    reader: SnapshotReader,
+    repo: Repository,
+    chunks: Arc<ChunkIndex>,
     block: u64,
     chunk: u64,
     size: u64,
@@ -136,12 +136,13 @@ impl Reuse {
     /// the base's chunk itself.
     fn find(
         repo: &Repository,
+        chunk_index: &Arc<ChunkIndex>,
         source: &SnapshotSource,
         volume: &Volume,
-        chunk_size: u32,
         used: &Bitmap,
         partial: &Bitmap,
     ) -> Result<Option<Reuse>> {
+        let chunk_size = repo.config.chunk_size;
         let (base, changed, prev_used) = source.changes()?;
         let (Some(base), Some(prev_used)) = (base, prev_used) else {
             return Ok(None);
@@ -164,10 +165,7 @@ impl Reuse {
         else {
             return Ok(None);
         };
-        let counter = Arc::new(ReadCounter::default());
-        let chunk_index = load_chunk_index(repo, &counter)?;
         let index = VolumeIndexReader::open(repo.backend.as_ref(), &entry.index)?;
-        let reader = SnapshotReader::open(repo, chunk_index.clone(), entry, 4 * chunk_size as u64, counter)?;
         let per = chunk_size as u64 / bs;
         let blocks = source.blocks();
         changed.and_with(used);
@@ -202,7 +200,8 @@ impl Reuse {
             patch,
             changed,
             index,
-            reader,
+            repo: repo.clone(),
+            chunks: chunk_index.clone(),
             block: bs,
             chunk: chunk_size as u64,
             size: volume.size,
@@ -250,10 +249,20 @@ impl Reuse {
         }
         let start = seq * self.chunk;
         let len = self.chunk.min(self.size - start);
-        let mut base = vec![0u8; len as usize];
-        self.reader
-            .read_at(start, &mut base)
-            .with_context(|| format!("reading chunk {seq} of snapshot {}", self.base))?;
+        let id = self.id(seq)?;
+        let base = if id.is_zero_marker() {
+            vec![0u8; len as usize]
+        } else {
+            self.repo
+                .read_chunk(&self.chunks, &id)
+                .with_context(|| format!("reading chunk {seq} of snapshot {}", self.base))?
+        };
+        anyhow::ensure!(
+            base.len() as u64 == len,
+            "chunk {seq} of snapshot {} holds {} bytes, not {len}",
+            self.base,
+            base.len()
+        );
         let mut ranges: Vec<Range<u64>> = Vec::new();
         let per = self.chunk / self.block;
         for b in seq * per..(seq + 1) * per {

@@ -5,11 +5,13 @@
 //! - [`signals`]: taking SIGINT/SIGTERM/... synchronously in one thread (`rime serve`, `rime mount`);
 //! - [`mounts`]: mount-point checks and unmounting;
 //! - [`process`]: whether a process is alive;
-//! - [`dirfd`]: file operations relative to an open directory, for writing a restored tree.
+//! - [`dirfd`]: file operations relative to an open directory, for writing a restored tree;
+//! - [`flock`]: whole-file locks the kernel drops when their holder dies.
 
 #![forbid(unsafe_code)]
 
 pub mod dirfd;
+pub mod flock;
 pub mod mounts;
 pub mod process;
 pub mod signals;

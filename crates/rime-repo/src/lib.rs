@@ -5,9 +5,12 @@
 //! temp file → fsync → rename, so a crash at any point leaves a usable repository: objects that
 //! no manifest reaches are garbage that `prune` removes.
 
+#![forbid(unsafe_code)]
+
 pub mod backend;
 pub mod compression;
 pub mod config;
+pub mod error;
 pub mod id;
 pub mod index;
 pub mod lock;
@@ -18,6 +21,7 @@ pub mod volume_index;
 
 pub use compression::Compression;
 pub use config::RepoConfig;
+pub use error::RepoError;
 pub use id::{ChunkId, PackId, SnapshotId};
 pub use index::{ChunkIndex, ChunkLocation};
 pub use repo::Repository;

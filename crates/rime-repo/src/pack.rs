@@ -8,7 +8,7 @@
 use crate::backend::Backend;
 use crate::compression::Encoding;
 use crate::id::{ChunkId, PackId};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
@@ -209,10 +209,11 @@ impl PackWriter {
 
 /// Decodes a blob payload and checks it against its chunk id.
 pub fn decode_blob(payload: &[u8], encoding: Encoding, raw_len: u32, id: &ChunkId) -> Result<Vec<u8>> {
+    let damaged = |why: String| crate::error::RepoError::ChunkDamaged { id: id.to_string(), why };
     let raw = crate::compression::decode(encoding, payload, raw_len as usize)
-        .with_context(|| format!("chunk {id} cannot be decoded"))?;
+        .map_err(|e| damaged(format!("it cannot be decoded: {e:#}")))?;
     if ChunkId::of(&raw) != *id {
-        bail!("chunk {id} is corrupt (digest mismatch)");
+        return Err(damaged("digest mismatch".into()).into());
     }
     Ok(raw)
 }

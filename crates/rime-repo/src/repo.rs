@@ -2,29 +2,30 @@
 
 use crate::backend::{Backend, LocalBackend};
 use crate::config::{RepoConfig, DEFAULT_PACK_SIZE};
+use crate::error::RepoError;
 use crate::id::SnapshotId;
 use crate::index::{BadIndex, ChunkIndex};
-use crate::lock::{LockMode, RepoLock};
+use crate::lock::{LockInfo, LockMode, RepoLock};
 use crate::snapshot::Manifest;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub const CONFIG_PATH: &str = "config.json";
 
+#[derive(Clone)]
 pub struct Repository {
     pub backend: Arc<dyn Backend>,
     pub config: RepoConfig,
-    root: PathBuf,
 }
 
-fn local_root(location: &str) -> Result<PathBuf> {
+fn local_root(location: &str) -> Result<PathBuf, RepoError> {
     if location.is_empty() {
-        bail!("no repository given: use --repo LOCATION or set RIME_REPO");
+        return Err(RepoError::NoLocation);
     }
-    if location.starts_with("s3://") {
-        bail!("S3 repositories are not supported by this build yet: {location}");
+    if let Some((scheme, _)) = location.split_once("://") {
+        return Err(RepoError::UnsupportedBackend(format!("{scheme}:// ({location})")));
     }
     Ok(PathBuf::from(location))
 }
@@ -34,13 +35,13 @@ pub type UnreadableManifest = (String, String);
 
 impl Repository {
     /// Creates a new repository; refuses a location that already holds anything.
-    pub fn init(location: &str, chunk_size: u32) -> Result<Repository> {
+    pub fn init(location: &str, chunk_size: u32) -> Result<Repository, RepoError> {
         let root = local_root(location)?;
         if root.join(CONFIG_PATH).exists() {
-            bail!("a repository already exists at {location}");
+            return Err(RepoError::AlreadyExists(location.into()));
         }
         if root.exists() && std::fs::read_dir(&root).with_context(|| format!("read {location}"))?.next().is_some() {
-            bail!("{location} is not empty; refusing to create a repository there");
+            return Err(RepoError::NotEmpty(location.into()));
         }
         let config = RepoConfig {
             format_version: crate::FORMAT_VERSION,
@@ -49,38 +50,46 @@ impl Repository {
             pack_size: DEFAULT_PACK_SIZE,
             created: chrono::Utc::now(),
         };
-        config.validate()?;
+        config.validate().map_err(|e| RepoError::BadConfig(format!("{e:#}")))?;
         std::fs::create_dir_all(&root).with_context(|| format!("create {location}"))?;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
-        for dir in ["packs", "index", "snapshots", "volumes", "tmp"] {
+        for dir in ["packs", "index", "snapshots", "volumes", "tmp", crate::backend::LOCKS_DIR] {
             std::fs::create_dir_all(root.join(dir))?;
         }
-        backend.write_atomic(CONFIG_PATH, &serde_json::to_vec_pretty(&config)?)?;
-        Ok(Repository { backend, config, root })
+        backend.write_atomic(CONFIG_PATH, &serde_json::to_vec_pretty(&config).map_err(anyhow::Error::from)?)?;
+        Ok(Repository { backend, config })
     }
 
-    pub fn open(location: &str) -> Result<Repository> {
+    pub fn open(location: &str) -> Result<Repository, RepoError> {
         let root = local_root(location)?;
         let backend: Arc<dyn Backend> = Arc::new(LocalBackend::new(&root));
         if !backend.exists(CONFIG_PATH)? {
-            bail!("no repository at {location} (create one with `rime init`)");
+            return Err(RepoError::NotFound(location.into()));
         }
         let config: RepoConfig = serde_json::from_slice(&backend.read(CONFIG_PATH)?)
-            .with_context(|| format!("{location}/{CONFIG_PATH} is damaged"))?;
-        config.validate()?;
-        Ok(Repository { backend, config, root })
+            .map_err(|e| RepoError::BadConfig(format!("{location}/{CONFIG_PATH} is damaged: {e}")))?;
+        config.validate().map_err(|e| RepoError::BadConfig(format!("{e:#}")))?;
+        Ok(Repository { backend, config })
     }
 
     pub fn location(&self) -> String {
         self.backend.location()
     }
 
-    pub fn lock(&self, mode: LockMode, wait: Duration) -> Result<RepoLock> {
-        RepoLock::acquire(&self.root.join("lock"), mode, wait)
+    /// Takes the repository lock for `command` (see [`crate::lock`]).
+    pub fn lock(&self, mode: LockMode, command: &str, wait: Duration) -> Result<RepoLock, RepoError> {
+        self.backend.lock(&LockInfo::new(mode, command), wait)
     }
 
     pub fn load_index(&self) -> Result<(ChunkIndex, Vec<BadIndex>)> {
         ChunkIndex::load(self.backend.as_ref())
+    }
+
+    /// One chunk's bytes, read from its pack and checked against its id.
+    pub fn read_chunk(&self, index: &ChunkIndex, id: &crate::ChunkId) -> Result<Vec<u8>> {
+        let loc = index.get(id).with_context(|| format!("chunk {id} is missing from the repository"))?;
+        let reader = self.backend.open(&crate::pack::pack_path(&index.pack_id(loc)))?;
+        crate::pack::read_blob(reader.as_ref(), &loc.entry(*id))
     }
 
     /// All readable manifests, oldest first, and the paths of unreadable ones with the reason.
@@ -106,20 +115,20 @@ impl Repository {
     }
 
     /// Resolves `latest`, a full id or a unique id prefix to a manifest.
-    pub fn resolve(&self, spec: &str) -> Result<Manifest> {
+    pub fn resolve(&self, spec: &str) -> Result<Manifest, RepoError> {
         let (all, _) = self.manifests()?;
         if spec == "latest" {
-            return all.into_iter().last().context("the repository has no snapshots");
+            return all.into_iter().last().ok_or(RepoError::NoSnapshots);
         }
         if spec.is_empty() || !spec.bytes().all(|b| b.is_ascii_hexdigit()) {
-            bail!("'{spec}' is not a snapshot id (expected hex digits or 'latest')");
+            return Err(RepoError::BadSnapshotId(spec.into()));
         }
         let spec_lower = spec.to_ascii_lowercase();
         let mut matches: Vec<Manifest> = all.into_iter().filter(|m| m.id.starts_with(&spec_lower)).collect();
         match matches.len() {
-            0 => bail!("no snapshot '{spec}' in the repository"),
+            0 => Err(RepoError::SnapshotNotFound(spec.into())),
             1 => Ok(matches.remove(0)),
-            n => bail!("'{spec}' is ambiguous: {n} snapshots start with it"),
+            count => Err(RepoError::AmbiguousSnapshot { spec: spec.into(), count }),
         }
     }
 
@@ -135,22 +144,7 @@ impl Repository {
         for path in self.backend.list(&format!("volumes/{id}"))? {
             self.backend.remove(&path)?;
         }
-        let _ = std::fs::remove_dir(self.root.join("volumes").join(&id.0));
+        self.backend.remove_empty_dir(&format!("volumes/{id}"));
         Ok(())
-    }
-
-    /// Removes leftovers of interrupted writers in the scratch folder. Call only while holding
-    /// the exclusive lock.
-    pub fn clean_scratch(&self) -> Result<u64> {
-        let mut removed = 0;
-        let dir = self.backend.scratch_dir();
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                if std::fs::remove_file(e.path()).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        Ok(removed)
     }
 }

@@ -324,7 +324,7 @@ impl SnapshotSource {
 
 impl rime_volume::BlockSource for SnapshotSource {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.read_view(buf, offset).map_err(|e| std::io::Error::other(format!("{e:#}")))
+        self.read_view(buf, offset).map_err(std::io::Error::other)
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `rime` command line: argument parsing and output only; the work is in `rime_core`.
 
+mod exit;
 mod output;
 mod progress_bar;
 mod sample;
@@ -26,6 +27,10 @@ struct Cli {
     /// Worker threads for hashing and compression (default: one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Seconds to wait for a conflicting holder of the repository lock before giving up
+    /// (exit code 3) when forgetting or pruning.
+    #[arg(long, global = true, default_value_t = 30, value_name = "SECONDS")]
+    lock_wait: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -166,7 +171,7 @@ fn main() {
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("rime: {msg}");
-            std::process::exit(1);
+            std::process::exit(exit::code(&e));
         }
     }
 }
@@ -191,7 +196,7 @@ fn run(cli: Cli) -> Result<i32> {
     let threads = cli.threads.unwrap_or_else(rime_core::default_threads).max(1);
     let (location, is_default) = repo_location(&cli.repo)?;
     let progress = progress_bar::for_terminal(cli.json);
-    let lock_wait = Duration::from_secs(30);
+    let lock_wait = Duration::from_secs(cli.lock_wait);
     match cli.command {
         Command::Init { chunk_size } => {
             let repo = rime_core::commands::init::init(&location, chunk_size)?;
@@ -224,12 +229,26 @@ fn run(cli: Cli) -> Result<i32> {
                 all_blocks,
                 exclude_files,
                 mode: backup::Mode::parse(&mode)?,
-                keep_last,
                 threads,
                 host: rime_core::hostname(),
                 map_options: MapOptions { cross_check: CrossCheck::parse(&cross_check)? },
             };
-            let summary = backup::backup(&repo, &opts, progress.as_ref())?;
+            let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
+            if let Some(n) = keep_last {
+                // Retention is its own step, after a successful backup; its failure does not
+                // undo the backup.
+                match rime_core::commands::forget::keep_last(&repo, &summary.manifest, n, progress.as_ref()) {
+                    Ok(cycled) => {
+                        summary.forgotten = cycled.forgotten;
+                        summary.pruned = cycled.pruned;
+                    }
+                    Err(e) => {
+                        let w = format!("backup succeeded but old snapshots were not removed: {e:#}");
+                        progress.warn(&w);
+                        summary.warnings.push(w);
+                    }
+                }
+            }
             output::backup(&summary, cli.json);
         }
         Command::Snapshots => {

@@ -117,7 +117,9 @@ fn offline_backup_of_a_mounted_device_is_refused() {
     let lo = LoopDev::attach(&image);
     let mnt = Mount::new(&lo.dev, &env.path("mnt"), &[]);
 
-    let line = env.rime(&["backup", "--mode", "offline", lo.path()]).fails();
+    let run = env.rime(&["backup", "--mode", "offline", lo.path()]);
+    assert_eq!(run.code, Some(6), "a volume in use has its own exit code: {run:?}");
+    let line = run.fails();
     assert!(
         line.contains("in use") || line.contains("mounted"),
         "offline backup of a mounted device should say it is in use: {line}"

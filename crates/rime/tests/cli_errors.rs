@@ -49,11 +49,15 @@ fn errors_exit_non_zero_with_one_line() {
     let target = env.path("target.img");
 
     // Restore from an empty repository, of a snapshot that does not exist, of a bad id.
-    let line = env.rime(&["restore", "latest", target.to_str().unwrap()]).fails();
+    let run = env.rime(&["restore", "latest", target.to_str().unwrap()]);
+    assert_eq!(run.code, Some(4), "nothing to restore is 'not found': {run:?}");
+    let line = run.fails();
     assert!(line.contains("no snapshots") || line.contains("snapshot"), "{line}");
     let id = env.backup(&[image.to_str().unwrap()]);
     for missing in ["deadbeef", "0000000000000000"] {
-        let line = env.rime(&["restore", missing, target.to_str().unwrap()]).fails();
+        let run = env.rime(&["restore", missing, target.to_str().unwrap()]);
+        assert_eq!(run.code, Some(4), "{run:?}");
+        let line = run.fails();
         assert!(line.contains(missing), "the error should name the snapshot '{missing}': {line}");
     }
     let line = env.rime(&["restore", "not-a-hex-id!", target.to_str().unwrap()]).fails();

@@ -142,8 +142,9 @@ fn damaged_fat_and_ntfs_images_never_crash() {
                 [vec!["ls", snap.as_str(), "/a"], vec!["extract", snap.as_str(), "/", "--to", to.to_str().unwrap()]]
             {
                 let r = env.rime(&args);
-                assert!(matches!(r.code, Some(0..=2)), "{name} round {round}: {r:?}");
-                assert!(!r.stderr.contains("panicked at") || r.code.is_some(), "{r:?}");
+                // A clear outcome (an exit code of README's table), never a panic or a signal.
+                assert!(matches!(r.code, Some(0..=7)), "{name} round {round}: {r:?}");
+                assert!(!r.stderr.contains("panicked at"), "{r:?}");
             }
         }
     }

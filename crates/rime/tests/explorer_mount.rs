@@ -144,3 +144,23 @@ fn bad_mount_points_are_one_line_errors() {
     sh("fusermount", &["-u", mp.to_str().unwrap()]);
     assert_eq!(wait_exit(&mut proc, Duration::from_secs(15)), Some(0));
 }
+
+#[test]
+fn a_mount_holds_the_shared_lock_and_prune_is_refused_with_exit_code_3() {
+    let env = Env::new();
+    let (_src, image) = ext4_with_files(&env, "vol", 7, 16, 256 * 1024);
+    let snap = env.backup(&[image.to_str().unwrap()]);
+    let mp = env.path("mp");
+    let mut proc = start_mount(&env, &snap, &mp);
+    let prune = env.rime(&["--lock-wait", "0", "prune"]);
+    assert_eq!(prune.code, Some(3), "a locked repository has its own exit code: {prune:?}");
+    let line = prune.fails();
+    let pid = proc.child.as_ref().unwrap().id();
+    assert!(
+        line.contains("locked") && line.contains("rime explore (shared)") && line.contains(&format!("pid {pid}")),
+        "the refusal names the holder: {line}"
+    );
+    sh("fusermount", &["-u", mp.to_str().unwrap()]);
+    assert_eq!(wait_exit(&mut proc, Duration::from_secs(20)), Some(0));
+    env.rime(&["--lock-wait", "0", "prune"]).ok();
+}

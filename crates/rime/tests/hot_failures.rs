@@ -55,6 +55,7 @@ fn difference_store_cap_aborts_the_backup_cleanly() {
     qemu_io(&served.nbd_uri(), &(0..32).map(|i| format!("write -P 0x5a {}M 1M", 32 + i)).collect::<Vec<_>>());
     assert!(t.elapsed() < Duration::from_secs(20), "writers were held up: {:?}", t.elapsed());
     let run = wait_run(backup.take(), "backup");
+    assert_eq!(run.code, Some(7), "a failed snapshot has its own exit code: {run:?}");
     let msg = run.fails();
     assert!(msg.contains("difference store") && msg.contains("cap"), "{msg}");
     assert!(served.wait_state("idle", Duration::from_secs(10)).is_some(), "{}", served.status());
@@ -147,6 +148,7 @@ fn server_killed_mid_way_loses_no_written_data_and_cbt_says_all_changed() {
     );
     served.kill();
     let run = wait_run(backup.take(), "backup");
+    assert_eq!(run.code, Some(7), "{run:?}");
     let msg = run.fails();
     assert!(msg.contains("rime serve") || msg.contains("control socket"), "{msg}");
     // Nothing acknowledged before the kill is lost.
@@ -181,8 +183,10 @@ fn no_write_inactivity_within_the_limit_fails_clearly() {
     std::thread::sleep(Duration::from_millis(500));
     fio.assert_running();
     let t = Instant::now();
-    let msg = env.rime(&["backup", "--mode", "online", served.control.to_str().unwrap()]).fails();
+    let run = env.rime(&["backup", "--mode", "online", served.control.to_str().unwrap()]);
     let took = t.elapsed();
+    assert_eq!(run.code, Some(7), "{run:?}");
+    let msg = run.fails();
     fio.assert_running();
     fio.stop();
     assert!(msg.contains("write-inactivity period") && msg.contains("time limit"), "{msg}");

@@ -84,7 +84,9 @@ fn a_flipped_byte_is_reported_with_the_snapshots_that_need_it() {
     // Restoring an affected snapshot fails instead of writing bad data; B still restores.
     for snap in [&snap_a, &snap_c] {
         let out = env.path(&format!("restored-{snap}.img"));
-        let line = env.rime(&["restore", snap, out.to_str().unwrap()]).fails();
+        let run = env.rime(&["restore", snap, out.to_str().unwrap()]);
+        assert_eq!(run.code, Some(5), "a damaged snapshot has its own exit code: {run:?}");
+        let line = run.fails();
         assert!(line.contains("corrupt") || line.contains("damaged"), "restore should say why: {line}");
         assert!(!out.exists() || !same_bytes(&a, &out), "a failed restore must not look like a good one");
         assert!(!out.exists(), "a failed restore into a new file should remove it");

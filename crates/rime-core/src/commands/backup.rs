@@ -1,13 +1,17 @@
 //! `rime backup`: image volumes into a new snapshot.
 //!
+//! In a straight line: take the shared repository lock → load the chunk index once → open the
+//! volumes (taking snapshots of protected ones) and decide their maps → write → publish the
+//! manifest → release the lock. Retention is a separate step after a success.
+//!
 //! Order of writes, each durable before the next: packs (each followed by its index file) →
 //! one volume index per volume → the manifest. Until the manifest exists nothing references the
 //! new objects, so a backup that fails or is killed leaves every existing snapshot as it was.
 
 use crate::archive::{archive_volume, ArchiveInput, PackSink};
+use crate::error::CommandError;
 use crate::inuse::{self, Usage};
 use crate::progress::Progress;
-use crate::retention::{self, Policy};
 use anyhow::{bail, Context, Result};
 use rime_repo::lock::LockMode;
 use rime_repo::pack::{index_path, pack_path, FinishedPack};
@@ -52,7 +56,6 @@ pub struct BackupOptions {
     /// Paths inside the volumes' filesystems whose data is left out.
     pub exclude_files: Vec<String>,
     pub mode: Mode,
-    pub keep_last: Option<usize>,
     pub threads: usize,
     pub host: String,
     /// How the used-block maps are made (cross-checks).
@@ -63,44 +66,59 @@ pub struct BackupOptions {
 pub struct BackupSummary {
     pub snapshot: String,
     pub manifest: Manifest,
-    /// Snapshots removed by `--keep-last`.
+    /// Snapshots removed by `--keep-last` (filled by the retention step that follows).
     pub forgotten: Vec<String>,
     pub pruned: Option<super::prune::PruneSummary>,
     pub warnings: Vec<String>,
 }
 
+/// Backs up `opts.volumes` into a new snapshot, in a straight line: lock, load what the backup
+/// needs once, read the volumes (taking snapshots of protected ones), write, publish. Retention
+/// (`--keep-last`) is a separate step, [`super::forget::keep_last`], run after a success.
 pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupSummary> {
     if opts.volumes.is_empty() {
         bail!("no volume to back up");
     }
+    if opts.all_blocks && !opts.exclude_files.is_empty() {
+        bail!("--exclude-file cannot be combined with --all-blocks");
+    }
     let started = Instant::now();
     let mut warnings = Vec::new();
+    let mut warn = |w: String| {
+        progress.warn(&w);
+        warnings.push(w);
+    };
+
+    // 1. Lock: from here until the manifest is written, no forget or prune removes what this
+    //    backup reads (a base snapshot) or deduplicates against.
+    let lock = repo.lock(LockMode::Shared, "backup", Duration::from_secs(30))?;
+    // 2. Load the chunk index, once: deduplication and incremental reuse both consult it.
+    let (index, bad) = repo.load_index()?;
+    for b in bad {
+        warn(format!("ignoring unreadable pack index {}: {}", b.path, b.reason));
+    }
+    let index = Arc::new(index);
+    // 3. Read: open the volumes (snapshots of protected ones), decide their maps.
     let volumes = open_volumes(&opts.volumes, opts.mode)?;
     let mut layouts = Vec::new();
     for ov in &volumes {
         let mut layout = if opts.all_blocks {
-            if !opts.exclude_files.is_empty() {
-                bail!("--exclude-file cannot be combined with --all-blocks");
-            }
             layout::all_blocks("all blocks (--all-blocks)")
         } else {
             layout::map_volume(&ov.volume.region(), &opts.map_options)
                 .with_context(|| format!("{}", ov.volume.path.display()))?
         };
-        for w in layout.warnings.drain(..) {
-            progress.warn(&w);
-            warnings.push(w);
-        }
+        layout.warnings.drain(..).for_each(&mut warn);
         layouts.push(layout);
     }
-    let excluded = crate::exclusions::apply(&mut layouts, &opts.exclude_files, &mut warnings)?;
+    let mut exclusion_warnings = Vec::new();
+    let excluded = crate::exclusions::apply(&mut layouts, &opts.exclude_files, &mut exclusion_warnings)?;
+    exclusion_warnings.into_iter().for_each(&mut warn);
     // Protected volumes: the map is final now; narrow their snapshots' protection areas.
     let mut online = Vec::new();
     for (ov, layout) in volumes.iter().zip(layouts.iter_mut()) {
         online.push(match &ov.online {
-            Some(source) => {
-                Some(crate::online::prepare(repo, source.clone(), &ov.volume, &mut layout.map, repo.config.chunk_size)?)
-            }
+            Some(source) => Some(crate::online::prepare(repo, &index, source.clone(), &ov.volume, &mut layout.map)?),
             None => None,
         });
     }
@@ -111,21 +129,13 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         .map(|((volume, layout), excluded)| Planned { volume, layout, excluded })
         .collect();
 
-    let lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
-    let (index, bad) = repo.load_index()?;
-    for b in bad {
-        let w = format!("ignoring unreadable pack index {}: {}", b.path, b.reason);
-        progress.warn(&w);
-        warnings.push(w);
-    }
-    let index = Arc::new(index);
+    // 4. Write: packs, then one volume index per volume.
     let snapshot = SnapshotId::random();
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
-
     let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress);
     let entries = match result.and_then(|done| sink.flush().map(|_| done)) {
         Ok((entries, map_warnings)) => {
-            warnings.extend(map_warnings);
+            map_warnings.into_iter().for_each(&mut warn);
             entries
         }
         Err(e) => {
@@ -135,6 +145,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
             return Err(e);
         }
     };
+    // 5. Publish: the manifest makes the snapshot exist.
     let manifest = Manifest {
         format_version: rime_repo::FORMAT_VERSION,
         id: snapshot.0.clone(),
@@ -154,41 +165,12 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     drop(lock);
     for o in online.iter().flatten() {
         if let Err(e) = o.finish(&snapshot.0) {
-            let w = format!(
+            warn(format!(
                 "backup succeeded, but rime serve did not take note of it (the next backup reads everything): {e:#}"
-            );
-            progress.warn(&w);
-            warnings.push(w);
+            ));
         }
     }
-
-    let (mut forgotten, mut pruned) = (Vec::new(), None);
-    if let Some(n) = opts.keep_last {
-        // Cyclic backup: keep the last N of this host's snapshots of this same set of volumes.
-        let (all, _) = repo.manifests()?;
-        let group = manifest.group_key();
-        let same: Vec<Manifest> = all.into_iter().filter(|m| m.group_key() == group).collect();
-        let policy = Policy { keep_last: Some(n), ..Policy::default() };
-        let drop_ids: Vec<String> =
-            retention::apply(&policy, &same).into_iter().filter(|d| !d.keep).map(|d| d.id).collect();
-        if !drop_ids.is_empty() {
-            let wait = Duration::from_secs(60);
-            let outcome = super::forget::forget_ids(repo, &drop_ids, wait)
-                .and_then(|ids| Ok((ids, super::prune::prune(repo, progress, wait)?)));
-            match outcome {
-                Ok((ids, summary)) => {
-                    forgotten = ids;
-                    pruned = Some(summary);
-                }
-                Err(e) => {
-                    let w = format!("backup succeeded but old snapshots were not removed: {e:#}");
-                    progress.warn(&w);
-                    warnings.push(w);
-                }
-            }
-        }
-    }
-    Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten, pruned, warnings })
+    Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten: Vec::new(), pruned: None, warnings })
 }
 
 struct OpenVolume {
@@ -210,10 +192,11 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
     for path in paths {
         if let Some(control) = crate::online::protected(path) {
             if mode == Mode::Offline {
-                bail!(
+                return Err(CommandError::VolumeInUse(format!(
                     "{} is protected by rime serve and may be written at any moment; --mode offline backs up only volumes not in use",
                     path.display()
-                );
+                ))
+                .into());
             }
             let (volume, source) = crate::online::open(&control)?;
             let name = unique_name(&out, &volume.path);
@@ -222,16 +205,23 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
         }
         match inuse::check(path) {
             Usage::Idle => {}
-            Usage::InUse(why) => match mode {
-                Mode::Offline => bail!("{why}; --mode offline backs up only volumes not in use"),
-                Mode::Auto | Mode::Online => bail!(
-                    "{why}, and no snapshot provider can take a consistent image of it; \
-                     stop its users, or protect it with `rime serve`"
-                ),
-            },
+            Usage::InUse(why) => {
+                return Err(CommandError::VolumeInUse(match mode {
+                    Mode::Offline => format!("{why}; --mode offline backs up only volumes not in use"),
+                    Mode::Auto | Mode::Online => format!(
+                        "{why}, and no snapshot provider can take a consistent image of it; \
+                         stop its users, or protect it with `rime serve`"
+                    ),
+                })
+                .into())
+            }
         }
         if mode == Mode::Online {
-            bail!("--mode online needs a snapshot provider for {}; none is available for it", path.display());
+            return Err(CommandError::VolumeInUse(format!(
+                "--mode online needs a snapshot provider for {}; none is available for it",
+                path.display()
+            ))
+            .into());
         }
         // Exclusive open: the kernel refuses it if someone mounts the device meanwhile.
         let volume = Volume::open(path, true)?;
@@ -341,7 +331,7 @@ fn archive_all(
 /// have deduplicated against it. Needs the exclusive lock; if another backup holds the shared
 /// lock, the leftovers stay for `prune`.
 fn cleanup_failed(repo: &Repository, snapshot: &SnapshotId, published: &[FinishedPack], started: Instant) {
-    let Ok(_lock) = repo.lock(LockMode::Exclusive, Duration::ZERO) else {
+    let Ok(_lock) = repo.lock(LockMode::Exclusive, "backup (removing what it wrote)", Duration::ZERO) else {
         return;
     };
     let _ = repo.remove_snapshot(snapshot);

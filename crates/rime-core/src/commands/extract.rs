@@ -364,7 +364,13 @@ pub fn extract(repo: Repository, opts: &ExtractOptions) -> Result<ExtractSummary
     for p in &opts.paths {
         match rime_explore::resolve(fs.as_ref(), p)? {
             Some(id) => wanted.push((p.clone(), id)),
-            None => bail!("{p}: no such file or directory in snapshot {} volume {label}", &explorer.manifest.id),
+            None => {
+                return Err(crate::error::CommandError::PathNotFound(format!(
+                    "{p}: no such file or directory in snapshot {} volume {label}",
+                    &explorer.manifest.id
+                ))
+                .into())
+            }
         }
     }
 

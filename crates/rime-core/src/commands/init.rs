@@ -4,5 +4,5 @@ use anyhow::Result;
 use rime_repo::Repository;
 
 pub fn init(location: &str, chunk_size: Option<u32>) -> Result<Repository> {
-    Repository::init(location, chunk_size.unwrap_or(rime_repo::config::DEFAULT_CHUNK_SIZE))
+    Ok(Repository::init(location, chunk_size.unwrap_or(rime_repo::config::DEFAULT_CHUNK_SIZE))?)
 }

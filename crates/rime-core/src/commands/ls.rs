@@ -2,7 +2,7 @@
 
 use crate::explorer::Explorer;
 use crate::snapshot_reader::ReadStats;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use rime_explore::{FileTree, Kind, NodeId, Stat};
 use rime_repo::Repository;
 use serde::Serialize;
@@ -106,7 +106,11 @@ pub fn ls(repo: Repository, opts: &LsOptions) -> Result<LsListing> {
     let fs = vol.file_tree()?;
     let label = vol.selection.label();
     let Some(id) = rime_explore::resolve(fs.as_ref(), &opts.path)? else {
-        bail!("{}: no such file or directory in snapshot {} volume {label}", opts.path, &explorer.manifest.id);
+        return Err(crate::error::CommandError::PathNotFound(format!(
+            "{}: no such file or directory in snapshot {} volume {label}",
+            opts.path, &explorer.manifest.id
+        ))
+        .into());
     };
     let st = fs.stat(id)?;
     let mut entries = Vec::new();

@@ -32,10 +32,10 @@ pub struct PruneSummary {
 }
 
 pub fn prune(repo: &Repository, progress: &dyn Progress, lock_wait: Duration) -> Result<PruneSummary> {
-    let _lock = repo.lock(LockMode::Exclusive, lock_wait)?;
+    let _lock = repo.lock(LockMode::Exclusive, "prune", lock_wait)?;
     let backend = repo.backend.as_ref();
     let mut summary = PruneSummary::default();
-    repo.clean_scratch()?;
+    repo.backend.clean_scratch()?;
 
     let (manifests, bad) = repo.manifests()?;
     if let Some((path, reason)) = bad.first() {

@@ -6,6 +6,7 @@
 //! zero-chunk runs itself and handing data chunks to workers that read, decompress, check and
 //! write them in parallel.
 
+use crate::error::CommandError;
 use crate::progress::Progress;
 use crate::target::RestoreTarget;
 use anyhow::{anyhow, bail, ensure, Result};
@@ -117,7 +118,7 @@ fn restore_qcow2(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progre
 
 fn restore_raw(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreSummary> {
     let started = Instant::now();
-    let _lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
+    let _lock = repo.lock(LockMode::Shared, "restore", Duration::from_secs(30))?;
     let manifest = repo.resolve(&opts.snapshot)?;
     let volume = pick_volume(&manifest, opts.volume.as_deref())?;
     let vidx = VolumeIndexReader::open(repo.backend.as_ref(), &volume.index)?;
@@ -132,13 +133,13 @@ fn restore_raw(repo: &Repository, opts: &RestoreOptions, progress: &dyn Progress
         }
         Ok(())
     })
-    .map_err(|e| anyhow!("snapshot {} volume {} is damaged: {e:#}", manifest.id, volume.name))?;
+    .map_err(|e| CommandError::Damaged(format!("snapshot {} volume {} is damaged: {e:#}", manifest.id, volume.name)))?;
     if missing > 0 {
-        bail!(
+        return Err(CommandError::Damaged(format!(
             "snapshot {} volume {} is damaged: {missing} chunks are missing from the repository (run `rime verify`)",
-            manifest.id,
-            volume.name
-        );
+            manifest.id, volume.name
+        ))
+        .into());
     }
 
     let created = !opts.target.exists();

@@ -47,7 +47,7 @@ pub fn verify(
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<VerifyReport> {
-    let _lock = repo.lock(LockMode::Shared, Duration::from_secs(30))?;
+    let _lock = repo.lock(LockMode::Shared, "verify", Duration::from_secs(30))?;
     let mut report = VerifyReport::default();
     let problem = |kind: &str, detail: String, chunk: Option<String>, pack: Option<String>, snapshots: Vec<String>| {
         Problem { kind: kind.into(), detail, chunk, pack, snapshots }

@@ -1,11 +1,14 @@
 //! A repository in a local directory.
 
 use super::{Backend, ObjectReader};
+use crate::error::RepoError;
+use crate::lock::{LockInfo, RepoLock};
 use anyhow::{Context, Result};
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub struct LocalBackend {
     root: PathBuf,
@@ -128,5 +131,25 @@ impl Backend for LocalBackend {
 
     fn scratch_dir(&self) -> PathBuf {
         self.root.join("tmp")
+    }
+
+    fn clean_scratch(&self) -> Result<u64> {
+        let mut removed = 0;
+        if let Ok(entries) = fs::read_dir(self.scratch_dir()) {
+            for e in entries.flatten() {
+                if fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn remove_empty_dir(&self, dir: &str) {
+        let _ = fs::remove_dir(self.full(dir));
+    }
+
+    fn lock(&self, info: &LockInfo, wait: Duration) -> Result<RepoLock, RepoError> {
+        super::local_lock::lock(self, info, wait)
     }
 }

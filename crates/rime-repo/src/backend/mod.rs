@@ -3,11 +3,16 @@
 //! either absent or complete, never partial, whatever happens to the writer.
 
 mod local;
+mod local_lock;
 
 pub use local::LocalBackend;
+pub use local_lock::LOCKS_DIR;
 
+use crate::error::RepoError;
+use crate::lock::{LockInfo, RepoLock};
 use anyhow::Result;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Random access to one stored object.
 pub trait ObjectReader: Send {
@@ -31,4 +36,12 @@ pub trait Backend: Send + Sync {
     /// A local folder for building objects before `put_file`; on the same filesystem as the
     /// repository when the repository is local, so `put_file` is a rename.
     fn scratch_dir(&self) -> PathBuf;
+    /// Removes leftovers of interrupted writers from the scratch folder; returns how many.
+    /// Call only while holding the exclusive lock.
+    fn clean_scratch(&self) -> Result<u64>;
+    /// Removes the folder `dir` if it is empty (nothing on backends without folders).
+    fn remove_empty_dir(&self, dir: &str);
+    /// Takes the repository lock described by `info`, waiting up to `wait` for conflicting
+    /// holders (see [`crate::lock`] for the rules).
+    fn lock(&self, info: &LockInfo, wait: Duration) -> Result<RepoLock, RepoError>;
 }
