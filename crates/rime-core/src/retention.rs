@@ -72,3 +72,106 @@ pub fn apply(policy: &Policy, manifests: &[Manifest]) -> Vec<Decision> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{TimeZone, Utc};
+
+    /// A snapshot of `source` on `host` at the given UTC time.
+    fn snap(id: &str, host: &str, source: &str, (y, mo, d, h): (i32, u32, u32, u32)) -> Manifest {
+        let volume = serde_json::json!({
+            "name": "v", "source": source, "kind": "file", "size": 0, "chunk_size": 65536,
+            "filesystem": null, "map": "all blocks", "used_bytes": 0, "read_bytes": 0, "added_bytes": 0,
+            "chunks": 0, "zero_chunks": 0, "new_chunks": 0, "index": "", "index_digest": ""
+        });
+        Manifest {
+            format_version: 1,
+            id: id.into(),
+            time: Utc.with_ymd_and_hms(y, mo, d, h, 0, 0).unwrap(),
+            host: host.into(),
+            tags: Vec::new(),
+            volumes: vec![serde_json::from_value(volume).unwrap()],
+            duration: 0.0,
+            rime_version: "test".into(),
+        }
+    }
+
+    fn kept(policy: Policy, all: &[Manifest]) -> Vec<String> {
+        let mut ids: Vec<String> = apply(&policy, all).into_iter().filter(|d| d.keep).map(|d| d.id).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Two backups a day at 01:00 and 13:00 from Monday 2026-11-02 to Sunday 2026-11-29 (28 days),
+    /// ids `dDD-HH`.
+    fn twice_daily() -> Vec<Manifest> {
+        (2..=29)
+            .flat_map(|d| [1, 13].map(|h| snap(&format!("d{d:02}-{h:02}"), "host", "/dev/sda1", (2026, 11, d, h))))
+            .collect()
+    }
+
+    #[test]
+    fn keep_last_keeps_the_newest() {
+        assert_eq!(
+            kept(Policy { keep_last: Some(3), ..Policy::default() }, &twice_daily()),
+            ["d28-13", "d29-01", "d29-13"]
+        );
+    }
+
+    #[test]
+    fn keep_daily_keeps_the_newest_of_each_day() {
+        assert_eq!(
+            kept(Policy { keep_daily: Some(3), ..Policy::default() }, &twice_daily()),
+            ["d27-13", "d28-13", "d29-13"]
+        );
+    }
+
+    #[test]
+    fn keep_weekly_keeps_the_newest_of_each_iso_week() {
+        // ISO weeks 45..48 of 2026 end on Sundays 8, 15, 22 and 29 November.
+        assert_eq!(
+            kept(Policy { keep_weekly: Some(3), ..Policy::default() }, &twice_daily()),
+            ["d15-13", "d22-13", "d29-13"]
+        );
+    }
+
+    #[test]
+    fn keep_monthly_keeps_the_newest_of_each_month() {
+        let mut all = twice_daily();
+        all.push(snap("oct31", "host", "/dev/sda1", (2026, 10, 31, 23)));
+        all.push(snap("oct01", "host", "/dev/sda1", (2026, 10, 1, 0)));
+        all.push(snap("sep15", "host", "/dev/sda1", (2026, 9, 15, 12)));
+        assert_eq!(kept(Policy { keep_monthly: Some(2), ..Policy::default() }, &all), ["d29-13", "oct31"]);
+    }
+
+    #[test]
+    fn rules_combine_and_every_kept_snapshot_says_why() {
+        let policy = Policy { keep_last: Some(2), keep_daily: Some(2), keep_weekly: Some(2), ..Policy::default() };
+        let decisions = apply(&policy, &twice_daily());
+        let reasons = |id: &str| decisions.iter().find(|d| d.id == id).unwrap().reasons.clone();
+        assert_eq!(reasons("d29-13"), ["last", "daily", "weekly"]);
+        assert_eq!(reasons("d29-01"), ["last"]);
+        assert_eq!(reasons("d28-13"), ["daily"]);
+        assert_eq!(reasons("d22-13"), ["weekly"]);
+        assert_eq!(decisions.iter().filter(|d| d.keep).count(), 4);
+        assert!(decisions.iter().all(|d| d.keep != d.reasons.is_empty()));
+    }
+
+    #[test]
+    fn each_host_and_volume_set_is_judged_on_its_own() {
+        let all = vec![
+            snap("a1", "host", "/dev/sda1", (2026, 11, 1, 0)),
+            snap("a2", "host", "/dev/sda1", (2026, 11, 2, 0)),
+            snap("b1", "host", "/dev/sdb1", (2026, 11, 1, 0)),
+            snap("c1", "other", "/dev/sda1", (2026, 10, 1, 0)),
+        ];
+        assert_eq!(kept(Policy { keep_last: Some(1), ..Policy::default() }, &all), ["a2", "b1", "c1"]);
+    }
+
+    #[test]
+    fn an_empty_policy_keeps_nothing() {
+        assert!(Policy::default().is_empty());
+        assert!(kept(Policy::default(), &twice_daily()).is_empty());
+    }
+}
