@@ -161,6 +161,9 @@ pub struct Engine {
     peak_store: AtomicU64,
     writes: AtomicU64,
     cow_blocks: AtomicU64,
+    /// Test aid: runs after the write-inactivity period is found, just before the write gate
+    /// closes, where a write that slips in must be drained within the drain limit.
+    before_gate: Mutex<Option<Box<dyn Fn() + Send + Sync>>>,
 }
 
 fn io_err(msg: String) -> std::io::Error {
@@ -209,6 +212,7 @@ impl Engine {
             peak_store: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             cow_blocks: AtomicU64::new(0),
+            before_gate: Mutex::new(None),
         })
     }
 
@@ -227,6 +231,17 @@ impl Engine {
             return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(())
+    }
+
+    /// Writes that have passed the gate and not finished.
+    pub fn writes_in_flight(&self) -> u32 {
+        self.gate.lock().unwrap().inflight
+    }
+
+    /// Test aid: `hook` runs each time a snapshot is about to close the write gate.
+    #[doc(hidden)]
+    pub fn set_before_gate_hook(&self, hook: impl Fn() + Send + Sync + 'static) {
+        *self.before_gate.lock().unwrap() = Some(Box::new(hook));
     }
 
     /// Reads the live volume.
@@ -435,6 +450,9 @@ impl Engine {
         }
         let waited = begin.elapsed();
 
+        if let Some(hook) = self.before_gate.lock().unwrap().as_ref() {
+            hook();
+        }
         // Close the gate and drain.
         let drain_start = Instant::now();
         let mut g = self.gate.lock().unwrap();

@@ -176,6 +176,48 @@ fn no_write_inactivity_within_the_limit_fails_clearly() {
 }
 
 #[test]
+fn a_write_that_does_not_drain_within_the_drain_limit_fails_the_snapshot_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks = 16384; // 64 MiB
+    let e = engine(dir.path(), blocks, 1 << 20, 1 << 30);
+    // A write that slips in just as the gate closes, and takes far longer than the drain limit
+    // (64 MiB against 1 ms); the hook starts it at that moment, once.
+    let slow: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<std::io::Result<()>>>>> = Arc::default();
+    let (e2, slow2) = (e.clone(), slow.clone());
+    let once = AtomicBool::new(false);
+    e.set_before_gate_hook(move || {
+        if once.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let e3 = e2.clone();
+        *slow2.lock().unwrap() =
+            Some(std::thread::spawn(move || e3.write(0, &vec![0xa5u8; (blocks * 4096) as usize], false)));
+        while e2.writes_in_flight() == 0 {
+            std::thread::yield_now();
+        }
+    });
+    let limits = SnapshotLimits {
+        wip: Duration::from_millis(10),
+        limit: Duration::from_secs(5),
+        drain: Duration::from_millis(1),
+    };
+    let err = e.begin_snapshot(limits).unwrap_err();
+    assert!(matches!(err, rime_snapshot::SnapshotError::DrainTimeout(_)), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("drain limit of 0.001 s") && msg.contains("not taken"), "{msg}");
+    // The gate opened again: the slow write completes, and no snapshot is left behind.
+    slow.lock().unwrap().take().unwrap().join().unwrap().unwrap();
+    assert_eq!(e.status().state, EngineState::Idle);
+    assert_eq!(e.status().snapshot, None);
+    let mut back = vec![0u8; 4096];
+    e.read(0, &mut back).unwrap();
+    assert!(back.iter().all(|&b| b == 0xa5), "the write went through");
+    // The next snapshot (the hook no longer interferes) is taken normally.
+    let info = e.begin_snapshot(quick()).unwrap();
+    e.end_snapshot(info.id, None).unwrap();
+}
+
+#[test]
 fn snapshots_between_bursts_drain_at_once_and_writers_go_on() {
     // Snapshots taken repeatedly while writers write in bursts: each is taken in a pause,
     // drains in well under the limit, and the writers carry on afterwards.
