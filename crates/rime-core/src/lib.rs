@@ -1,6 +1,8 @@
 //! Rime's commands as a library, one module per command (`commands::backup`, ...), so the
 //! command line stays a thin layer of argument parsing and output formatting.
 
+#![forbid(unsafe_code)]
+
 pub mod archive;
 pub mod commands;
 pub mod error;

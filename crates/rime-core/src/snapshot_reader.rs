@@ -16,7 +16,7 @@ use rime_repo::pack::{self, pack_path, ENTRY_LEN};
 use rime_repo::volume_index::{VolumeIndexHeader, VolumeIndexReader, RECORD_LEN};
 use rime_repo::{ChunkId, ChunkIndex, Repository, VolumeEntry};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -81,46 +81,32 @@ pub fn load_chunk_index(repo: &Repository, counter: &ReadCounter) -> Result<Arc<
     Ok(Arc::new(index))
 }
 
-/// A small LRU map: key → value with a byte weight.
+/// A least-recently-used map with byte weights (the `lru` crate keeps the order; this keeps
+/// the total weight under `limit`).
 struct Lru<V> {
-    map: HashMap<u64, (V, u64, usize)>,
-    order: BTreeMap<u64, u64>,
-    tick: u64,
+    map: lru::LruCache<u64, (V, usize)>,
     weight: usize,
     limit: usize,
 }
 
 impl<V: Clone> Lru<V> {
     fn new(limit: usize) -> Lru<V> {
-        Lru { map: HashMap::new(), order: BTreeMap::new(), tick: 0, weight: 0, limit }
+        Lru { map: lru::LruCache::unbounded(), weight: 0, limit }
     }
 
     fn get(&mut self, key: u64) -> Option<V> {
-        let (v, t, _) = self.map.get_mut(&key)?;
-        self.order.remove(t);
-        self.tick += 1;
-        *t = self.tick;
-        self.order.insert(self.tick, key);
-        Some(v.clone())
+        self.map.get(&key).map(|(v, _)| v.clone())
     }
 
     fn put(&mut self, key: u64, value: V, weight: usize) {
-        if let Some((_, t, w)) = self.map.remove(&key) {
-            self.order.remove(&t);
+        if let Some((_, w)) = self.map.pop(&key) {
             self.weight -= w;
         }
         while self.weight + weight > self.limit {
-            let Some((&t, &k)) = self.order.iter().next() else {
-                break;
-            };
-            self.order.remove(&t);
-            if let Some((_, _, w)) = self.map.remove(&k) {
-                self.weight -= w;
-            }
+            let Some((_, (_, w))) = self.map.pop_lru() else { break };
+            self.weight -= w;
         }
-        self.tick += 1;
-        self.order.insert(self.tick, key);
-        self.map.insert(key, (value, self.tick, weight));
+        self.map.put(key, (value, weight));
         self.weight += weight;
     }
 }

@@ -4,11 +4,7 @@ use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-
-/// `_IO(0x12, 127)`: zero a byte range of a block device (the device may TRIM it instead).
-const BLKZEROOUT: libc::c_ulong = 0x127F;
 
 pub struct RestoreTarget {
     pub path: PathBuf,
@@ -78,22 +74,10 @@ impl RestoreTarget {
         if self.fresh || len == 0 {
             return Ok(());
         }
-        let fd = self.file.as_raw_fd();
         let done = if self.is_block_device {
-            let range: [u64; 2] = [offset, len];
-            offset.is_multiple_of(512) && len.is_multiple_of(512)
-                // SAFETY: BLKZEROOUT reads a [u64; 2] from a valid pointer.
-                && unsafe { libc::ioctl(fd, BLKZEROOUT, range.as_ptr()) } == 0
+            rime_os::files::zero_out_device(&self.file, offset, len).is_ok()
         } else {
-            // SAFETY: fallocate on an owned descriptor with a range inside the file.
-            unsafe {
-                libc::fallocate(
-                    fd,
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                ) == 0
-            }
+            rime_os::files::punch_hole(&self.file, offset, len).is_ok()
         };
         if !done {
             let zeros = vec![0u8; (1 << 20).min(len) as usize];

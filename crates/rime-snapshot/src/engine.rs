@@ -337,8 +337,7 @@ impl Engine {
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        use rustix::fs::{fallocate, FallocateFlags};
-        Ok(fallocate(&self.file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len)?)
+        rime_os::files::punch_hole(&self.file, offset, len)
     }
 
     /// Flush: everything written so far reaches stable storage.

@@ -142,10 +142,7 @@ impl Volume {
         // journals, indirect blocks: small or already large requests at scattered places); bulk
         // data goes through the O_DIRECT one. Read-ahead here would only fetch blocks nobody asked
         // for, in the background, competing with the bulk reads.
-        // SAFETY: advisory hint on an owned descriptor; failure is harmless.
-        unsafe {
-            libc::posix_fadvise(std::os::unix::io::AsRawFd::as_raw_fd(&file), 0, 0, libc::POSIX_FADV_RANDOM);
-        }
+        rime_os::files::advise_random(&file);
         let direct = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
         Ok(Volume {
             path: path.to_path_buf(),

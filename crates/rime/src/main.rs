@@ -1,5 +1,7 @@
 //! The `rime` command line: argument parsing and output only; the work is in `rime_core`.
 
+#![forbid(unsafe_code)]
+
 mod exit;
 mod output;
 mod progress_bar;
