@@ -41,10 +41,10 @@ pub struct PartitionTable {
     pub partitions: Vec<Partition>,
 }
 
-fn guid_text(g: &[u8]) -> String {
+fn guid_text(g: &[u8; 16]) -> String {
     format!(
         "{:08X}-{:04X}-{:04X}-{:02X}{:02X}-{}",
-        le32(g, 0),
+        u32::from_le_bytes([g[0], g[1], g[2], g[3]]),
         u16::from_le_bytes([g[4], g[5]]),
         u16::from_le_bytes([g[6], g[7]]),
         g[8],
@@ -84,16 +84,16 @@ fn read_gpt(disk: &Region, ss: u64) -> Result<Option<PartitionTable>> {
     if &hdr[0..8] != b"EFI PART" {
         return Ok(None);
     }
-    let header_size = le32(&hdr, 12) as usize;
+    let header_size = le32(&hdr, 12)? as usize;
     ensure!((92..=ss as usize).contains(&header_size), "GPT header size {header_size} is invalid");
     let mut check = hdr[..header_size].to_vec();
     check[16..20].fill(0);
-    ensure!(crc32fast::hash(&check) == le32(&hdr, 16), "GPT header checksum mismatch");
+    ensure!(crc32fast::hash(&check) == le32(&hdr, 16)?, "GPT header checksum mismatch");
     let sectors = disk.len / ss;
-    let last_usable = le64(&hdr, 48);
-    let entries_lba = le64(&hdr, 72);
-    let count = le32(&hdr, 80) as u64;
-    let entry_size = le32(&hdr, 84) as u64;
+    let last_usable = le64(&hdr, 48)?;
+    let entries_lba = le64(&hdr, 72)?;
+    let count = le32(&hdr, 80)? as u64;
+    let entry_size = le32(&hdr, 84)? as u64;
     ensure!(
         entry_size >= 128 && entry_size.is_power_of_two() && entry_size <= 4096,
         "GPT entry size {entry_size} is invalid"
@@ -111,13 +111,13 @@ fn read_gpt(disk: &Region, ss: u64) -> Result<Option<PartitionTable>> {
     );
     let mut entries = vec![0u8; table_bytes as usize];
     disk.read_at(entries_lba * ss, &mut entries)?;
-    ensure!(crc32fast::hash(&entries) == le32(&hdr, 88), "GPT partition entries checksum mismatch");
+    ensure!(crc32fast::hash(&entries) == le32(&hdr, 88)?, "GPT partition entries checksum mismatch");
     let mut partitions = Vec::new();
     for (i, e) in entries.chunks_exact(entry_size as usize).enumerate() {
         if e[0..16].iter().all(|&b| b == 0) {
             continue;
         }
-        let (first, last) = (le64(e, 32), le64(e, 40));
+        let (first, last) = (le64(e, 32)?, le64(e, 40)?);
         ensure!(first <= last, "GPT partition {} ends before it starts", i + 1);
         ensure!(
             last < sectors,
@@ -132,7 +132,7 @@ fn read_gpt(disk: &Region, ss: u64) -> Result<Option<PartitionTable>> {
             number: i as u32 + 1,
             start: first * ss,
             len: (last - first + 1) * ss,
-            type_id: guid_text(&e[0..16]),
+            type_id: guid_text(&crate::bytes::field(e, 0)?),
             name,
         });
     }
@@ -147,9 +147,11 @@ fn is_extended(t: u8) -> bool {
 fn read_mbr(disk: &Region, mbr: &[u8; 512]) -> Result<Option<PartitionTable>> {
     const SS: u64 = 512;
     let sectors = disk.len / SS;
-    let entry = |sector: &[u8], i: usize| {
-        let e = &sector[446 + i * 16..446 + (i + 1) * 16];
-        (e[0], e[4], le32(e, 8) as u64, le32(e, 12) as u64)
+    // An MBR sector is a fixed 512 bytes: the four 16-byte entries at 446 are always inside it.
+    let entry = |sector: &[u8; 512], i: usize| {
+        let e: [u8; 16] = sector[446 + i * 16..446 + (i + 1) * 16].try_into().expect("16 bytes");
+        let word = |o: usize| u32::from_le_bytes([e[o], e[o + 1], e[o + 2], e[o + 3]]) as u64;
+        (e[0], e[4], word(8), word(12))
     };
     // Not an MBR unless every entry looks like one (a FAT or NTFS boot sector also ends in 55AA).
     for i in 0..4 {

@@ -79,8 +79,9 @@ pub struct Key {
 }
 
 impl Key {
-    fn parse(b: &[u8], o: usize) -> Key {
-        Key { objectid: le64(b, o), kind: b[o + 8], offset: le64(b, o + 9) }
+    fn parse(b: &[u8], o: usize) -> Result<Key, crate::bytes::Truncated> {
+        let kind = crate::bytes::field::<1>(b, o + 8)?[0];
+        Ok(Key { objectid: le64(b, o)?, kind, offset: le64(b, o + 9)? })
     }
     const MIN: Key = Key { objectid: 0, kind: 0, offset: 0 };
 }
@@ -114,15 +115,19 @@ impl Superblock {
         if sb.len() < SUPER_SIZE || &sb[0x40..0x48] != MAGIC {
             return Ok(None);
         }
-        let csum_type = le16(sb, 0xC4);
+        let csum_type = le16(sb, 0xC4)?;
         ensure!(csum_type <= 3, "checksum type {csum_type} is unknown");
         if csum_type == 0 {
             let computed = crc32c(&sb[0x20..SUPER_SIZE]);
-            ensure!(le32(sb, 0) == computed, "superblock checksum mismatch");
+            ensure!(le32(sb, 0)? == computed, "superblock checksum mismatch");
         }
-        ensure!(le64(sb, 0x30) == SUPER_OFFSET, "the superblock does not know where it lives ({:#x})", le64(sb, 0x30));
-        let sectorsize = le32(sb, 0x90) as u64;
-        let nodesize = le32(sb, 0x94) as u64;
+        ensure!(
+            le64(sb, 0x30)? == SUPER_OFFSET,
+            "the superblock does not know where it lives ({:#x})",
+            le64(sb, 0x30)?
+        );
+        let sectorsize = le32(sb, 0x90)? as u64;
+        let nodesize = le32(sb, 0x94)? as u64;
         ensure!(
             sectorsize.is_power_of_two() && (512..=65536).contains(&sectorsize),
             "sector size {sectorsize} is invalid"
@@ -131,11 +136,11 @@ impl Superblock {
             nodesize.is_power_of_two() && (4096..=65536).contains(&nodesize) && nodesize >= sectorsize,
             "node size {nodesize} is invalid"
         );
-        let incompat = le64(sb, 0xBC);
+        let incompat = le64(sb, 0xBC)?;
         ensure!(incompat & !KNOWN_INCOMPAT == 0, "unsupported incompatible features {:#x}", incompat & !KNOWN_INCOMPAT);
-        let num_devices = le64(sb, 0x88);
+        let num_devices = le64(sb, 0x88)?;
         ensure!(num_devices == 1, "the filesystem spans {num_devices} devices; only single-device btrfs is mapped");
-        let sys_len = le32(sb, 0xA0) as usize;
+        let sys_len = le32(sb, 0xA0)? as usize;
         ensure!(sys_len <= 2048, "system chunk array size {sys_len} is invalid");
         let root_level = sb[0xC6];
         let chunk_root_level = sb[0xC7];
@@ -145,21 +150,21 @@ impl Superblock {
             if incompat & INCOMPAT_METADATA_UUID != 0 { sb[0x23B..0x24B].try_into().unwrap() } else { fsid };
         ensure!(sb[0xC9 + 82..0xC9 + 98] == fsid, "the device item belongs to another filesystem");
         let s = Superblock {
-            generation: le64(sb, 0x48),
-            root: le64(sb, 0x50),
+            generation: le64(sb, 0x48)?,
+            root: le64(sb, 0x50)?,
             root_level,
-            chunk_root: le64(sb, 0x58),
+            chunk_root: le64(sb, 0x58)?,
             chunk_root_level,
-            chunk_root_generation: le64(sb, 0xA4),
-            log_root: le64(sb, 0x60),
-            bytes_used: le64(sb, 0x78),
+            chunk_root_generation: le64(sb, 0xA4)?,
+            log_root: le64(sb, 0x60)?,
+            bytes_used: le64(sb, 0x78)?,
             num_devices,
             sectorsize,
             nodesize,
             csum_type,
             incompat,
-            devid: le64(sb, 0xC9),
-            dev_total_bytes: le64(sb, 0xC9 + 8),
+            devid: le64(sb, 0xC9)?,
+            dev_total_bytes: le64(sb, 0xC9 + 8)?,
             meta_fsid,
             sys_chunk_array: sb[0x32B..0x32B + sys_len].to_vec(),
         };
@@ -184,11 +189,11 @@ impl Chunk {
     /// Parses a chunk item (`b` holds the item); checks it against the superblock.
     fn parse(sb: &Superblock, logical: u64, b: &[u8]) -> Result<Chunk> {
         ensure!(b.len() >= 48, "chunk item at {logical} is truncated");
-        let length = le64(b, 0);
-        let stripe_len = le64(b, 16);
-        let flags = le64(b, 24);
-        let num = le16(b, 44) as usize;
-        let sub_stripes = le16(b, 46) as u64;
+        let length = le64(b, 0)?;
+        let stripe_len = le64(b, 16)?;
+        let flags = le64(b, 24)?;
+        let num = le16(b, 44)? as usize;
+        let sub_stripes = le16(b, 46)? as u64;
         ensure!(
             num >= 1 && b.len() >= 48 + 32 * num,
             "chunk at {logical} has {num} stripes in a {} byte item",
@@ -220,12 +225,12 @@ impl Chunk {
         ensure!(ok, "chunk at {logical} has {num} stripes for profile {flags:#x}");
         let mut stripes = Vec::with_capacity(num);
         for i in 0..num {
-            let devid = le64(b, 48 + 32 * i);
+            let devid = le64(b, 48 + 32 * i)?;
             ensure!(
                 devid == sb.devid,
                 "chunk at {logical} has a stripe on device {devid}: not a single-device filesystem"
             );
-            stripes.push(le64(b, 48 + 32 * i + 8));
+            stripes.push(le64(b, 48 + 32 * i + 8)?);
         }
         let c = Chunk { logical, length, flags, stripe_len, sub_stripes, stripes };
         let per_dev = c.per_device_len();
@@ -344,15 +349,15 @@ impl Fs {
         is_root: bool,
     ) -> Result<()> {
         if self.sb.csum_type == 0 {
-            ensure!(le32(b, 0) == crc32c(&b[0x20..]), "tree block {logical} has a bad checksum");
+            ensure!(le32(b, 0)? == crc32c(&b[0x20..]), "tree block {logical} has a bad checksum");
         }
         ensure!(b[0x20..0x30] == self.sb.meta_fsid, "tree block {logical} belongs to another filesystem");
-        ensure!(le64(b, 0x30) == logical, "tree block {logical} claims to be block {}", le64(b, 0x30));
+        ensure!(le64(b, 0x30)? == logical, "tree block {logical} claims to be block {}", le64(b, 0x30)?);
         let blevel = b[0x64];
         ensure!(blevel == level, "tree block {logical} is at level {blevel}, expected {level}");
-        let gen = le64(b, 0x50);
+        let gen = le64(b, 0x50)?;
         ensure!(gen == generation, "tree block {logical} has generation {gen}, expected {generation}");
-        let n = le32(b, 0x60) as usize;
+        let n = le32(b, 0x60)? as usize;
         let room = b.len() - HEADER;
         if level == 0 {
             ensure!(n * ITEM <= room, "leaf {logical} claims {n} items");
@@ -360,10 +365,10 @@ impl Fs {
             let mut prev: Option<Key> = None;
             for i in 0..n {
                 let o = HEADER + i * ITEM;
-                let k = Key::parse(b, o);
+                let k = Key::parse(b, o)?;
                 ensure!(prev.is_none_or(|p| p < k), "leaf {logical} has keys out of order");
                 prev = Some(k);
-                let (doff, dlen) = (le32(b, o + 17) as usize, le32(b, o + 21) as usize);
+                let (doff, dlen) = (le32(b, o + 17)? as usize, le32(b, o + 21)? as usize);
                 ensure!(
                     doff >= n * ITEM && doff.checked_add(dlen).is_some_and(|e| e <= room),
                     "leaf {logical} item {i} data lies outside the leaf"
@@ -373,13 +378,13 @@ impl Fs {
             ensure!(n > 0 && n * KEY_PTR <= room, "node {logical} claims {n} pointers");
             for i in 1..n {
                 ensure!(
-                    Key::parse(b, HEADER + (i - 1) * KEY_PTR) < Key::parse(b, HEADER + i * KEY_PTR),
+                    Key::parse(b, HEADER + (i - 1) * KEY_PTR)? < Key::parse(b, HEADER + i * KEY_PTR)?,
                     "node {logical} has keys out of order"
                 );
             }
         }
         if let Some(k) = first_key {
-            ensure!(n > 0 && Key::parse(b, HEADER) == k, "tree block {logical} does not start with its parent's key");
+            ensure!(n > 0 && Key::parse(b, HEADER)? == k, "tree block {logical} does not start with its parent's key");
         }
         Ok(())
     }
@@ -408,13 +413,16 @@ impl Cursor {
         let mut buf = fs.read_block(bytenr, level, generation, None, true)?;
         loop {
             let level = buf[0x64];
-            let n = le32(&buf, 0x60) as usize;
+            let n = le32(&buf, 0x60)? as usize;
             if level == 0 {
-                let slot = (0..n).find(|&i| Key::parse(&buf, HEADER + i * ITEM) >= key).unwrap_or(n);
+                // Every key was read when the block was checked; a failure here is impossible, and
+                // would end the search.
+                let slot = (0..n).find(|&i| Key::parse(&buf, HEADER + i * ITEM).is_ok_and(|k| k >= key)).unwrap_or(n);
                 c.path.push(PathNode { buf, level, n, slot });
                 return Ok(c);
             }
-            let slot = (0..n).rev().find(|&i| Key::parse(&buf, HEADER + i * KEY_PTR) <= key).unwrap_or(0);
+            let slot =
+                (0..n).rev().find(|&i| Key::parse(&buf, HEADER + i * KEY_PTR).is_ok_and(|k| k <= key)).unwrap_or(0);
             let child = Self::child(fs, &buf, level, slot)?;
             c.path.push(PathNode { buf, level, n, slot });
             buf = child;
@@ -423,8 +431,8 @@ impl Cursor {
 
     fn child(fs: &Fs, node: &[u8], level: u8, slot: usize) -> Result<Vec<u8>> {
         let o = HEADER + slot * KEY_PTR;
-        let key = Key::parse(node, o);
-        fs.read_block(le64(node, o + 17), level - 1, le64(node, o + 25), Some(key), false)
+        let key = Key::parse(node, o)?;
+        fs.read_block(le64(node, o + 17)?, level - 1, le64(node, o + 25)?, Some(key), false)
     }
 
     /// The next item: its key and (when `want_data`) a copy of its data.
@@ -435,7 +443,7 @@ impl Cursor {
             };
             if leaf.slot < leaf.n {
                 let o = HEADER + leaf.slot * ITEM;
-                let key = Key::parse(&leaf.buf, o);
+                let key = Key::parse(&leaf.buf, o)?;
                 leaf.slot += 1;
                 ensure!(
                     self.last.is_none_or(|l| l < key),
@@ -443,7 +451,7 @@ impl Cursor {
                 );
                 self.last = Some(key);
                 let data = if want_data {
-                    let (doff, dlen) = (le32(&leaf.buf, o + 17) as usize, le32(&leaf.buf, o + 21) as usize);
+                    let (doff, dlen) = (le32(&leaf.buf, o + 17)? as usize, le32(&leaf.buf, o + 21)? as usize);
                     leaf.buf[HEADER + doff..HEADER + doff + dlen].to_vec()
                 } else {
                     Vec::new()
@@ -468,7 +476,7 @@ impl Cursor {
                 }
                 let child = Self::child(fs, &node.buf, node.level, node.slot)?;
                 let level = child[0x64];
-                let n = le32(&child, 0x60) as usize;
+                let n = le32(&child, 0x60)? as usize;
                 self.path.push(PathNode { buf: child, level, n, slot: 0 });
             }
         }
@@ -529,12 +537,12 @@ impl BtrfsMap {
         let mut o = 0;
         while o < a.len() {
             ensure!(o + 17 + 48 <= a.len(), "system chunk array is truncated");
-            let key = Key::parse(a, o);
+            let key = Key::parse(a, o)?;
             ensure!(
                 key.kind == CHUNK_ITEM && key.objectid == FIRST_CHUNK_TREE_OBJECTID,
                 "system chunk array holds a {key:?}"
             );
-            let num = le16(a, o + 17 + 44) as usize;
+            let num = le16(a, o + 17 + 44)? as usize;
             let len = 48 + 32 * num;
             ensure!(o + 17 + len <= a.len(), "system chunk array is truncated");
             boot.push(Chunk::parse(&sb, key.offset, &a[o + 17..o + 17 + len])?);
@@ -598,7 +606,7 @@ impl BtrfsMap {
             bail!("the root tree has no extent tree")
         };
         ensure!(data.len() >= 239, "extent tree root item {key:?} is truncated");
-        let extent_root = (le64(&data, 176), data[238], le64(&data, 160));
+        let extent_root = (le64(&data, 176)?, data[238], le64(&data, 160)?);
         ensure!(extent_root.1 <= MAX_LEVEL, "extent tree level {} is invalid", extent_root.1);
         ensure!(extent_root.2 <= fs.sb.generation, "extent tree generation is in the future");
 

@@ -122,19 +122,19 @@ impl Superblock {
 
     /// Parses the superblock; `Ok(None)` when there is no ext magic.
     pub fn parse(sb: &[u8]) -> Result<Option<Superblock>> {
-        if sb.len() < 1024 || le16(sb, 0x38) != EXT_MAGIC {
+        if sb.len() < 1024 || le16(sb, 0x38)? != EXT_MAGIC {
             return Ok(None);
         }
-        let log_block = le32(sb, 0x18);
-        let log_cluster = le32(sb, 0x1C);
+        let log_block = le32(sb, 0x18)?;
+        let log_cluster = le32(sb, 0x1C)?;
         ensure!(log_block <= 6, "block size 2^(10+{log_block}) is out of range");
-        let incompat = le32(sb, 0x60);
-        let ro_compat = le32(sb, 0x64);
-        let revision = le32(sb, 0x4C);
+        let incompat = le32(sb, 0x60)?;
+        let ro_compat = le32(sb, 0x64)?;
+        let revision = le32(sb, 0x4C)?;
         let block_size = 1024u64 << log_block;
         let is_64 = incompat & INCOMPAT_64BIT != 0;
-        let blocks_hi = if is_64 { le32(sb, 0x150) as u64 } else { 0 };
-        let free_hi = if is_64 { le32(sb, 0x158) as u64 } else { 0 };
+        let blocks_hi = if is_64 { le32(sb, 0x150)? as u64 } else { 0 };
+        let free_hi = if is_64 { le32(sb, 0x158)? as u64 } else { 0 };
         let bigalloc = ro_compat & RO_COMPAT_BIGALLOC != 0;
         let cluster_ratio = if bigalloc {
             ensure!(log_cluster >= log_block && log_cluster - log_block <= 16, "cluster size is out of range");
@@ -142,38 +142,38 @@ impl Superblock {
         } else {
             1
         };
-        let desc_size = if is_64 { le16(sb, 0xFE) as u64 } else { 32 };
+        let desc_size = if is_64 { le16(sb, 0xFE)? as u64 } else { 32 };
         ensure!(
             desc_size >= 32 && desc_size.is_power_of_two() && desc_size <= block_size,
             "group descriptor size {desc_size} is invalid"
         );
-        let inode_size = if revision == 0 { 128 } else { le16(sb, 0x58) as u64 };
+        let inode_size = if revision == 0 { 128 } else { le16(sb, 0x58)? as u64 };
         let s = Superblock {
             block_size,
-            blocks_count: le32(sb, 0x4) as u64 | blocks_hi << 32,
-            free_blocks: le32(sb, 0xC) as u64 | free_hi << 32,
-            first_data_block: le32(sb, 0x14) as u64,
-            blocks_per_group: le32(sb, 0x20) as u64,
-            clusters_per_group: if bigalloc { le32(sb, 0x24) as u64 } else { le32(sb, 0x20) as u64 },
+            blocks_count: le32(sb, 0x4)? as u64 | blocks_hi << 32,
+            free_blocks: le32(sb, 0xC)? as u64 | free_hi << 32,
+            first_data_block: le32(sb, 0x14)? as u64,
+            blocks_per_group: le32(sb, 0x20)? as u64,
+            clusters_per_group: if bigalloc { le32(sb, 0x24)? as u64 } else { le32(sb, 0x20)? as u64 },
             cluster_ratio,
-            inodes_per_group: le32(sb, 0x28) as u64,
+            inodes_per_group: le32(sb, 0x28)? as u64,
             inode_size,
             desc_size,
-            reserved_gdt_blocks: le16(sb, 0xCE) as u64,
-            first_meta_bg: le32(sb, 0x104) as u64,
-            compat: le32(sb, 0x5C),
+            reserved_gdt_blocks: le16(sb, 0xCE)? as u64,
+            first_meta_bg: le32(sb, 0x104)? as u64,
+            compat: le32(sb, 0x5C)?,
             incompat,
             ro_compat,
-            backup_bgs: [le32(sb, 0x24C) as u64, le32(sb, 0x250) as u64],
+            backup_bgs: [le32(sb, 0x24C)? as u64, le32(sb, 0x250)? as u64],
             revision,
             uuid: sb[0x68..0x78].try_into().unwrap(),
             csum_seed: if incompat & INCOMPAT_CSUM_SEED != 0 {
-                le32(sb, 0x270)
+                le32(sb, 0x270)?
             } else {
                 crc32c_raw(!0, &sb[0x68..0x78])
             },
-            journal_inum: if le32(sb, 0x5C) & COMPAT_HAS_JOURNAL != 0 { le32(sb, 0xE0) as u64 } else { 0 },
-            first_ino: if revision == 0 { 11 } else { le32(sb, 0x54) as u64 },
+            journal_inum: if le32(sb, 0x5C)? & COMPAT_HAS_JOURNAL != 0 { le32(sb, 0xE0)? as u64 } else { 0 },
+            first_ino: if revision == 0 { 11 } else { le32(sb, 0x54)? as u64 },
         };
         ensure!(s.incompat & INCOMPAT_JOURNAL_DEV == 0, "this is an external journal device, not a filesystem");
         ensure!(s.blocks_count > s.first_data_block, "block count {} is invalid", s.blocks_count);
@@ -329,29 +329,19 @@ impl Superblock {
             }
             let off = ((g % dpb) * self.desc_size) as usize;
             let d = &block[off..off + self.desc_size as usize];
-            let hi = |o: usize| {
-                if self.desc_size >= 64 {
-                    (le32(d, o) as u64) << 32
-                } else {
-                    0
-                }
-            };
-            let hi16 = |o: usize| {
-                if self.desc_size >= 64 {
-                    le16(d, o) as u64
-                } else {
-                    0
-                }
-            };
-            let csum_hi = if self.desc_size >= BLOCK_BITMAP_CSUM_HI_END { (le16(d, 0x38) as u32) << 16 } else { 0 };
+            let wide = self.desc_size >= 64;
+            let hi = |o: usize| -> Result<u64> { Ok(if wide { (le32(d, o)? as u64) << 32 } else { 0 }) };
+            let hi16 = |o: usize| -> Result<u64> { Ok(if wide { le16(d, o)? as u64 } else { 0 }) };
+            let csum_hi = if self.desc_size >= BLOCK_BITMAP_CSUM_HI_END { (le16(d, 0x38)? as u32) << 16 } else { 0 };
+            let stored_csum = le16(d, DESC_CSUM_OFF)?;
             descs.push(GroupDesc {
-                block_bitmap: le32(d, 0x0) as u64 | hi(0x20),
-                inode_bitmap: le32(d, 0x4) as u64 | hi(0x24),
-                inode_table: le32(d, 0x8) as u64 | hi(0x28),
-                flags: le16(d, 0x12),
-                itable_unused: le16(d, 0x1C) as u64 | hi16(0x32) << 16,
-                block_bitmap_csum: le16(d, 0x18) as u32 | csum_hi,
-                checksum_ok: self.desc_checksum(g, d).is_none_or(|c| c == le16(d, DESC_CSUM_OFF)),
+                block_bitmap: le32(d, 0x0)? as u64 | hi(0x20)?,
+                inode_bitmap: le32(d, 0x4)? as u64 | hi(0x24)?,
+                inode_table: le32(d, 0x8)? as u64 | hi(0x28)?,
+                flags: le16(d, 0x12)?,
+                itable_unused: le16(d, 0x1C)? as u64 | hi16(0x32)? << 16,
+                block_bitmap_csum: le16(d, 0x18)? as u32 | csum_hi,
+                checksum_ok: self.desc_checksum(g, d).is_none_or(|c| c == stored_csum),
             });
         }
         Ok(descs)

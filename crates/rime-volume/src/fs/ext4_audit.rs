@@ -138,7 +138,7 @@ fn group_refs(files: &Ext4Files, sb: &Superblock, g: u64, d: &GroupDesc) -> Resu
             if !in_use(i) && ino >= sb.first_ino {
                 continue;
             }
-            let inode = parse_inode(ino, &table[(k * isz) as usize..((k + 1) * isz) as usize]);
+            let inode = parse_inode(ino, &table[(k * isz) as usize..((k + 1) * isz) as usize])?;
             let refs = referenced(files, sb, &inode).with_context(|| format!("blocks of inode {ino}"))?;
             out.extend(refs.into_iter().map(|r| (ino, r)));
         }

@@ -11,7 +11,7 @@
 //! error, never a wild read.
 
 use super::ext4::Superblock;
-use crate::bytes::{le16, le32};
+use crate::bytes::{le16, le32, Truncated};
 use crate::device::Region;
 use crate::usedmap::{FileExtent, FileExtents};
 use anyhow::{bail, ensure, Context, Result};
@@ -92,11 +92,14 @@ impl Inode {
 
     /// A device node's number (major, minor): old 8:8 or new 12:20 encoding in `i_block`.
     pub fn device_number(&self) -> (u32, u32) {
-        let old = le32(&self.block, 0);
+        // `block` is a fixed 60-byte array: these offsets are always inside it.
+        let word =
+            |o: usize| u32::from_le_bytes([self.block[o], self.block[o + 1], self.block[o + 2], self.block[o + 3]]);
+        let old = word(0);
         if old != 0 {
             ((old >> 8) & 0xff, old & 0xff)
         } else {
-            let d = le32(&self.block, 4);
+            let d = word(4);
             ((d >> 8) & 0xfff, (d & 0xff) | ((d >> 12) & 0xfff00))
         }
     }
@@ -176,7 +179,7 @@ impl Ext4Files {
             "inode {ino} lies outside the filesystem"
         );
         self.region.read_at(byte, &mut raw)?;
-        Ok(parse_inode(ino, &raw))
+        Ok(parse_inode(ino, &raw)?)
     }
 
     /// The region the filesystem is read from.
@@ -216,7 +219,7 @@ impl Ext4Files {
         } else {
             let per = self.sb.block_size / 4;
             for (i, slot) in inode.block.chunks_exact(4).enumerate() {
-                let b = le32(slot, 0) as u64;
+                let b = le32(slot, 0)? as u64;
                 if b == 0 {
                     continue;
                 }
@@ -255,7 +258,7 @@ impl Ext4Files {
         tree(block);
         let span = per.pow(level - 1);
         for (i, slot) in data.chunks_exact(4).enumerate() {
-            let b = le32(slot, 0) as u64;
+            let b = le32(slot, 0)? as u64;
             if b == 0 {
                 continue;
             }
@@ -279,22 +282,22 @@ impl Ext4Files {
         runs: &mut Vec<Run>,
         tree: &mut dyn FnMut(u64),
     ) -> Result<()> {
-        ensure!(node.len() >= 12 && le16(node, 0) == EXTENT_MAGIC, "bad extent header");
-        let entries = le16(node, 2) as usize;
-        let depth = le16(node, 6) as u32;
+        ensure!(node.len() >= 12 && le16(node, 0)? == EXTENT_MAGIC, "bad extent header");
+        let entries = le16(node, 2)? as usize;
+        let depth = le16(node, 6)? as u32;
         ensure!(depth < depth_budget, "extent tree too deep (loop?)");
         ensure!(12 + entries * 12 <= node.len(), "extent node overflows its block");
         for i in 0..entries {
             let e = &node[12 + i * 12..24 + i * 12];
             if depth == 0 {
-                let raw_len = le16(e, 4) as u64;
+                let raw_len = le16(e, 4)? as u64;
                 let (len, unwritten) = if raw_len > 32768 { (raw_len - 32768, true) } else { (raw_len, false) };
-                let physical = (le16(e, 6) as u64) << 32 | le32(e, 8) as u64;
+                let physical = (le16(e, 6)? as u64) << 32 | le32(e, 8)? as u64;
                 if len > 0 {
-                    runs.push(Run { logical: le32(e, 0) as u64, physical, len, unwritten });
+                    runs.push(Run { logical: le32(e, 0)? as u64, physical, len, unwritten });
                 }
             } else {
-                let child = (le16(e, 8) as u64) << 32 | le32(e, 4) as u64;
+                let child = (le16(e, 8)? as u64) << 32 | le32(e, 4)? as u64;
                 let block = self.block(child)?;
                 tree(child);
                 self.extent_node(&block, depth, runs, tree)?;
@@ -411,14 +414,14 @@ impl Ext4Files {
     fn parse_xattr_entries(&self, entries: &[u8], values: &[u8], out: &mut Vec<Xattr>) -> Result<()> {
         let mut off = 0;
         while off + 16 <= entries.len() {
-            if le32(entries, off) == 0 {
+            if le32(entries, off)? == 0 {
                 break;
             }
             let name_len = entries[off] as usize;
             let index = entries[off + 1];
-            let value_offs = le16(entries, off + 2) as usize;
-            let value_inum = le32(entries, off + 4) as u64;
-            let value_size = le32(entries, off + 8) as usize;
+            let value_offs = le16(entries, off + 2)? as usize;
+            let value_inum = le32(entries, off + 4)? as u64;
+            let value_size = le32(entries, off + 8)? as usize;
             ensure!(off + 16 + name_len <= entries.len(), "xattr entry overflows its area");
             let suffix = &entries[off + 16..off + 16 + name_len];
             let prefix: &[u8] = match index {
@@ -462,13 +465,13 @@ impl Ext4Files {
     fn raw_xattrs(&self, inode: &Inode) -> Result<Vec<Xattr>> {
         let mut out = Vec::new();
         let area = &inode.inline_xattrs;
-        if area.len() >= 4 && le32(area, 0) == XATTR_MAGIC {
+        if area.len() >= 4 && le32(area, 0)? == XATTR_MAGIC {
             let entries = &area[4..];
             self.parse_xattr_entries(entries, entries, &mut out)?;
         }
         if inode.file_acl != 0 {
             let block = self.block(inode.file_acl)?;
-            ensure!(le32(&block, 0) == XATTR_MAGIC, "inode {}: bad xattr block", inode.ino);
+            ensure!(le32(&block, 0)? == XATTR_MAGIC, "inode {}: bad xattr block", inode.ino);
             self.parse_xattr_entries(&block[32..], &block, &mut out)?;
         }
         Ok(out)
@@ -598,38 +601,38 @@ impl Ext4Files {
 }
 
 /// Parses an inode from its on-disk bytes (`raw` is one inode-table slot, at least 128 bytes).
-pub fn parse_inode(ino: u64, raw: &[u8]) -> Inode {
+pub fn parse_inode(ino: u64, raw: &[u8]) -> Result<Inode, Truncated> {
     let big = raw.len() > 128;
-    let extra_isize = if big { le16(raw, 0x80) as usize } else { 0 };
+    let extra_isize = if big { le16(raw, 0x80)? as usize } else { 0 };
     // Fields past the 128-byte core exist when i_extra_isize covers them.
     let extra = |off: usize| -> Option<u32> {
-        if big && 128 + extra_isize >= off + 4 && off + 4 <= raw.len() {
-            Some(le32(raw, off))
+        if big && 128 + extra_isize >= off + 4 {
+            le32(raw, off).ok()
         } else {
             None
         }
     };
     let inline_xattrs =
         if big && 128 + extra_isize + 4 <= raw.len() { raw[128 + extra_isize..].to_vec() } else { Vec::new() };
-    let blocks_lo = le32(raw, 0x1C) as u64;
-    let blocks_hi = le16(raw, 0x74) as u64;
-    Inode {
+    let blocks_lo = le32(raw, 0x1C)? as u64;
+    let blocks_hi = le16(raw, 0x74)? as u64;
+    Ok(Inode {
         ino,
-        mode: le16(raw, 0),
-        uid: le16(raw, 2) as u32 | (le16(raw, 0x78) as u32) << 16,
-        gid: le16(raw, 0x18) as u32 | (le16(raw, 0x7A) as u32) << 16,
-        size: le32(raw, 4) as u64 | (le32(raw, 0x6C) as u64) << 32,
-        links: le16(raw, 0x1A),
-        flags: le32(raw, 0x20),
+        mode: le16(raw, 0)?,
+        uid: le16(raw, 2)? as u32 | (le16(raw, 0x78)? as u32) << 16,
+        gid: le16(raw, 0x18)? as u32 | (le16(raw, 0x7A)? as u32) << 16,
+        size: le32(raw, 4)? as u64 | (le32(raw, 0x6C)? as u64) << 32,
+        links: le16(raw, 0x1A)?,
+        flags: le32(raw, 0x20)?,
         blocks: blocks_lo | blocks_hi << 32,
-        file_acl: le32(raw, 0x68) as u64 | (le16(raw, 0x76) as u64) << 32,
-        atime: time(le32(raw, 0x08), extra(0x8C)),
-        ctime: time(le32(raw, 0x0C), extra(0x84)),
-        mtime: time(le32(raw, 0x10), extra(0x88)),
+        file_acl: le32(raw, 0x68)? as u64 | (le16(raw, 0x76)? as u64) << 32,
+        atime: time(le32(raw, 0x08)?, extra(0x8C)),
+        ctime: time(le32(raw, 0x0C)?, extra(0x84)),
+        mtime: time(le32(raw, 0x10)?, extra(0x88)),
         crtime: extra(0x90).map(|s| time(s, extra(0x94))),
-        block: raw[0x28..0x28 + 60].try_into().unwrap(),
+        block: crate::bytes::field(raw, 0x28)?,
         inline_xattrs,
-    }
+    })
 }
 
 /// Parses one directory block, calling `visit` for each live entry until it breaks. Only the
@@ -643,8 +646,10 @@ fn parse_dir_block(
     let mut off = 0;
     let mut record = 0;
     while off + 8 <= block.len() {
-        let ino = le32(block, off) as u64;
-        let mut rec_len = le16(block, off + 4) as usize;
+        // Inside the block: the loop condition leaves 8 bytes at `off`.
+        let (Ok(ino), Ok(rec_len)) = (le32(block, off), le16(block, off + 4)) else { break };
+        let ino = ino as u64;
+        let mut rec_len = rec_len as usize;
         if rec_len == 0 || rec_len == 65535 {
             rec_len = 65536.min(block.len() - off);
         }
@@ -667,17 +672,17 @@ fn parse_dir_block(
 /// Converts an ext4 on-disk POSIX ACL (version 1, short entries for the owner/group/mask/other
 /// tags) to the `system.posix_acl_*` xattr format (version 2, 8-byte entries).
 fn acl_to_xattr(v: &[u8]) -> Result<Vec<u8>> {
-    ensure!(v.len() >= 4 && le32(v, 0) == 1, "unknown ACL format");
+    ensure!(v.len() >= 4 && le32(v, 0)? == 1, "unknown ACL format");
     let mut out = 2u32.to_le_bytes().to_vec();
     let mut off = 4;
     while off < v.len() {
         ensure!(off + 4 <= v.len(), "truncated ACL");
-        let tag = le16(v, off);
-        let perm = le16(v, off + 2);
+        let tag = le16(v, off)?;
+        let perm = le16(v, off + 2)?;
         let (id, len) = match tag {
             0x02 | 0x08 => {
                 ensure!(off + 8 <= v.len(), "truncated ACL");
-                (le32(v, off + 4), 8)
+                (le32(v, off + 4)?, 8)
             }
             _ => (u32::MAX, 4),
         };
@@ -708,9 +713,9 @@ mod tests {
         }
         let x = acl_to_xattr(&v).unwrap();
         assert_eq!(x.len(), 4 + 5 * 8);
-        assert_eq!(le32(&x, 0), 2);
-        assert_eq!((le16(&x, 12), le16(&x, 14), le32(&x, 16)), (0x02, 4, 1000));
-        assert_eq!(le32(&x, 8), u32::MAX);
+        assert_eq!(le32(&x, 0), Ok(2));
+        assert_eq!((le16(&x, 12), le16(&x, 14), le32(&x, 16)), (Ok(0x02), Ok(4), Ok(1000)));
+        assert_eq!(le32(&x, 8), Ok(u32::MAX));
         assert!(acl_to_xattr(&[2, 0, 0, 0]).is_err());
         assert!(acl_to_xattr(&[1, 0, 0, 0, 2, 0, 4]).is_err());
     }

@@ -93,7 +93,7 @@ impl FatGeometry {
         }
         let jump = b[0] == 0xEB || b[0] == 0xE9;
         let signature = b[510] == 0x55 && b[511] == 0xAA;
-        let bps = le16(b, 0x0B) as u64;
+        let bps = le16(b, 0x0B)? as u64;
         let spc = b[0x0D] as u64;
         let media = b[0x15];
         let labelled = &b[0x36..0x39] == b"FAT" || &b[0x52..0x57] == b"FAT32";
@@ -107,12 +107,12 @@ impl FatGeometry {
         // From here on it claims to be FAT: nonsense is an error, not "unknown".
         ensure!(matches!(bps, 512 | 1024 | 2048 | 4096), "bytes per sector {bps} is invalid");
         ensure!(spc.is_power_of_two() && spc <= 128, "sectors per cluster {spc} is invalid");
-        let reserved = le16(b, 0x0E) as u64;
+        let reserved = le16(b, 0x0E)? as u64;
         let fat_count = b[0x10] as u64;
-        let root_entries = le16(b, 0x11) as u64;
-        let tot16 = le16(b, 0x13) as u64;
-        let fatsz16 = le16(b, 0x16) as u64;
-        let tot32 = le32(b, 0x20) as u64;
+        let root_entries = le16(b, 0x11)? as u64;
+        let tot16 = le16(b, 0x13)? as u64;
+        let fatsz16 = le16(b, 0x16)? as u64;
+        let tot32 = le32(b, 0x20)? as u64;
         ensure!(reserved >= 1, "reserved sector count is 0");
         ensure!((1..=MAX_FATS).contains(&fat_count), "number of FATs {fat_count} is invalid");
         let total_sectors = if tot16 != 0 { tot16 } else { tot32 };
@@ -123,7 +123,7 @@ impl FatGeometry {
             "the filesystem ({fs_bytes} bytes) is larger than the volume ({region_len} bytes)"
         );
         let fat32_layout = fatsz16 == 0 && root_entries == 0;
-        let fat_sectors = if fatsz16 != 0 { fatsz16 } else { le32(b, 0x24) as u64 };
+        let fat_sectors = if fatsz16 != 0 { fatsz16 } else { le32(b, 0x24)? as u64 };
         ensure!(fat_sectors != 0, "FAT size is 0");
         let root_dir_sectors = (root_entries * 32).div_ceil(bps);
         let data_sector = reserved + fat_count * fat_sectors + root_dir_sectors;
@@ -155,7 +155,7 @@ impl FatGeometry {
             "the FAT ({fat_bytes} bytes) is too small for {cluster_count} clusters ({needed} bytes)"
         );
         let root_cluster = if kind == FatKind::Fat32 {
-            let rc = le32(b, 0x2C) as u64 & 0x0FFF_FFFF;
+            let rc = le32(b, 0x2C)? as u64 & 0x0FFF_FFFF;
             ensure!(rc >= 2 && rc < cluster_count + 2, "root directory cluster {rc} is outside the data area");
             Some(rc)
         } else {
@@ -287,16 +287,16 @@ impl FatMap {
 
     /// The FSInfo sector's free cluster count, if the sector is there and the count plausible.
     fn fsinfo_free(region: &Region, boot: &[u8], geo: &FatGeometry) -> Option<u64> {
-        let sector = le16(boot, 0x30) as u64;
+        let sector = le16(boot, 0x30).ok()? as u64;
         if sector == 0 || sector * geo.bytes_per_sector + 512 > geo.fat_start {
             return None;
         }
         let mut s = vec![0u8; 512];
         region.read_at(sector * geo.bytes_per_sector, &mut s).ok()?;
-        if le32(&s, 0) != 0x4161_5252 || le32(&s, 0x1E4) != 0x6141_7272 {
+        if le32(&s, 0).ok()? != 0x4161_5252 || le32(&s, 0x1E4).ok()? != 0x6141_7272 {
             return None;
         }
-        let free = le32(&s, 0x1E8) as u64;
+        let free = le32(&s, 0x1E8).ok()? as u64;
         (free <= geo.cluster_count).then_some(free)
     }
 
@@ -330,15 +330,15 @@ impl FatMap {
         let Some(bytes) = buf.get(i..i + width) else { bail!("FAT entry {n} lies past the end of the FAT") };
         Ok(match geo.kind {
             FatKind::Fat12 => {
-                let v = le16(bytes, 0) as u32;
+                let v = le16(bytes, 0)? as u32;
                 if n % 2 == 1 {
                     v >> 4
                 } else {
                     v & 0xFFF
                 }
             }
-            FatKind::Fat16 => le16(bytes, 0) as u32,
-            FatKind::Fat32 => le32(bytes, 0) & 0x0FFF_FFFF,
+            FatKind::Fat16 => le16(bytes, 0)? as u32,
+            FatKind::Fat32 => le32(bytes, 0)? & 0x0FFF_FFFF,
         })
     }
 

@@ -211,21 +211,21 @@ impl Journal {
             window: None,
         };
         let raw = j.read_block(0).context("reading the journal superblock")?;
-        ensure!(be32(&raw, 0) == MAGIC, "the journal superblock has no jbd2 magic");
-        let version = be32(&raw, 4);
+        ensure!(be32(&raw, 0)? == MAGIC, "the journal superblock has no jbd2 magic");
+        let version = be32(&raw, 4)?;
         ensure!(
             version == SUPERBLOCK_V1 || version == SUPERBLOCK_V2,
             "the journal superblock has an unknown type {version}"
         );
         let v2 = version == SUPERBLOCK_V2;
         let sb = JournalSuperblock {
-            block_size: be32(&raw, 0xC) as u64,
-            maxlen: be32(&raw, 0x10) as u64,
-            first: be32(&raw, 0x14) as u64,
-            sequence: be32(&raw, 0x18),
-            start: be32(&raw, 0x1C) as u64,
-            compat: if v2 { be32(&raw, 0x24) } else { 0 },
-            incompat: if v2 { be32(&raw, 0x28) } else { 0 },
+            block_size: be32(&raw, 0xC)? as u64,
+            maxlen: be32(&raw, 0x10)? as u64,
+            first: be32(&raw, 0x14)? as u64,
+            sequence: be32(&raw, 0x18)?,
+            start: be32(&raw, 0x1C)? as u64,
+            compat: if v2 { be32(&raw, 0x24)? } else { 0 },
+            incompat: if v2 { be32(&raw, 0x28)? } else { 0 },
             uuid: raw[0x30..0x40].try_into().unwrap(),
         };
         ensure!(
@@ -257,7 +257,7 @@ impl Journal {
             ensure!(raw[0x50] == CRC32C_CHKSUM, "the journal's checksum type {} is unknown", raw[0x50]);
             let mut copy = raw[..1024].to_vec();
             copy[0xFC..0x100].fill(0);
-            ensure!(be32(&raw, 0xFC) == crc32c_raw(!0, &copy), "the journal superblock fails its checksum");
+            ensure!(be32(&raw, 0xFC)? == crc32c_raw(!0, &copy), "the journal superblock fails its checksum");
             j.csum_seed = crc32c_raw(!0, &sb.uuid);
         }
         j.sb = sb;
@@ -335,12 +335,12 @@ impl Journal {
             let buf = self.read_block(block)?;
             let here = block;
             block = wrap(block + 1);
-            if be32(&buf, 0) != MAGIC || be32(&buf, 8) != next_tid {
+            if be32(&buf, 0)? != MAGIC || be32(&buf, 8)? != next_tid {
                 break;
             }
             ensure!(budget > 0, "the journal's log does not end");
             budget -= 1;
-            match be32(&buf, 4) {
+            match be32(&buf, 4)? {
                 DESCRIPTOR_BLOCK => {
                     let good = !sb.csum_v2or3() || block_tail_ok(&buf, self.csum_seed);
                     // Stale blocks from an earlier use of the journal fail too; the next
@@ -352,10 +352,10 @@ impl Journal {
                     let mut off = 12;
                     while off + tag_bytes <= bs - tail {
                         let tag = &buf[off..off + tag_bytes];
-                        let flags = be16(tag, 6);
-                        let mut home = be32(tag, 0) as u64;
+                        let flags = be16(tag, 6)?;
+                        let mut home = be32(tag, 0)? as u64;
                         if sb.is_64bit() {
-                            home |= (be32(tag, 8) as u64) << 32;
+                            home |= (be32(tag, 8)? as u64) << 32;
                         }
                         let log_block = block;
                         block = wrap(block + 1);
@@ -389,7 +389,7 @@ impl Journal {
                 }
                 REVOKE_BLOCK => {
                     need_check_commit_time |= sb.csum_v2or3() && !block_tail_ok(&buf, self.csum_seed);
-                    let count = be32(&buf, 12) as usize;
+                    let count = be32(&buf, 12)? as usize;
                     if count > bs - tail {
                         pending.damage.get_or_insert(format!("the revoke block at log block {here} overflows"));
                         continue;
@@ -397,12 +397,12 @@ impl Journal {
                     let rec = if sb.is_64bit() { 8 } else { 4 };
                     let mut off = 16;
                     while off + rec <= count {
-                        pending.revokes.push(if rec == 8 { be64(&buf, off) } else { be32(&buf, off) as u64 });
+                        pending.revokes.push(if rec == 8 { be64(&buf, off)? } else { be32(&buf, off)? as u64 });
                         off += rec;
                     }
                 }
                 COMMIT_BLOCK => {
-                    let commit_time = be64(&buf, 48);
+                    let commit_time = be64(&buf, 48)?;
                     if need_check_commit_time {
                         ensure!(
                             commit_time < last_commit_time,
@@ -412,18 +412,18 @@ impl Journal {
                     }
                     let mut commit_ok = true;
                     if v1 {
-                        let (kind, size, found) = (buf[12], buf[13], be32(&buf, 16));
+                        let (kind, size, found) = (buf[12], buf[13], be32(&buf, 16)?);
                         let matches = kind == CRC32_CHKSUM && size == CRC32_CHKSUM_SIZE && found == crc_v1.value();
                         let unused = kind == 0 && size == 0 && found == 0;
                         commit_ok = matches || unused;
                         crc_v1 = Crc32Be::new();
                     }
-                    if sb.csum_v2or3() && be32(&buf, 16) != commit_checksum(&buf, bs, self.csum_seed) {
+                    if sb.csum_v2or3() && be32(&buf, 16)? != commit_checksum(&buf, bs, self.csum_seed) {
                         // Newer kernels accept a commit block whose header alone checks out
                         // (its tail torn), older ones end the log there: the two replays
                         // differ, so neither can be trusted to be the one that happens.
                         ensure!(
-                            be32(&buf, 16) != commit_checksum(&buf, COMMIT_HEADER, self.csum_seed),
+                            be32(&buf, 16)? != commit_checksum(&buf, COMMIT_HEADER, self.csum_seed),
                             "the commit block of transaction {next_tid} is torn after its header, which some \
                              kernels replay and others do not"
                         );
@@ -502,16 +502,16 @@ fn block_tail_ok(buf: &[u8], seed: u32) -> bool {
     let n = buf.len();
     let mut copy = buf.to_vec();
     copy[n - 4..].fill(0);
-    be32(buf, n - 4) == crc32c_raw(seed, &copy)
+    be32(buf, n - 4).is_ok_and(|stored| stored == crc32c_raw(seed, &copy))
 }
 
 fn tag_checksum_ok(sb: &JournalSuperblock, tag: &[u8], data: &[u8], tid: u32, seed: u32) -> bool {
     let c = crc32c_raw(seed, &tid.to_be_bytes());
     let c = crc32c_raw(c, data);
     if sb.csum_v3() {
-        be32(tag, 12) == c
+        be32(tag, 12).is_ok_and(|stored| stored == c)
     } else {
-        be16(tag, 4) == c as u16
+        be16(tag, 4).is_ok_and(|stored| stored == c as u16)
     }
 }
 

@@ -18,6 +18,7 @@
 //! Windows does) and returns where a file's data lives, for `--exclude-file`.
 
 use super::Untrusted;
+use crate::bytes::{le16, le32, le64};
 use crate::device::Region;
 use crate::usedmap::{push_range, FileExtent, FileExtents, SwapFile, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
@@ -60,7 +61,7 @@ pub fn default_exclusions() -> &'static [&'static str] {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Checked little-endian reads: every offset here may come from disk.
+// Checked reads (`crate::bytes`, plus slices and bytes here): every offset may come from disk.
 // ---------------------------------------------------------------------------------------------
 
 fn get(b: &[u8], off: usize, len: usize) -> Result<&[u8]> {
@@ -70,15 +71,6 @@ fn get(b: &[u8], off: usize, len: usize) -> Result<&[u8]> {
 }
 fn r8(b: &[u8], o: usize) -> Result<u8> {
     Ok(get(b, o, 1)?[0])
-}
-fn r16(b: &[u8], o: usize) -> Result<u16> {
-    Ok(u16::from_le_bytes(get(b, o, 2)?.try_into().unwrap()))
-}
-fn r32(b: &[u8], o: usize) -> Result<u32> {
-    Ok(u32::from_le_bytes(get(b, o, 4)?.try_into().unwrap()))
-}
-fn r64(b: &[u8], o: usize) -> Result<u64> {
-    Ok(u64::from_le_bytes(get(b, o, 8)?.try_into().unwrap()))
 }
 fn utf16(b: &[u8]) -> Vec<u16> {
     b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
@@ -122,7 +114,7 @@ impl NtfsGeometry {
             return Ok(None);
         }
         ensure!(b[510] == 0x55 && b[511] == 0xAA, "boot sector signature is missing");
-        let bps = r16(b, 0x0B)? as u64;
+        let bps = le16(b, 0x0B)? as u64;
         ensure!(bps.is_power_of_two() && (512..=4096).contains(&bps), "bytes per sector {bps} is invalid");
         let raw = b[0x0D];
         // Since Windows 10 1709 values above 0x80 are negative powers of two (large clusters).
@@ -136,7 +128,7 @@ impl NtfsGeometry {
         ensure!(spc.is_power_of_two(), "sectors per cluster {raw:#x} is invalid");
         let cluster_bytes = spc * bps;
         ensure!(cluster_bytes <= 2 << 20, "cluster size {cluster_bytes} is invalid");
-        let total_sectors = r64(b, 0x28)?;
+        let total_sectors = le64(b, 0x28)?;
         let fs_bytes = total_sectors.saturating_mul(bps);
         ensure!(
             fs_bytes <= region_len,
@@ -144,8 +136,8 @@ impl NtfsGeometry {
         );
         let clusters = total_sectors / spc;
         ensure!(clusters >= 16, "the filesystem has only {clusters} clusters");
-        let mft_lcn = r64(b, 0x30)?;
-        let mft_mirror_lcn = r64(b, 0x38)?;
+        let mft_lcn = le64(b, 0x30)?;
+        let mft_mirror_lcn = le64(b, 0x38)?;
         ensure!(mft_lcn < clusters, "MFT cluster {mft_lcn} is outside the filesystem");
         ensure!(mft_mirror_lcn < clusters, "MFT mirror cluster {mft_mirror_lcn} is outside the filesystem");
         let record_bytes = record_size(b[0x40], cluster_bytes, "MFT record")?;
@@ -180,8 +172,8 @@ fn apply_fixups(buf: &mut [u8], magic: &[u8; 4]) -> Result<()> {
         String::from_utf8_lossy(&buf[0..4]),
         String::from_utf8_lossy(magic)
     );
-    let usa_off = r16(buf, 4)? as usize;
-    let usa_count = r16(buf, 6)? as usize;
+    let usa_off = le16(buf, 4)? as usize;
+    let usa_count = le16(buf, 6)? as usize;
     let strides = buf.len() / 512;
     ensure!(usa_count == strides + 1, "update sequence array has {usa_count} entries for {strides} sectors");
     ensure!(
@@ -271,26 +263,26 @@ struct Attr<'a> {
 
 impl Attr<'_> {
     fn value(&self) -> Result<&[u8]> {
-        let len = r32(self.raw, 0x10)? as usize;
-        let off = r16(self.raw, 0x14)? as usize;
+        let len = le32(self.raw, 0x10)? as usize;
+        let off = le16(self.raw, 0x14)? as usize;
         get(self.raw, off, len)
     }
 }
 
 /// The attributes of a (fixed-up) MFT record.
 fn attributes(rec: &[u8]) -> Result<Vec<Attr<'_>>> {
-    let first = r16(rec, 0x14)? as usize;
-    let used = r32(rec, 0x18)? as usize;
+    let first = le16(rec, 0x14)? as usize;
+    let used = le32(rec, 0x18)? as usize;
     ensure!(used <= rec.len(), "record claims {used} bytes in use, more than its {} bytes", rec.len());
     ensure!(first >= 0x2A && first < used, "first attribute offset {first} is invalid");
     let mut out = Vec::new();
     let mut off = first;
     loop {
-        let ty = r32(get(rec, 0, used)?, off)?;
+        let ty = le32(get(rec, 0, used)?, off)?;
         if ty == ATTR_END {
             return Ok(out);
         }
-        let len = r32(rec, off + 4)? as usize;
+        let len = le32(rec, off + 4)? as usize;
         ensure!(
             len >= 0x18 && len.is_multiple_of(8) && off + len <= used,
             "attribute {ty:#x} at {off} has invalid length {len}"
@@ -298,15 +290,15 @@ fn attributes(rec: &[u8]) -> Result<Vec<Attr<'_>>> {
         let raw = &rec[off..off + len];
         let resident = raw[8] == 0;
         let name_len = raw[9] as usize;
-        let name_off = r16(raw, 0x0A)? as usize;
+        let name_off = le16(raw, 0x0A)? as usize;
         let name = if name_len == 0 { Vec::new() } else { utf16(get(raw, name_off, 2 * name_len)?) };
         if resident {
-            let vlen = r32(raw, 0x10)? as usize;
-            let voff = r16(raw, 0x14)? as usize;
+            let vlen = le32(raw, 0x10)? as usize;
+            let voff = le16(raw, 0x14)? as usize;
             get(raw, voff, vlen).with_context(|| format!("resident attribute {ty:#x}"))?;
         } else {
             ensure!(len >= 0x40, "non-resident attribute {ty:#x} is too short ({len} bytes)");
-            let mp = r16(raw, 0x20)? as usize;
+            let mp = le16(raw, 0x20)? as usize;
             ensure!(mp >= 0x40 && mp < len, "mapping pairs offset {mp} of attribute {ty:#x} is invalid");
         }
         out.push(Attr { ty, name, raw, resident });
@@ -337,19 +329,19 @@ pub enum Stream {
 
 /// Builds one stream from its attribute extents (each a non-resident attribute header).
 fn join_extents(extents: &[&[u8]], clusters: u64, cluster_bytes: u64) -> Result<NonResident> {
-    let mut ext: Vec<(u64, &[u8])> = extents.iter().map(|raw| Ok((r64(raw, 0x10)?, *raw))).collect::<Result<_>>()?;
+    let mut ext: Vec<(u64, &[u8])> = extents.iter().map(|raw| Ok((le64(raw, 0x10)?, *raw))).collect::<Result<_>>()?;
     ext.sort_by_key(|e| e.0);
     ensure!(ext.first().is_some_and(|e| e.0 == 0), "no attribute extent starts at VCN 0");
     let first = ext[0].1;
-    let alloc_size = r64(first, 0x28)?;
-    let data_size = r64(first, 0x30)?;
-    let init_size = r64(first, 0x38)?;
+    let alloc_size = le64(first, 0x28)?;
+    let data_size = le64(first, 0x30)?;
+    let init_size = le64(first, 0x38)?;
     let mut runs = Vec::new();
     for (lowest, raw) in &ext {
         let start = runs.last().map_or(0, |r: &Run| r.vcn + r.len);
         ensure!(*lowest == start, "attribute extent starts at VCN {lowest}, expected {start}");
-        let highest = r64(raw, 0x18)?;
-        let mp = r16(raw, 0x20)? as usize;
+        let highest = le64(raw, 0x18)?;
+        let mp = le16(raw, 0x20)? as usize;
         let before = runs.len();
         decode_runs(&raw[mp..], *lowest, clusters, &mut runs)?;
         let end = runs.last().map_or(0, |r| r.vcn + r.len);
@@ -412,7 +404,7 @@ impl NtfsMap {
             .into_iter()
             .filter(|a| a.ty == ATTR_DATA && a.name.is_empty() && !a.resident)
             .map(|a| a.raw)
-            .filter(|raw| r64(raw, 0x10).ok() == Some(0))
+            .filter(|raw| le64(raw, 0x10).ok() == Some(0))
             .collect();
         ensure!(boot_extents.len() == 1, "MFT record 0 has no (or more than one) $DATA extent at VCN 0");
         let boot_mft = join_extents(&boot_extents, geo.clusters, geo.cluster_bytes).context("$MFT data runs")?;
@@ -443,7 +435,7 @@ impl NtfsMap {
         let rec3 = map.read_record(VOLUME_RECORD)?;
         match map.stream(VOLUME_RECORD, &rec3, ATTR_VOLUME_INFORMATION, &[]).context("$Volume")? {
             Some(Stream::Resident(v)) => {
-                let flags = r16(&v, 0x0A).context("$VOLUME_INFORMATION")?;
+                let flags = le16(&v, 0x0A).context("$VOLUME_INFORMATION")?;
                 if flags & VOLUME_IS_DIRTY != 0 {
                     return Err(Untrusted(
                         "the volume is marked dirty (a check is scheduled or it was not shut down cleanly), so its \
@@ -463,7 +455,7 @@ impl NtfsMap {
         }
 
         let rec6 = map.read_record(BITMAP_RECORD)?;
-        ensure!(r16(&rec6, 0x16)? & RECORD_IN_USE != 0, "MFT record 6 ($Bitmap) is not in use");
+        ensure!(le16(&rec6, 0x16)? & RECORD_IN_USE != 0, "MFT record 6 ($Bitmap) is not in use");
         let needed = map.geo.clusters.div_ceil(8);
         map.bitmap = match map.stream(BITMAP_RECORD, &rec6, ATTR_DATA, &[]).context("$Bitmap")? {
             None => bail!("$Bitmap has no data"),
@@ -543,7 +535,7 @@ impl NtfsMap {
             return Ok(None);
         }
         let page_size = match &first[0..4] {
-            b"RSTR" => r32(&first, 0x10)? as u64,
+            b"RSTR" => le32(&first, 0x10)? as u64,
             b"CHKD" => return Ok(Some("chkdsk was interrupted while repairing it".into())),
             _ => return Ok(Some("its first restart page is neither empty nor a restart page".into())),
         };
@@ -559,13 +551,13 @@ impl NtfsMap {
             if apply_fixups(&mut page, b"RSTR").is_err() {
                 continue;
             }
-            let ra = r16(&page, 0x18)? as usize;
+            let ra = le16(&page, 0x18)? as usize;
             if ra < 0x1E || ra + 0x30 > page.len() {
                 continue;
             }
-            let lsn = r64(&page, ra)?;
-            let in_use = r16(&page, ra + 0x0C)?;
-            let flags = r16(&page, ra + 0x0E)?;
+            let lsn = le64(&page, ra)?;
+            let in_use = le16(&page, ra + 0x0C)?;
+            let flags = le16(&page, ra + 0x0E)?;
             let clean = in_use == LOGFILE_NO_CLIENT || flags & RESTART_VOLUME_IS_CLEAN != 0;
             if newest.is_none_or(|(l, _)| lsn > l) {
                 newest = Some((lsn, clean));
@@ -599,8 +591,8 @@ impl NtfsMap {
             let mut off = 0usize;
             while off + 0x1A <= list.len() {
                 let e = &list[off..];
-                let t = r32(e, 0)?;
-                let elen = r16(e, 4)? as usize;
+                let t = le32(e, 0)?;
+                let elen = le16(e, 4)? as usize;
                 ensure!(
                     elen >= 0x1A && off + elen <= list.len(),
                     "attribute list entry at {off} has invalid length {elen}"
@@ -609,7 +601,7 @@ impl NtfsMap {
                 let noff = r8(e, 7)? as usize;
                 ensure!(noff + 2 * nlen <= elen, "attribute list entry at {off} has an invalid name");
                 if t == ty && utf16(&e[noff..noff + 2 * nlen]) == name {
-                    let rec = r64(e, 0x10)? & 0xFFFF_FFFF_FFFF;
+                    let rec = le64(e, 0x10)? & 0xFFFF_FFFF_FFFF;
                     if !wanted.contains(&rec) {
                         wanted.push(rec);
                     }
@@ -621,7 +613,7 @@ impl NtfsMap {
                     records.push(base.to_vec());
                 } else {
                     let r = self.read_record(rec)?;
-                    let owner = r64(&r, 0x20)? & 0xFFFF_FFFF_FFFF;
+                    let owner = le64(&r, 0x20)? & 0xFFFF_FFFF_FFFF;
                     ensure!(owner == base_no, "extension record {rec} belongs to record {owner}, not {base_no}");
                     records.push(r);
                 }
@@ -716,7 +708,7 @@ impl NtfsMap {
             }
         }
         let rec = self.read_record(no)?;
-        let flags = r16(&rec, 0x16)?;
+        let flags = le16(&rec, 0x16)?;
         ensure!(flags & RECORD_IN_USE != 0, "{path}: its directory entry points to unused MFT record {no}");
         ensure!(flags & RECORD_IS_DIRECTORY == 0, "{path} is a directory");
         let cb = self.geo.cluster_bytes;
@@ -744,7 +736,7 @@ impl NtfsMap {
     /// Finds `name` in directory record `dir`: the child's MFT record number.
     fn lookup(&mut self, dir: u64, name: &str) -> Result<Option<u64>> {
         let rec = self.read_record(dir)?;
-        let flags = r16(&rec, 0x16)?;
+        let flags = le16(&rec, 0x16)?;
         if flags & RECORD_IN_USE == 0 || flags & RECORD_IS_DIRECTORY == 0 {
             return Ok(None); // a file in the middle of the path: no such file
         }
@@ -757,10 +749,10 @@ impl NtfsMap {
             Some(Stream::NonResident(_)) => bail!("directory {dir} has a non-resident index root"),
             None => bail!("directory {dir} has no $I30 index root"),
         };
-        ensure!(r32(&root, 0)? == ATTR_FILE_NAME, "directory {dir}'s index is not a file name index");
-        let block = r32(&root, 8)? as u64;
-        let entries_off = r32(&root, 0x10)? as usize;
-        let index_len = r32(&root, 0x14)? as usize;
+        ensure!(le32(&root, 0)? == ATTR_FILE_NAME, "directory {dir}'s index is not a file name index");
+        let block = le32(&root, 8)? as u64;
+        let entries_off = le32(&root, 0x10)? as usize;
+        let index_len = le32(&root, 0x14)? as usize;
         let (s, e) = (0x10usize.saturating_add(entries_off), 0x10usize.saturating_add(index_len));
         ensure!(s <= e && e <= root.len(), "directory {dir}'s index root is malformed");
         scan_entries(&root[s..e], &target, &mut found)?;
@@ -784,8 +776,8 @@ impl NtfsMap {
                 }
                 self.read_stream(&alloc, i * block, &mut buf)?;
                 apply_fixups(&mut buf, b"INDX").with_context(|| format!("index block {i} of directory {dir}"))?;
-                let entries_off = r32(&buf, 0x18)? as usize;
-                let index_len = r32(&buf, 0x1C)? as usize;
+                let entries_off = le32(&buf, 0x18)? as usize;
+                let index_len = le32(&buf, 0x1C)? as usize;
                 let (s, e) = (0x18usize.saturating_add(entries_off), 0x18usize.saturating_add(index_len));
                 ensure!(s <= e && e <= buf.len(), "index block {i} of directory {dir} is malformed");
                 scan_entries(&buf[s..e], &target, &mut found)?;
@@ -805,7 +797,7 @@ impl NtfsMap {
         let no = reference & 0xFFFF_FFFF_FFFF;
         let seq = (reference >> 48) as u16;
         let rec = self.read_record(no)?;
-        let rec_seq = r16(&rec, 0x10)?;
+        let rec_seq = le16(&rec, 0x10)?;
         ensure!(
             seq == 0 || seq == rec_seq,
             "stale directory entry: record {no} has sequence {rec_seq}, the entry {seq}"
@@ -842,9 +834,9 @@ fn scan_entries(b: &[u8], target: &[u16], found: &mut Found) -> Result<()> {
     let mut off = 0usize;
     loop {
         let e = get(b, off, 0x10).context("index entries run off their node")?;
-        let len = r16(e, 8)? as usize;
-        let key_len = r16(e, 10)? as usize;
-        let flags = r16(e, 12)?;
+        let len = le16(e, 8)? as usize;
+        let key_len = le16(e, 10)? as usize;
+        let flags = le16(e, 12)?;
         if flags & 0x2 != 0 {
             return Ok(()); // the last entry carries no key
         }
@@ -856,7 +848,7 @@ fn scan_entries(b: &[u8], target: &[u16], found: &mut Found) -> Result<()> {
         let key = &b[off + 0x10..off + 0x10 + key_len];
         let nlen = key[0x40] as usize;
         let name = utf16(get(key, 0x42, 2 * nlen)?);
-        let reference = r64(e, 0)?;
+        let reference = le64(e, 0)?;
         if name == target {
             found.exact = Some(reference);
             return Ok(());

@@ -69,12 +69,12 @@ pub struct Superblock {
 impl Superblock {
     /// Parses the primary superblock sector; `Ok(None)` when there is no XFS magic.
     pub fn parse(sb: &[u8]) -> Result<Option<Superblock>> {
-        if sb.len() < 512 || be32(sb, 0) != SB_MAGIC {
+        if sb.len() < 512 || be32(sb, 0)? != SB_MAGIC {
             return Ok(None);
         }
-        let block_size = be32(sb, 4) as u64;
+        let block_size = be32(sb, 4)? as u64;
         let blocklog = sb[120] as u32;
-        let sector_size = be16(sb, 102) as u64;
+        let sector_size = be16(sb, 102)? as u64;
         let sectlog = sb[121] as u32;
         ensure!(
             (9..=16).contains(&blocklog) && block_size == 1 << blocklog,
@@ -84,22 +84,22 @@ impl Superblock {
             (9..=15).contains(&sectlog) && sector_size == 1 << sectlog && sector_size <= block_size,
             "sector size {sector_size} (log {sectlog}) is invalid"
         );
-        let versionnum = be16(sb, 100);
+        let versionnum = be16(sb, 100)?;
         let version = versionnum & 0xF;
         ensure!(version == 4 || version == 5, "superblock version {version} is not supported");
         ensure!(sb.len() as u64 >= sector_size, "superblock buffer shorter than a sector");
         if version == 5 {
-            let stored = u32::from_le_bytes(sb[SB_CRC_OFF..SB_CRC_OFF + 4].try_into().unwrap());
+            let stored = crate::bytes::le32(sb, SB_CRC_OFF)?;
             let computed = crc32c_skipping(&sb[..sector_size as usize], SB_CRC_OFF);
             ensure!(stored == computed, "superblock CRC mismatch (stored {stored:#x}, computed {computed:#x})");
         }
         ensure!(sb[126] == 0, "mkfs did not finish (sb_inprogress is set)");
-        let dblocks = be64(sb, 8);
-        let agblocks = be32(sb, 84) as u64;
-        let agcount = be32(sb, 88) as u64;
+        let dblocks = be64(sb, 8)?;
+        let agblocks = be32(sb, 84)? as u64;
+        let agcount = be32(sb, 88)? as u64;
         let agblklog = sb[124] as u32;
-        let incompat = if version == 5 { be32(sb, 216) } else { 0 };
-        let ro_compat = if version == 5 { be32(sb, 212) } else { 0 };
+        let incompat = if version == 5 { be32(sb, 216)? } else { 0 };
+        let ro_compat = if version == 5 { be32(sb, 212)? } else { 0 };
         ensure!(incompat & !KNOWN_INCOMPAT == 0, "unknown incompatible features {:#x}", incompat & !KNOWN_INCOMPAT);
         // The header sectors (superblock, AGF, AGI, AGFL) must fit in an AG with room to spare.
         ensure!(agblocks * block_size >= 8 * sector_size && agblocks >= 8, "AG size {agblocks} blocks is too small");
@@ -113,10 +113,10 @@ impl Superblock {
             dblocks <= full && dblocks > (agcount - 1) * agblocks,
             "data blocks {dblocks} do not match {agcount} AGs of {agblocks} blocks"
         );
-        let fdblocks = be64(sb, 144);
+        let fdblocks = be64(sb, 144)?;
         ensure!(fdblocks <= dblocks, "free block count {fdblocks} exceeds the block count {dblocks}");
-        let logstart = be64(sb, 48);
-        let logblocks = be32(sb, 96) as u64;
+        let logstart = be64(sb, 48)?;
+        let logblocks = be32(sb, 96)? as u64;
         let log = if logstart != 0 {
             let ag = logstart >> agblklog;
             let agbno = logstart & ((1u64 << agblklog) - 1);
@@ -216,10 +216,10 @@ impl XfsMap {
         }
         let mut first = vec![0u8; 512];
         region.read_at(0, &mut first)?;
-        if be32(&first, 0) != SB_MAGIC {
+        if be32(&first, 0)? != SB_MAGIC {
             return Ok(None);
         }
-        let sectsize = be16(&first, 102) as u64;
+        let sectsize = be16(&first, 102)? as u64;
         ensure!(sectsize.is_power_of_two() && (512..=32768).contains(&sectsize), "sector size {sectsize} is invalid");
         ensure!(region.len >= sectsize, "the volume is smaller than one XFS sector");
         let mut raw = vec![0u8; sectsize as usize];
@@ -282,29 +282,29 @@ impl XfsMap {
         let ss = sb.sector_size as usize;
         let mut b = vec![0u8; ss];
         self.region.read_at(ag * sb.agblocks * sb.block_size + sb.sector_size, &mut b)?;
-        ensure!(be32(&b, 0) == AGF_MAGIC, "AG {ag}: bad AGF magic {:#x}", be32(&b, 0));
-        ensure!(be32(&b, 4) == 1, "AG {ag}: AGF version {} is not supported", be32(&b, 4));
-        ensure!(be32(&b, 8) as u64 == ag, "AG {ag}: the AGF claims to be AG {}", be32(&b, 8));
+        ensure!(be32(&b, 0)? == AGF_MAGIC, "AG {ag}: bad AGF magic {:#x}", be32(&b, 0)?);
+        ensure!(be32(&b, 4)? == 1, "AG {ag}: AGF version {} is not supported", be32(&b, 4)?);
+        ensure!(be32(&b, 8)? as u64 == ag, "AG {ag}: the AGF claims to be AG {}", be32(&b, 8)?);
         if sb.crc() {
-            let stored = u32::from_le_bytes(b[AGF_CRC_OFF..AGF_CRC_OFF + 4].try_into().unwrap());
+            let stored = crate::bytes::le32(&b, AGF_CRC_OFF)?;
             ensure!(stored == crc32c_skipping(&b, AGF_CRC_OFF), "AG {ag}: AGF CRC mismatch");
             ensure!(b[64..80] == sb.meta_uuid, "AG {ag}: the AGF belongs to another filesystem (UUID mismatch)");
         }
         let ag_len = sb.ag_len(ag);
-        let length = be32(&b, 12);
+        let length = be32(&b, 12)?;
         ensure!(length as u64 == ag_len, "AG {ag}: the AGF says {length} blocks, the superblock {ag_len}");
-        let bno_root = be32(&b, 16);
-        let bno_level = be32(&b, 28);
+        let bno_root = be32(&b, 16)?;
+        let bno_level = be32(&b, 28)?;
         ensure!((1..=MAX_LEVELS).contains(&bno_level), "AG {ag}: free-space btree depth {bno_level} is invalid");
         let hdr = sb.header_blocks();
         let in_ag = |bno: u32| (bno as u64) >= hdr && (bno as u64) < ag_len;
         ensure!(in_ag(bno_root), "AG {ag}: free-space btree root {bno_root} lies outside the AG");
-        let flcount = be32(&b, 48);
+        let flcount = be32(&b, 48)?;
         let agfl_slots = (sb.sector_size - if sb.crc() { 36 } else { 0 }) / 4;
         ensure!(flcount as u64 <= agfl_slots, "AG {ag}: free list count {flcount} exceeds its {agfl_slots} slots");
-        let free_blocks = be32(&b, 52);
-        let longest = be32(&b, 56);
-        let btreeblks = be32(&b, 60);
+        let free_blocks = be32(&b, 52)?;
+        let longest = be32(&b, 56)?;
+        let btreeblks = be32(&b, 60)?;
         ensure!(
             free_blocks as u64 <= ag_len && longest <= free_blocks.max(1),
             "AG {ag}: free block counts are invalid"
@@ -318,12 +318,12 @@ impl XfsMap {
             }
         };
         pin(bno_root);
-        pin(be32(&b, 20)); // by-size btree root
+        pin(be32(&b, 20)?); // by-size btree root
         if sb.ro_compat & RO_COMPAT_RMAPBT != 0 {
-            pin(be32(&b, 24));
+            pin(be32(&b, 24)?);
         }
         if sb.ro_compat & RO_COMPAT_REFLINK != 0 {
-            pin(be32(&b, 88));
+            pin(be32(&b, 88)?);
         }
         if let Some((log_ag, start, len)) = sb.log {
             if log_ag == ag {
@@ -473,25 +473,28 @@ impl BnoWalk {
         let mut buf = vec![0u8; bs];
         let daddr_block = ag * sb.agblocks + agbno as u64;
         region.read_at(daddr_block * sb.block_size, &mut buf)?;
-        let magic = be32(&buf, 0);
+        let magic = be32(&buf, 0)?;
         let want = if sb.crc() { BNO_MAGIC_V5 } else { BNO_MAGIC_V4 };
         ensure!(magic == want, "AG {ag}: free-space btree block {agbno} has bad magic {magic:#x}");
         if sb.crc() {
-            let stored = u32::from_le_bytes(buf[BB_CRC..BB_CRC + 4].try_into().unwrap());
+            let stored = crate::bytes::le32(&buf, BB_CRC)?;
             ensure!(stored == crc32c_skipping(&buf, BB_CRC), "AG {ag}: free-space btree block {agbno} has a bad CRC");
             ensure!(
-                be64(&buf, BB_BLKNO) == daddr_block * (sb.block_size / 512),
+                be64(&buf, BB_BLKNO)? == daddr_block * (sb.block_size / 512),
                 "AG {ag}: free-space btree block {agbno} claims to live elsewhere"
             );
             ensure!(
                 buf[BB_UUID..BB_UUID + 16] == sb.meta_uuid,
                 "AG {ag}: free-space btree block {agbno} has a foreign UUID"
             );
-            ensure!(be32(&buf, BB_OWNER) as u64 == ag, "AG {ag}: free-space btree block {agbno} belongs to another AG");
+            ensure!(
+                be32(&buf, BB_OWNER)? as u64 == ag,
+                "AG {ag}: free-space btree block {agbno} belongs to another AG"
+            );
         }
-        let blevel = be16(&buf, 4) as u32;
+        let blevel = be16(&buf, 4)? as u32;
         ensure!(blevel == level, "AG {ag}: free-space btree block {agbno} is at level {blevel}, expected {level}");
-        let numrecs = be16(&buf, 6) as usize;
+        let numrecs = be16(&buf, 6)? as usize;
         let hdr = sb.btree_header_len();
         let max = if level == 0 { (bs - hdr) / 8 } else { (bs - hdr) / 12 };
         let is_root = agbno == self.root;
@@ -499,7 +502,7 @@ impl BnoWalk {
             numrecs <= max && (numrecs >= 1 || (is_root && level == 0)),
             "AG {ag}: free-space btree block {agbno} holds {numrecs} records (at most {max})"
         );
-        let (left, right) = (be32(&buf, 8), be32(&buf, 12));
+        let (left, right) = (be32(&buf, 8)?, be32(&buf, 12)?);
         let slot = &mut self.last_at_level[level as usize];
         match *slot {
             None => ensure!(left == NULL_AGBLOCK, "AG {ag}: the first free-space btree block at level {level} has a left sibling"),
@@ -511,7 +514,7 @@ impl BnoWalk {
         *slot = Some((agbno, right));
         if let Some(k) = first_key {
             ensure!(
-                numrecs > 0 && be32(&buf, hdr) == k,
+                numrecs > 0 && be32(&buf, hdr)? == k,
                 "AG {ag}: free-space btree block {agbno} does not start at its parent's key"
             );
         }
@@ -519,7 +522,7 @@ impl BnoWalk {
             // Keys strictly increasing.
             for i in 1..numrecs {
                 ensure!(
-                    be32(&buf, hdr + i * 8) > be32(&buf, hdr + (i - 1) * 8),
+                    be32(&buf, hdr + i * 8)? > be32(&buf, hdr + (i - 1) * 8)?,
                     "AG {ag}: free-space btree node {agbno} has keys out of order"
                 );
             }
@@ -557,8 +560,8 @@ impl BnoWalk {
             let i = top.next;
             top.next += 1;
             if top.level == 0 {
-                let start = be32(&top.buf, hdr + i * 8) as u64;
-                let count = be32(&top.buf, hdr + i * 8 + 4) as u64;
+                let start = be32(&top.buf, hdr + i * 8)? as u64;
+                let count = be32(&top.buf, hdr + i * 8 + 4)? as u64;
                 let ag = self.ag;
                 ensure!(count > 0, "AG {ag}: empty free extent at block {start}");
                 ensure!(start + count <= self.ag_len, "AG {ag}: free extent {start}+{count} runs past the AG");
@@ -571,8 +574,8 @@ impl BnoWalk {
                 self.prev_end = ext.end;
                 return Ok(Some(ext));
             }
-            let key = be32(&top.buf, hdr + i * 8);
-            let ptr = be32(&top.buf, hdr + node_max * 8 + i * 4);
+            let key = be32(&top.buf, hdr + i * 8)?;
+            let ptr = be32(&top.buf, hdr + node_max * 8 + i * 4)?;
             let level = top.level - 1;
             self.visit(region, sb, ptr, level, Some(key))?;
         }
@@ -640,17 +643,17 @@ impl Log<'_> {
     /// Reads the record whose header is at block `at`; `None` when it is incomplete (torn).
     fn record(&self, at: u64) -> Result<Option<LogRecord>> {
         let h = self.read(at, 1)?;
-        ensure!(be32(&h, 0) == LOG_MAGIC, "no log record header at log block {at}");
-        let cycle = be32(&h, 4);
-        let version = be32(&h, 8);
-        let len = be32(&h, 12) as u64;
-        let lsn = be64(&h, 16);
+        ensure!(be32(&h, 0)? == LOG_MAGIC, "no log record header at log block {at}");
+        let cycle = be32(&h, 4)?;
+        let version = be32(&h, 8)?;
+        let len = be32(&h, 12)? as u64;
+        let lsn = be64(&h, 16)?;
         ensure!(
             (version == 1 || version == 2) && lsn >> 32 == cycle as u64 && lsn & 0xFFFF_FFFF == at,
             "log record header at block {at} is inconsistent"
         );
         ensure!(len <= 2 << 20, "log record at block {at} claims {len} bytes");
-        let size = be32(&h, 320) as u64;
+        let size = be32(&h, 320)? as u64;
         let hblks = if version == 2 && size > 32768 { size.div_ceil(32768) } else { 1 };
         let dblks = len.div_ceil(BB as u64);
         ensure!(
@@ -672,24 +675,24 @@ impl Log<'_> {
             }
         };
         for k in 1..hblks {
-            if be32(&all, k as usize * BB) != stamp(k) {
+            if be32(&all, k as usize * BB)? != stamp(k) {
                 return Ok(None);
             }
         }
         let mut data = all[hblks as usize * BB..].to_vec();
         for j in 0..dblks as usize {
-            if be32(&data, j * BB) != stamp(hblks + j as u64) {
+            if be32(&data, j * BB)? != stamp(hblks + j as u64) {
                 return Ok(None);
             }
             let saved = if j < CYCLE_SLOTS {
-                be32(&all, 44 + 4 * j)
+                be32(&all, 44 + 4 * j)?
             } else {
-                be32(&all, (j / CYCLE_SLOTS) * BB + 4 + 4 * (j % CYCLE_SLOTS))
+                be32(&all, (j / CYCLE_SLOTS) * BB + 4 + 4 * (j % CYCLE_SLOTS))?
             };
             data[j * BB..j * BB + 4].copy_from_slice(&saved.to_be_bytes());
         }
         data.truncate(len as usize);
-        Ok(Some(LogRecord { lsn, tail: be64(&h, 24), num_ops: be32(&h, 40), blocks: hblks + dblks, data }))
+        Ok(Some(LogRecord { lsn, tail: be64(&h, 24)?, num_ops: be32(&h, 40)?, blocks: hblks + dblks, data }))
     }
 }
 
@@ -699,7 +702,7 @@ fn log_ops(r: &LogRecord) -> Result<Vec<(u8, &[u8])>> {
     let mut o = 0usize;
     for _ in 0..r.num_ops {
         ensure!(o + 12 <= r.data.len(), "log record {:#x} is truncated", r.lsn);
-        let len = be32(&r.data, o + 4) as usize;
+        let len = be32(&r.data, o + 4)? as usize;
         let flags = r.data[o + 9];
         let end =
             (o + 12).checked_add(len).filter(|&e| e <= r.data.len()).context("log operation runs past its record")?;
@@ -724,13 +727,12 @@ fn logs_only_the_superblock(r: &LogRecord) -> Result<bool> {
             skip -= 1;
             continue;
         }
-        let le32 = |o: usize| u32::from_le_bytes(region[o..o + 4].try_into().unwrap());
-        if region.len() >= 4 && le32(0) == TRANS_HEADER_MAGIC {
+        if crate::bytes::le32(region, 0).is_ok_and(|m| m == TRANS_HEADER_MAGIC) {
             continue;
         }
-        if region.len() >= 16 && u16::from_le_bytes([region[0], region[1]]) == LI_BUF {
-            let blkno = u64::from_le_bytes(region[8..16].try_into().unwrap());
-            let regions = u16::from_le_bytes([region[2], region[3]]) as u32;
+        if region.len() >= 16 && crate::bytes::le16(region, 0)? == LI_BUF {
+            let blkno = crate::bytes::le64(region, 8)?;
+            let regions = crate::bytes::le16(region, 2)? as u32;
             if blkno != 0 || regions == 0 {
                 return Ok(false);
             }
@@ -759,10 +761,10 @@ fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
         let buf = log.read(at, n)?;
         for k in 0..n as usize {
             let b = &buf[k * BB..(k + 1) * BB];
-            if be32(b, 0) != LOG_MAGIC {
+            if be32(b, 0)? != LOG_MAGIC {
                 continue;
             }
-            let (cycle, version, lsn) = (be32(b, 4), be32(b, 8), be64(b, 16));
+            let (cycle, version, lsn) = (be32(b, 4)?, be32(b, 8)?, be64(b, 16)?);
             if (version == 1 || version == 2)
                 && cycle != 0
                 && lsn >> 32 == cycle as u64

@@ -4,7 +4,9 @@
 //!
 //! The tests need root (loop devices, mount) and e2fsprogs, zerofree and util-linux.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+pub use rime_testkit::{run as sh, wait_until_closed, write_random_file, LoopDev, Mount, Mounted, Rng, MIB};
 
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
@@ -12,8 +14,6 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-
-pub const MIB: u64 = 1024 * 1024;
 
 // ---------------------------------------------------------------------------------------------
 // Running rime
@@ -248,34 +248,10 @@ pub fn added_bytes(backup_json: &Value) -> u64 {
 // Running other programs
 // ---------------------------------------------------------------------------------------------
 
-/// Runs a program; panics with its output unless it exits 0. Returns stdout.
-#[track_caller]
-pub fn sh(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {} failed ({}):\nstdout: {}\nstderr: {}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Runs a program; returns (success, stdout + stderr).
 pub fn sh_status(program: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), text)
+    let (ok, out, err) = rime_testkit::run_status(program, args);
+    (ok, out + &err)
 }
 
 fn p(path: &Path) -> &str {
@@ -285,109 +261,6 @@ fn p(path: &Path) -> &str {
 // ---------------------------------------------------------------------------------------------
 // Data
 // ---------------------------------------------------------------------------------------------
-
-/// A small deterministic PRNG (splitmix64): reproducible "random" data without extra crates.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        let mut chunks = buf.chunks_exact_mut(8);
-        for c in &mut chunks {
-            c.copy_from_slice(&self.next_u64().to_le_bytes());
-        }
-        let rest = chunks.into_remainder();
-        let last = self.next_u64().to_le_bytes();
-        rest.copy_from_slice(&last[..rest.len()]);
-    }
-
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.fill(&mut v);
-        v
-    }
-
-    /// Compressible English-like text of about `len` bytes.
-    pub fn text(&mut self, len: usize) -> String {
-        const WORDS: &[&str] = &[
-            "the",
-            "volume",
-            "backup",
-            "block",
-            "restore",
-            "snapshot",
-            "chunk",
-            "repository",
-            "filesystem",
-            "inode",
-            "bitmap",
-            "group",
-            "journal",
-            "extent",
-            "server",
-            "virtual",
-            "machine",
-            "disk",
-            "image",
-            "verify",
-            "prune",
-            "retention",
-            "daily",
-            "weekly",
-            "and",
-            "of",
-            "to",
-            "a",
-            "in",
-            "is",
-            "with",
-            "for",
-        ];
-        let mut s = String::with_capacity(len + 16);
-        let mut col = 0;
-        while s.len() < len {
-            let w = WORDS[self.below(WORDS.len() as u64) as usize];
-            s.push_str(w);
-            col += w.len() + 1;
-            if col > 72 {
-                s.push('\n');
-                col = 0;
-            } else {
-                s.push(' ');
-            }
-        }
-        s
-    }
-}
-
-/// Writes `len` deterministic random bytes to a new file.
-pub fn write_random_file(path: &Path, seed: u64, len: u64) {
-    let mut rng = Rng::new(seed);
-    let mut f = File::create(path).expect("create file");
-    let mut buf = vec![0u8; MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).expect("write");
-        left -= n as u64;
-    }
-}
 
 /// Writes random bytes at `offset` into an existing file.
 pub fn write_random_at(path: &Path, seed: u64, offset: u64, len: u64) {
@@ -655,97 +528,6 @@ pub fn garbage_file(path: &Path, seed: u64, size: u64) {
 // Loop devices and mounts
 // ---------------------------------------------------------------------------------------------
 
-/// A loop device attached to a file; detached on drop.
-pub struct LoopDev {
-    pub dev: PathBuf,
-}
-
-impl LoopDev {
-    #[track_caller]
-    pub fn attach(file: &Path) -> LoopDev {
-        let out = sh("losetup", &["--find", "--show", p(file)]);
-        let guard = LoopDev { dev: PathBuf::from(out.trim()) };
-        assert!(out.trim().starts_with("/dev/loop"), "losetup printed {out:?}");
-        guard
-    }
-
-    pub fn path(&self) -> &str {
-        p(&self.dev)
-    }
-}
-
-impl Drop for LoopDev {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            let ok = Command::new("losetup")
-                .arg("-d")
-                .arg(&self.dev)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        eprintln!("warning: could not detach {}", self.dev.display());
-    }
-}
-
-/// A mounted filesystem; unmounted on drop.
-pub struct Mount {
-    pub dir: PathBuf,
-    mounted: bool,
-}
-
-impl Mount {
-    /// Mounts `dev` (a block device) at a new directory `dir`.
-    #[track_caller]
-    pub fn new(dev: &Path, dir: &Path, opts: &[&str]) -> Mount {
-        fs::create_dir_all(dir).unwrap();
-        let mut args: Vec<&str> = Vec::new();
-        if !opts.is_empty() {
-            args.push("-o");
-        }
-        let joined = opts.join(",");
-        if !opts.is_empty() {
-            args.push(&joined);
-        }
-        args.push(p(dev));
-        args.push(p(dir));
-        sh("mount", &args);
-        Mount { dir: dir.to_path_buf(), mounted: true }
-    }
-
-    #[track_caller]
-    pub fn unmount(mut self) {
-        sh("umount", &[p(&self.dir)]);
-        self.mounted = false;
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if !self.mounted {
-            return;
-        }
-        for _ in 0..50 {
-            let ok = Command::new("umount")
-                .arg(&self.dir)
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
-
 /// Runs `f` with `image` loop-mounted read-write at `<env>/mnt-<tag>`, then unmounts and detaches.
 pub fn with_mounted<R>(env: &Env, image: &Path, tag: &str, f: impl FnOnce(&Path) -> R) -> R {
     let lo = LoopDev::attach(image);
@@ -779,75 +561,4 @@ impl Drop for ChildGuard {
 pub fn wait_run(child: Child, what: &str) -> Run {
     let out = child.wait_with_output().expect("wait for rime");
     to_run(vec![what.to_string()], out)
-}
-
-/// An ntfs-3g FUSE mount of an image file (the kernel here has no NTFS driver).
-///
-/// ntfs-3g finishes writing and closes the image a moment *after* `umount` returns: a FUSE mount
-/// of a plain file is not a `fuseblk` mount, so the kernel does not wait for the daemon. Until it
-/// exits the image is incomplete and open for writing (and Rime rightly refuses it as in use), so
-/// unmounting also waits until no process holds the image.
-pub struct NtfsMount {
-    pub dir: PathBuf,
-    image: PathBuf,
-    mounted: bool,
-}
-
-impl NtfsMount {
-    #[track_caller]
-    pub fn new(image: &Path, dir: &Path, read_only: bool) -> NtfsMount {
-        fs::create_dir_all(dir).unwrap();
-        let mut args = vec![p(image), p(dir)];
-        if read_only {
-            args.extend(["-o", "ro"]);
-        }
-        sh("ntfs-3g", &args);
-        NtfsMount { dir: dir.to_path_buf(), image: image.to_path_buf(), mounted: true }
-    }
-
-    /// Unmounts and waits for ntfs-3g to close the image; panics if it does not within 10 s.
-    #[track_caller]
-    pub fn unmount(mut self) {
-        sh("umount", &[p(&self.dir)]);
-        self.mounted = false;
-        assert!(wait_until_closed(&self.image), "ntfs-3g still holds {} 10 s after umount", self.image.display());
-    }
-}
-
-impl Drop for NtfsMount {
-    fn drop(&mut self) {
-        if !self.mounted {
-            return;
-        }
-        for _ in 0..50 {
-            if Command::new("umount").arg(&self.dir).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
-                wait_until_closed(&self.image);
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
-    }
-}
-
-/// Waits up to 10 s until no process has `file` open (read from `/proc/*/fd`); false on timeout.
-pub fn wait_until_closed(file: &Path) -> bool {
-    let Ok(file) = fs::canonicalize(file) else { return true };
-    for _ in 0..200 {
-        if !open_by_any_process(&file) {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    false
-}
-
-fn open_by_any_process(file: &Path) -> bool {
-    let Ok(procs) = fs::read_dir("/proc") else { return false };
-    procs.flatten().filter(|e| e.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))).any(
-        |proc| {
-            let Ok(fds) = fs::read_dir(proc.path().join("fd")) else { return false };
-            fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == file))
-        },
-    )
 }

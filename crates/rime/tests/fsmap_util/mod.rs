@@ -3,7 +3,9 @@
 //! a mixed file tree, and the check that a restore equals the original with exactly the
 //! used-block map's unused bytes zeroed.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+pub use rime_testkit::{run, run_status, s, wait_until_closed, write_random, Mounted, Rng, MIB};
 
 use rime_volume::{UsedMap, Volume};
 use serde_json::Value;
@@ -13,35 +15,6 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-pub const MIB: u64 = 1 << 20;
-
-pub fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Runs a program; panics with its output unless it succeeds. Returns stdout.
-#[track_caller]
-pub fn run(program: &str, args: &[&str]) -> String {
-    let (ok, out, err) = run_status(program, args);
-    assert!(ok, "{program} {args:?} failed: {out}{err}");
-    out
-}
-
-/// Runs a program (stdin closed; `MTOOLS_SKIP_CHECK` set for mtools): (success, stdout, stderr).
-pub fn run_status(program: &str, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(program)
-        .args(args)
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Runs `rime --repo REPO ARGS`; asserts success; returns (stdout, stderr, elapsed).
 #[track_caller]
@@ -69,44 +42,6 @@ pub fn backup(repo: &Path, img: &Path) -> (Value, String, Duration) {
     let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("backup --json printed {out:?}: {e}"));
     assert!(v["snapshot"].is_string(), "{v}");
     (v, err, t)
-}
-
-/// xorshift64*: fast reproducible bytes.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for c in buf.chunks_mut(8) {
-            let v = self.next().to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
-        }
-    }
-
-    pub fn bytes(&mut self, n: usize) -> Vec<u8> {
-        let mut v = vec![0u8; n];
-        self.fill(&mut v);
-        v
-    }
-}
-
-/// Writes `len` reproducible random bytes to a new file.
-pub fn write_random(path: &Path, rng: &mut Rng, len: u64) {
-    let mut f = fs::File::create(path).unwrap();
-    let mut buf = vec![0u8; MIB as usize];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(MIB) as usize;
-        rng.fill(&mut buf[..n]);
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
 }
 
 /// A new image file of `size` bytes full of random garbage, as on a reused disk: whatever the
@@ -139,7 +74,7 @@ pub fn populate(dir: &Path, seed: u64, target: u64) {
     }
     let mut written = text.len() as u64 + 220_000;
     for i in 0..1500u64 {
-        let len = 1 + rng.next() % 20_000;
+        let len = 1 + rng.next_u64() % 20_000;
         fs::write(dir.join(format!("many/file-{i:04}")), rng.bytes(len as usize)).unwrap();
         written += len;
     }
@@ -153,55 +88,6 @@ pub fn populate(dir: &Path, seed: u64, target: u64) {
     let big = target.saturating_sub(written) / 5;
     for i in 0..5 {
         write_random(&dir.join(format!("bin/random-{i}.bin")), &mut rng, big + i * 4099);
-    }
-}
-
-/// A loop mount, unmounted on drop.
-/// `.1`: for an ntfs-3g mount, the image, which ntfs-3g finishes writing and closes a moment
-/// after `umount` returns (a FUSE mount of a plain file is not `fuseblk`, so the kernel does not
-/// wait for the daemon); dropping waits for that too.
-pub struct Mounted(pub PathBuf, Option<PathBuf>);
-
-impl Mounted {
-    #[track_caller]
-    pub fn new(img: &Path, dir: &Path, opts: &str) -> Mounted {
-        fs::create_dir_all(dir).unwrap();
-        let o = if opts.is_empty() { "loop".to_string() } else { format!("loop,{opts}") };
-        run("mount", &["-o", &o, s(img), s(dir)]);
-        Mounted(dir.to_path_buf(), None)
-    }
-
-    /// An ntfs-3g FUSE mount (the kernel has no ntfs driver).
-    #[track_caller]
-    pub fn ntfs3g(img: &Path, dir: &Path, read_only: bool) -> Mounted {
-        fs::create_dir_all(dir).unwrap();
-        let mut args = vec![s(img), s(dir)];
-        if read_only {
-            args.extend(["-o", "ro"]);
-        }
-        run("ntfs-3g", &args);
-        Mounted(dir.to_path_buf(), Some(img.to_path_buf()))
-    }
-
-    /// Used bytes as `df` reports them.
-    pub fn df_used(&self) -> u64 {
-        let out = run("df", &["-B1", "--output=used", s(&self.0)]);
-        out.lines().nth(1).unwrap().trim().parse().unwrap()
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if Command::new("umount").arg(&self.0).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
-                if let Some(image) = &self.1 {
-                    wait_until_closed(image);
-                }
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 
@@ -286,22 +172,4 @@ pub fn assert_restore_is_masked_original(original: &Path, restored: &Path) {
         pos += n as u64;
     }
     assert!(garbage_left_out, "the original's free space should have held garbage that the restore leaves out");
-}
-
-/// Waits up to 10 s until no process has `file` open (read from `/proc/*/fd`).
-pub fn wait_until_closed(file: &Path) {
-    let Ok(file) = fs::canonicalize(file) else { return };
-    let open_anywhere = || {
-        let Ok(procs) = fs::read_dir("/proc") else { return false };
-        procs.flatten().any(|proc| {
-            let Ok(fds) = fs::read_dir(proc.path().join("fd")) else { return false };
-            fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == file))
-        })
-    };
-    for _ in 0..200 {
-        if !open_anywhere() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

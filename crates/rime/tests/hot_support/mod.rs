@@ -4,16 +4,13 @@
 #![allow(dead_code)]
 
 use crate::common::{rime_command, sh_status};
+pub use rime_testkit::require;
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-pub fn have(tool: &str) -> bool {
-    Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().is_ok_and(|o| o.status.success())
-}
 
 /// One request on a control socket.
 pub fn control(sock: &Path, req: Value) -> Value {

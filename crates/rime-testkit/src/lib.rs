@@ -1,0 +1,18 @@
+//! Helpers shared by Rime's integration tests (a dev-dependency only): running programs
+//! ([`cmd`]), reproducible data ([`data`]), and loop devices and mounts that are always released
+//! on drop ([`mounts`]). Tests need root for the mounts.
+
+pub mod cmd;
+pub mod data;
+pub mod mounts;
+
+pub use cmd::{have, require, run, run_status};
+pub use data::{write_random, write_random_file, Rng};
+pub use mounts::{wait_until_closed, LoopDev, Mount, Mounted};
+
+pub const MIB: u64 = 1 << 20;
+
+/// A path as `&str` (test paths are always UTF-8).
+pub fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
+}
