@@ -27,7 +27,7 @@ struct Cli {
     #[arg(long, global = true)]
     json: bool,
     /// Worker threads for hashing and compression (default: one per core).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = at_least_one)]
     threads: Option<usize>,
     /// Seconds to wait for a conflicting holder of the repository lock before giving up
     /// (exit code 3) when forgetting or pruning.
@@ -42,7 +42,7 @@ enum Command {
     /// Create a repository (refuses an existing one).
     Init {
         /// Chunk size in bytes (power of two, 4 KiB to 16 MiB). Default 64 KiB.
-        #[arg(long)]
+        #[arg(long, value_parser = chunk_size)]
         chunk_size: Option<u32>,
     },
     /// Back up volumes into a new snapshot. With no volume, backs up a sample ext4 volume.
@@ -63,7 +63,7 @@ enum Command {
         #[arg(long = "exclude-file", value_name = "PATH")]
         exclude_files: Vec<String>,
         /// Cyclic backup: keep the last N snapshots of this set of volumes, prune the rest.
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         keep_last: Option<usize>,
         /// Check allocation records against the files using them before trusting them (ext
         /// block bitmaps against in-use inodes, a FAT against its directories). auto: where
@@ -88,13 +88,13 @@ enum Command {
     /// Remove snapshots by id or by retention policy.
     Forget {
         snapshots: Vec<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         keep_last: Option<usize>,
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         keep_daily: Option<usize>,
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         keep_weekly: Option<usize>,
-        #[arg(long)]
+        #[arg(long, value_parser = at_least_one)]
         keep_monthly: Option<usize>,
         /// Show what would be removed; remove nothing.
         #[arg(long)]
@@ -155,6 +155,25 @@ enum Command {
     /// Protect a volume: serve it over NBD and/or FUSE through the copy-on-write engine, with
     /// changed-block tracking, so that `rime backup --mode online` can image it while in use.
     Serve(serve_cmd::ServeArgs),
+}
+
+/// A count of at least 1 (`--threads`, `--keep-*`), refused by the parser otherwise.
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(_) => Err("must be at least 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// A chunk size: a power of two from 4 KiB to 16 MiB.
+fn chunk_size(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n.is_power_of_two() && (4096..=16 << 20).contains(&n) {
+        Ok(n)
+    } else {
+        Err("must be a power of two from 4096 to 16777216".into())
+    }
 }
 
 fn main() {
@@ -221,9 +240,6 @@ fn run(cli: Cli) -> Result<i32> {
             } else {
                 Repository::open(&location)?
             };
-            if keep_last == Some(0) {
-                bail!("--keep-last must be at least 1");
-            }
             let opts = backup::BackupOptions {
                 volumes,
                 tags,
@@ -276,9 +292,6 @@ fn run(cli: Cli) -> Result<i32> {
             let policy = Policy { keep_last, keep_daily, keep_weekly, keep_monthly };
             if !snapshots.is_empty() && !policy.is_empty() {
                 bail!("name snapshots or give a --keep-* policy, not both");
-            }
-            if [keep_last, keep_daily, keep_weekly, keep_monthly].contains(&Some(0)) {
-                bail!("--keep-* counts must be at least 1");
             }
             let removed = if snapshots.is_empty() {
                 let decisions = forget::forget_policy(&repo, &policy, dry_run, lock_wait)?;

@@ -111,9 +111,22 @@ fn errors_exit_non_zero_with_one_line() {
     assert!(!missing.exists(), "commands must not create a non-repository location");
     assert!(!target.exists());
 
-    // Bad arguments.
-    env.rime(&["backup", "--keep-last", "0", image.to_str().unwrap()]).fails();
-    env.rime(&["backup", "--compression", "extreme", image.to_str().unwrap()]).code.filter(|c| *c != 0).unwrap();
+    // Bad arguments: refused by the parser (exit code 2) with the value named, nothing written.
+    for args in [
+        vec!["backup", "--keep-last", "0"],
+        vec!["backup", "--compression", "extreme"],
+        vec!["--threads", "0", "backup"],
+        vec!["forget", "--keep-daily", "0"],
+    ] {
+        let mut args = args.clone();
+        args.push(image.to_str().unwrap());
+        let run = env.rime(&args);
+        assert_eq!(run.code, Some(2), "{run:?}");
+        assert!(run.stderr.contains("invalid value"), "{run:?}");
+    }
+    let run = rime_raw(&["--repo", env.path("new-repo").to_str().unwrap(), "init", "--chunk-size", "5000"]);
+    assert_eq!(run.code, Some(2), "a chunk size that is not a power of two is refused: {run:?}");
+    assert!(!env.path("new-repo").exists());
     assert_eq!(env.snapshot_ids(), vec![id]);
 }
 
