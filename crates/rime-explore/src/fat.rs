@@ -1,28 +1,32 @@
-//! FAT12/16/32 file trees through the `fatfs` crate.
+//! FAT12/16/32 file trees, read with rime-volume's own FAT parser (the one the used-block map
+//! and its cross-check use: `fs::fat` for the boot sector and the FAT, `fs::fat_dir` for
+//! directories and chains), so a FAT image is parsed one way only.
 //!
 //! FAT has no inode numbers, so this reader gives each directory entry it has listed an id and
-//! remembers where the entry sits (its parent and its position in the parent's listing); reads
-//! walk from the root by positions, never by names, so duplicate or hostile names cannot
+//! remembers the entry itself (first cluster, size, times); duplicate or hostile names cannot
 //! confuse it. FAT keeps no owner or permission bits: files read as 0644 (0444 when marked
 //! read-only), directories as 0755, owned by root. Times are stored as local time without a
 //! zone and are read as UTC.
+//!
+//! Bounded: one file's cluster chain is cached (at most one entry per cluster of the volume);
+//! a directory is read once per listing, each of its clusters at most once; listings stop at
+//! 2^20 entries.
 
-use crate::io::RegionIo;
 use crate::{DirEntry, FileTree, Kind, NodeId, Stat, Time};
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use fatfs::{Dir, FileSystem, FsOptions};
+use anyhow::{anyhow, bail, ensure, Result};
+use rime_volume::fs::fat::{FatKind, FatMap};
+use rime_volume::fs::fat_dir::{self, DirRecord, FatTime, ATTR_READ_ONLY};
+use rime_volume::fs::{CrossCheck, MapOptions};
 use rime_volume::Region;
-use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 const ROOT: NodeId = 1;
 
 #[derive(Clone)]
 struct Node {
-    parent: NodeId,
-    /// Position in the parent's iteration (counting every entry fatfs yields).
-    position: usize,
+    /// `None` for the FAT12/16 root, which lives in a fixed area.
+    first_cluster: Option<u64>,
     is_dir: bool,
     size: u64,
     read_only: bool,
@@ -32,71 +36,37 @@ struct Node {
 }
 
 struct Inner {
-    fs: FileSystem<RegionIo>,
+    map: FatMap,
     nodes: Vec<Node>,
+    /// (parent, index in its listing) → id, so ids stay stable across listings.
     by_place: HashMap<(NodeId, usize), NodeId>,
+    /// The last file read: its id and cluster chain.
+    chain: Option<(NodeId, Vec<u64>)>,
 }
-
-// SAFETY: `FileSystem` is not `Send` only because its `FsOptions` hold `&'static dyn` references
-// to fatfs's default OEM code page converter and time provider, which are stateless unit
-// structs (no interior mutability, nothing thread-bound). Everything else in `Inner` is
-// owned data, and `Inner` is only ever reached through `FatTree`'s mutex.
-unsafe impl Send for Inner {}
 
 pub struct FatTree {
     inner: Mutex<Inner>,
     name: &'static str,
 }
 
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = if y >= 0 { y } else { y - 399 } / 400;
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146097 + doe - 719468
-}
-
-fn fat_time(d: fatfs::Date, t: fatfs::Time) -> Time {
-    if d.month == 0 || d.day == 0 {
-        return Time::default();
-    }
-    let days = days_from_civil(d.year as i64, d.month.min(12) as i64, d.day as i64);
-    let sec = days * 86400 + t.hour as i64 * 3600 + t.min as i64 * 60 + t.sec as i64;
-    Time { sec, nsec: t.millis.min(999) as u32 * 1_000_000 }
-}
-
-/// Whether the boot sector looks like FAT (a jump, 0x55AA, and a FAT signature or BPB).
-fn looks_like_fat(region: &Region) -> Result<bool> {
-    if region.len < 512 {
-        return Ok(false);
-    }
-    let mut bs = [0u8; 512];
-    region.read_at(0, &mut bs)?;
-    if bs[510..512] != [0x55, 0xAA] || !(bs[0] == 0xEB || bs[0] == 0xE9) {
-        return Ok(false);
-    }
-    if &bs[3..11] == b"NTFS    " || &bs[3..11] == b"EXFAT   " {
-        return Ok(false);
-    }
-    Ok(&bs[0x36..0x39] == b"FAT" || &bs[0x52..0x57] == b"FAT32")
+fn time(t: FatTime) -> Time {
+    t.unix().map(|(sec, nsec)| Time { sec, nsec }).unwrap_or_default()
 }
 
 impl FatTree {
     pub fn open(region: Region) -> Result<Option<FatTree>> {
-        if !looks_like_fat(&region)? {
+        let options = MapOptions { cross_check: CrossCheck::Never };
+        let Some(map) = FatMap::probe_with(&region, &options)? else {
             return Ok(None);
-        }
-        let fs = FileSystem::new(RegionIo::new(region), FsOptions::new()).context("damaged FAT filesystem")?;
-        let name = match fs.fat_type() {
-            fatfs::FatType::Fat12 => "fat12",
-            fatfs::FatType::Fat16 => "fat16",
-            fatfs::FatType::Fat32 => "fat32",
+        };
+        let geo = map.geometry().clone();
+        let name = match geo.kind {
+            FatKind::Fat12 => "fat12",
+            FatKind::Fat16 => "fat16",
+            FatKind::Fat32 => "fat32",
         };
         let root = Node {
-            parent: ROOT,
-            position: 0,
+            first_cluster: geo.root_cluster,
             is_dir: true,
             size: 0,
             read_only: false,
@@ -104,7 +74,8 @@ impl FatTree {
             atime: Time::default(),
             crtime: Time::default(),
         };
-        Ok(Some(FatTree { inner: Mutex::new(Inner { fs, nodes: vec![root], by_place: HashMap::new() }), name }))
+        let inner = Inner { map, nodes: vec![root], by_place: HashMap::new(), chain: None };
+        Ok(Some(FatTree { inner: Mutex::new(inner), name }))
     }
 
     fn node(inner: &Inner, id: NodeId) -> Result<Node> {
@@ -115,29 +86,16 @@ impl FatTree {
     }
 }
 
-/// Positions from the root down to `id`.
-fn chain(inner: &Inner, id: NodeId) -> Result<Vec<usize>> {
-    let mut out = Vec::new();
-    let mut cur = id;
-    while cur != ROOT {
-        let n = FatTree::node(inner, cur)?;
-        out.push(n.position);
-        ensure!(out.len() < 4096, "FAT directory chain too deep");
-        cur = n.parent;
+fn node_of(r: &DirRecord) -> Node {
+    Node {
+        first_cluster: Some(r.first_cluster),
+        is_dir: r.is_dir(),
+        size: if r.is_dir() { 0 } else { r.size as u64 },
+        read_only: r.attr & ATTR_READ_ONLY != 0,
+        mtime: time(r.modified),
+        atime: time(r.accessed),
+        crtime: time(r.created),
     }
-    out.reverse();
-    Ok(out)
-}
-
-/// The directory at `positions` below the root.
-fn walk_dir<'a>(fs: &'a FileSystem<RegionIo>, positions: &[usize]) -> Result<Dir<'a, RegionIo>> {
-    let mut dir = fs.root_dir();
-    for &p in positions {
-        let e = dir.iter().nth(p).context("FAT directory changed")??;
-        ensure!(e.is_dir(), "FAT entry is not a directory");
-        dir = e.to_dir();
-    }
-    Ok(dir)
 }
 
 impl FileTree for FatTree {
@@ -181,38 +139,16 @@ impl FileTree for FatTree {
         let inner = &mut *guard;
         let me = Self::node(inner, id)?;
         ensure!(me.is_dir, "not a directory");
-        let positions = chain(inner, id)?;
-        let mut found = Vec::new();
-        {
-            let dir = walk_dir(&inner.fs, &positions)?;
-            for (pos, e) in dir.iter().enumerate() {
-                let e = e.context("read FAT directory")?;
-                let name = e.file_name();
-                if name == "." || name == ".." {
-                    continue;
-                }
-                let m = e.modified();
-                let c = e.created();
-                let node = Node {
-                    parent: id,
-                    position: pos,
-                    is_dir: e.is_dir(),
-                    size: if e.is_dir() { 0 } else { e.len() },
-                    read_only: e.attributes().contains(fatfs::FileAttributes::READ_ONLY),
-                    mtime: fat_time(m.date, m.time),
-                    atime: fat_time(e.accessed(), fatfs::Time { hour: 0, min: 0, sec: 0, millis: 0 }),
-                    crtime: fat_time(c.date, c.time),
-                };
-                found.push((name.into_bytes(), node));
-                if found.len() > 1 << 20 {
-                    bail!("FAT directory has too many entries");
-                }
-            }
+        let kind = inner.map.geometry().kind;
+        let bytes = fat_dir::read_dir_bytes(&mut inner.map, me.first_cluster, &mut HashSet::new())?;
+        let records = fat_dir::parse_dir(&bytes, kind)?;
+        if records.len() > 1 << 20 {
+            bail!("FAT directory has too many entries");
         }
-        let mut out = Vec::with_capacity(found.len());
-        for (name, node) in found {
-            let key = (id, node.position);
-            let nid = match inner.by_place.get(&key) {
+        let mut out = Vec::with_capacity(records.len());
+        for (index, r) in records.iter().enumerate() {
+            let node = node_of(r);
+            let nid = match inner.by_place.get(&(id, index)) {
                 Some(&nid) => {
                     inner.nodes[(nid - 1) as usize] = node;
                     nid
@@ -220,39 +156,46 @@ impl FileTree for FatTree {
                 None => {
                     inner.nodes.push(node);
                     let nid = inner.nodes.len() as NodeId;
-                    inner.by_place.insert(key, nid);
+                    inner.by_place.insert((id, index), nid);
                     nid
                 }
             };
-            out.push(DirEntry { name, id: nid });
+            out.push(DirEntry { name: r.name.clone().into_bytes(), id: nid });
         }
         Ok(out)
     }
 
     fn read_at(&self, id: NodeId, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        let n = Self::node(&inner, id)?;
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *guard;
+        let n = Self::node(inner, id)?;
         ensure!(!n.is_dir, "is a directory");
         if offset >= n.size {
             return Ok(0);
         }
         let want = (buf.len() as u64).min(n.size - offset) as usize;
-        let positions = chain(&inner, n.parent)?;
-        let dir = walk_dir(&inner.fs, &positions)?;
-        let e = dir.iter().nth(n.position).context("FAT directory changed")??;
-        ensure!(!e.is_dir(), "FAT entry changed");
-        let mut file = e.to_file();
-        file.seek(SeekFrom::Start(offset))?;
-        let mut done = 0;
-        while done < want {
-            let got = file.read(&mut buf[done..want])?;
-            if got == 0 {
-                break;
-            }
-            done += got;
+        if inner.chain.as_ref().is_none_or(|(cached, _)| *cached != id) {
+            let chain = fat_dir::chain(&mut inner.map, n.first_cluster.unwrap_or(0))?;
+            inner.chain = Some((id, chain));
         }
-        // A cluster chain shorter than the recorded size reads as zeros past its end.
-        buf[done..want].fill(0);
+        let (_, chain) = inner.chain.as_ref().expect("just cached");
+        let geo = inner.map.geometry();
+        let cb = geo.cluster_bytes;
+        let mut done = 0usize;
+        while done < want {
+            let pos = offset + done as u64;
+            let within = pos % cb;
+            let take = (want - done).min((cb - within) as usize);
+            // A chain shorter than the recorded size reads as zeros past its end.
+            match chain.get((pos / cb) as usize) {
+                Some(&c) => {
+                    let start = geo.cluster_range(c).start + within;
+                    inner.map.read_bytes(start, &mut buf[done..done + take])?;
+                }
+                None => buf[done..done + take].fill(0),
+            }
+            done += take;
+        }
         Ok(want)
     }
 

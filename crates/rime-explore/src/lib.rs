@@ -8,7 +8,7 @@
 //! | module | filesystems | how |
 //! |---|---|---|
 //! | [`ext`] | ext2, ext3, ext4 | Rime's own reader: inodes, extent trees and block maps, linear and htree directories, inline data, extended attributes (in-inode, block and EA-inode values, POSIX ACLs converted to the xattr format) |
-//! | [`fat`] | FAT12/16/32 | the `fatfs` crate |
+//! | [`fat`] | FAT12/16/32 | rime-volume's FAT parser (`fs::fat`, `fs::fat_dir`), the one its map uses |
 //! | [`ntfs`] | NTFS | the `ntfs` crate, plus reparse-point symlinks |
 //!
 //! Readers never trust the image: every block number, length and offset is checked, recursion
@@ -17,6 +17,7 @@
 //! `/`, NUL, `.` or `..`, which callers that create files (extract) must refuse.
 
 // A file's data ranges are a list; one range covering the whole file is a list of one.
+#![forbid(unsafe_code)]
 #![allow(clippy::single_range_in_vec_init)]
 
 pub mod ext;

@@ -253,15 +253,24 @@ impl FatMap {
     }
 
     /// The FAT12/16 root directory area.
-    pub(super) fn read_root_area(&self) -> Result<Vec<u8>> {
+    pub fn read_root_area(&self) -> Result<Vec<u8>> {
         let start = self.geo.fat_start + self.geo.fat_count * self.geo.fat_bytes;
         let mut buf = vec![0u8; (self.geo.data_start - start) as usize];
         self.region.read_at(start, &mut buf)?;
         Ok(buf)
     }
 
+    /// Bytes of the filesystem at `offset` (the explorer reads file data through this).
+    pub fn read_bytes(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        ensure!(
+            offset.checked_add(buf.len() as u64).is_some_and(|e| e <= self.geo.data_end),
+            "read past the FAT data area"
+        );
+        self.region.read_at(offset, buf)
+    }
+
     /// Cluster `n`'s bytes.
-    pub(super) fn read_cluster(&self, n: u64) -> Result<Vec<u8>> {
+    pub fn read_cluster(&self, n: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; self.geo.cluster_bytes as usize];
         self.region.read_at(self.geo.cluster_range(n).start, &mut buf)?;
         Ok(buf)

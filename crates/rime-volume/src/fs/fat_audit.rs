@@ -14,13 +14,11 @@
 //! loops), chains are capped at the cluster count, and at most [`MAX_FOUND`] clusters are
 //! collected before the FAT is given up on (the caller then images all non-zero blocks).
 
-use super::fat::{FatKind, FatMap};
+use super::fat::FatMap;
+use super::fat_dir::{chain, parse_dir, read_dir_bytes};
 use anyhow::{ensure, Result};
 use std::collections::{BTreeSet, HashSet};
 
-const ATTR_VOLUME_ID: u8 = 0x08;
-const ATTR_DIRECTORY: u8 = 0x10;
-const ATTR_LONG_NAME: u8 = 0x0F;
 /// Clusters found missing before the FAT is given up on.
 const MAX_FOUND: usize = 1 << 20;
 
@@ -32,64 +30,18 @@ pub fn missing_clusters(map: &mut FatMap) -> Result<BTreeSet<u64>> {
     // Directories to read: FAT12/16 keep the root in a fixed area, FAT32 in a cluster chain.
     let mut dirs: Vec<Option<u64>> = vec![geo.root_cluster];
     while let Some(dir) = dirs.pop() {
-        let entries = match dir {
-            None => map.read_root_area()?,
-            Some(first) => {
-                let mut bytes = Vec::new();
-                for c in chain(map, first)? {
-                    if !visited.insert(c) {
-                        break; // a loop, or a cluster shared with a directory already read
-                    }
-                    bytes.extend(map.read_cluster(c)?);
-                }
-                bytes
-            }
-        };
-        for e in entries.chunks_exact(32) {
-            match e[0] {
-                0x00 => break,
-                0xE5 => continue,
-                _ => {}
-            }
-            let attr = e[11];
-            if attr & ATTR_LONG_NAME == ATTR_LONG_NAME || attr & ATTR_VOLUME_ID != 0 {
-                continue;
-            }
-            if &e[..11] == b".          " || &e[..11] == b"..         " {
-                continue;
-            }
-            let hi = if geo.kind == FatKind::Fat32 { u16::from_le_bytes([e[20], e[21]]) as u64 } else { 0 };
-            let first = hi << 16 | u16::from_le_bytes([e[26], e[27]]) as u64;
-            if first < 2 || first >= geo.cluster_count + 2 {
-                continue;
-            }
-            for c in chain(map, first)? {
+        let bytes = read_dir_bytes(map, dir, &mut visited)?;
+        for e in parse_dir(&bytes, geo.kind)? {
+            for c in chain(map, e.first_cluster)? {
                 if !map.marked_used(c)? {
                     found.insert(c);
                     ensure!(found.len() <= MAX_FOUND, "more than {MAX_FOUND} clusters in use are marked free");
                 }
             }
-            if attr & ATTR_DIRECTORY != 0 {
-                dirs.push(Some(first));
+            if e.is_dir() && e.first_cluster >= 2 {
+                dirs.push(Some(e.first_cluster));
             }
         }
     }
     Ok(found)
-}
-
-/// A cluster chain from `first` through FAT copy 0, ending at a free, reserved, bad or
-/// end-of-chain entry, at a number out of range, or after as many clusters as the volume has.
-fn chain(map: &mut FatMap, first: u64) -> Result<Vec<u64>> {
-    let count = map.geometry().cluster_count;
-    let mut out = vec![first];
-    let mut c = first;
-    while (out.len() as u64) <= count {
-        let next = map.entry(0, c)? as u64;
-        if next < 2 || next >= count + 2 {
-            break;
-        }
-        out.push(next);
-        c = next;
-    }
-    Ok(out)
 }

@@ -7,6 +7,7 @@ pub mod ext4_files;
 pub mod ext4_journal;
 pub mod fat;
 pub mod fat_audit;
+pub mod fat_dir;
 pub mod jbd2;
 pub mod ntfs;
 pub mod xfs;
