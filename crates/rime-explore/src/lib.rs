@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | [`ext`] | ext2, ext3, ext4 | Rime's own reader: inodes, extent trees and block maps, linear and htree directories, inline data, extended attributes (in-inode, block and EA-inode values, POSIX ACLs converted to the xattr format) |
 //! | [`fat`] | FAT12/16/32 | rime-volume's FAT parser (`fs::fat`, `fs::fat_dir`), the one its map uses |
-//! | [`ntfs`] | NTFS | the `ntfs` crate, plus reparse-point symlinks |
+//! | [`ntfs`] | NTFS | rime-volume's NTFS parser (`fs::ntfs::files`), the one its map uses, plus reparse-point and Interix symlinks |
 //!
 //! Readers never trust the image: every block number, length and offset is checked, recursion
 //! is bounded, and a damaged structure is an error for that node, never a wild read or a crash.
@@ -22,7 +22,6 @@
 
 pub mod ext;
 pub mod fat;
-pub mod io;
 pub mod ntfs;
 
 use anyhow::{bail, Result};
@@ -174,8 +173,9 @@ pub fn open(region: &Region) -> Result<Option<Box<dyn FileTree>>> {
     Ok(None)
 }
 
-/// Runs `f`, turning a panic inside a third-party filesystem crate (a hostile image can reach
-/// code paths that assert) into an error for that one call.
+/// Runs `f`, turning a panic inside a filesystem reader into an error for that one call: a
+/// second line of defence (a hostile image should never reach
+/// an assertion, but if it does, the explorer reports it instead of crashing).
 fn no_panic<R>(what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
         Ok(r) => r,

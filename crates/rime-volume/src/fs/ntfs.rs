@@ -17,12 +17,15 @@
 //! `file_extents` resolves a path through the `$I30` directory indexes (case-insensitively, as
 //! Windows does) and returns where a file's data lives, for `--exclude-file`.
 
+#[path = "ntfs_files.rs"]
+pub mod files;
+
 use super::Untrusted;
 use crate::bytes::{le16, le32, le64};
 use crate::device::Region;
 use crate::usedmap::{push_range, FileExtent, FileExtents, SwapFile, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
-use std::ops::Range;
+use std::ops::{ControlFlow, Range};
 
 /// Bytes of the bitmap held in memory at a time.
 const WINDOW: u64 = 64 * 1024;
@@ -379,8 +382,20 @@ pub struct NtfsMap {
 }
 
 impl NtfsMap {
-    /// Recognises an NTFS filesystem. `Ok(None)`: not NTFS; `Err`: NTFS but unusable.
+    /// Recognises an NTFS filesystem. `Ok(None)`: not NTFS; `Err`: NTFS but unusable, or not
+    /// to be trusted for a map ([`Untrusted`]: dirty, or `$LogFile` not clean).
     pub fn probe(region: &Region) -> Result<Option<NtfsMap>> {
+        let Some(mut map) = Self::open_files(region)? else {
+            return Ok(None);
+        };
+        map.check_trusted()?;
+        map.load_bitmap()?;
+        Ok(Some(map))
+    }
+
+    /// Opens an NTFS filesystem for reading its files (the explorer): boot sector and `$MFT`
+    /// only, without the checks a map needs (a dirty volume can still be browsed).
+    pub fn open_files(region: &Region) -> Result<Option<NtfsMap>> {
         if region.len < 512 {
             return Ok(None);
         }
@@ -429,7 +444,12 @@ impl NtfsMap {
             _ => bail!("$MFT has no non-resident data"),
         }
         ensure!(map.mft_records > BITMAP_RECORD.max(ROOT_RECORD), "the MFT has only {} records", map.mft_records);
+        Ok(Some(map))
+    }
 
+    /// Refuses (as [`Untrusted`]) a volume whose `$Bitmap` may lag behind its allocations.
+    fn check_trusted(&self) -> Result<()> {
+        let map = self;
         // A dirty volume may carry allocations its $Bitmap does not show yet (partclone and
         // ntfsprogs refuse such volumes too): better to image all of it.
         let rec3 = map.read_record(VOLUME_RECORD)?;
@@ -453,7 +473,11 @@ impl NtfsMap {
         if let Some(why) = map.logfile_unclean()? {
             return Err(Untrusted(format!("its $LogFile holds changes Windows has not replayed ({why})")).into());
         }
+        Ok(())
+    }
 
+    fn load_bitmap(&mut self) -> Result<()> {
+        let map = self;
         let rec6 = map.read_record(BITMAP_RECORD)?;
         ensure!(le16(&rec6, 0x16)? & RECORD_IN_USE != 0, "MFT record 6 ($Bitmap) is not in use");
         let needed = map.geo.clusters.div_ceil(8);
@@ -480,7 +504,7 @@ impl NtfsMap {
                 Bitmap::NonResident(nr)
             }
         };
-        Ok(Some(map))
+        Ok(())
     }
 
     pub fn geometry(&self) -> &NtfsGeometry {
@@ -580,9 +604,9 @@ impl NtfsMap {
         Ok(rec)
     }
 
-    /// The value of attribute `ty` named `name` of the file whose base record is `base`,
-    /// following an attribute list into extension records.
-    pub fn stream(&self, base_no: u64, base: &[u8], ty: u32, name: &[u16]) -> Result<Option<Stream>> {
+    /// The base record and the extension records that hold attributes of type `ty` (named
+    /// `name`, or any name), as the attribute list says; just the base without a list.
+    fn records_holding(&self, base_no: u64, base: &[u8], ty: u32, name: Option<&[u16]>) -> Result<Vec<Vec<u8>>> {
         let attrs = attributes(base)?;
         let mut records: Vec<Vec<u8>> = Vec::new();
         if let Some(list) = attrs.iter().find(|a| a.ty == ATTR_LIST) {
@@ -600,7 +624,7 @@ impl NtfsMap {
                 let nlen = r8(e, 6)? as usize;
                 let noff = r8(e, 7)? as usize;
                 ensure!(noff + 2 * nlen <= elen, "attribute list entry at {off} has an invalid name");
-                if t == ty && utf16(&e[noff..noff + 2 * nlen]) == name {
+                if t == ty && name.is_none_or(|n| utf16(&e[noff..noff + 2 * nlen]) == n) {
                     let rec = le64(e, 0x10)? & 0xFFFF_FFFF_FFFF;
                     if !wanted.contains(&rec) {
                         wanted.push(rec);
@@ -621,6 +645,13 @@ impl NtfsMap {
         } else {
             records.push(base.to_vec());
         }
+        Ok(records)
+    }
+
+    /// The value of attribute `ty` named `name` of the file whose base record is `base`,
+    /// following an attribute list into extension records.
+    pub fn stream(&self, base_no: u64, base: &[u8], ty: u32, name: &[u16]) -> Result<Option<Stream>> {
+        let records = self.records_holding(base_no, base, ty, Some(name))?;
         let mut resident: Option<Vec<u8>> = None;
         let mut extents: Vec<&[u8]> = Vec::new();
         let parsed: Vec<Vec<Attr<'_>>> = records.iter().map(|r| attributes(r)).collect::<Result<_>>()?;
@@ -733,17 +764,41 @@ impl NtfsMap {
         }
     }
 
-    /// Finds `name` in directory record `dir`: the child's MFT record number.
+    /// Finds `name` in directory record `dir`: the child's MFT record number (an exact match,
+    /// else a case-insensitive one).
     fn lookup(&mut self, dir: u64, name: &str) -> Result<Option<u64>> {
+        let target: Vec<u16> = name.encode_utf16().collect();
+        let folded_target = fold(&target);
+        let mut found = Found::default();
+        let is_dir = self.for_each_index_entry(dir, &mut |reference, key_name, _| {
+            if key_name == target.as_slice() {
+                found.exact = Some(reference);
+                return ControlFlow::Break(());
+            }
+            if found.folded.is_none() && fold(key_name) == folded_target {
+                found.folded = Some(reference);
+            }
+            ControlFlow::Continue(())
+        })?;
+        if !is_dir {
+            return Ok(None); // a file in the middle of the path: no such file
+        }
+        match found.exact.or(found.folded) {
+            Some(r) => self.check_child(r).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Calls `visit(file reference, name, namespace)` for every entry of directory `dir`'s
+    /// `$I30` index (its root, then every in-use index block), until it breaks. False when
+    /// `dir` is not a directory in use.
+    pub(crate) fn for_each_index_entry(&self, dir: u64, visit: &mut IndexVisitor<'_>) -> Result<bool> {
         let rec = self.read_record(dir)?;
         let flags = le16(&rec, 0x16)?;
         if flags & RECORD_IN_USE == 0 || flags & RECORD_IS_DIRECTORY == 0 {
-            return Ok(None); // a file in the middle of the path: no such file
+            return Ok(false);
         }
-        let target: Vec<u16> = name.encode_utf16().collect();
         let i30: Vec<u16> = "$I30".encode_utf16().collect();
-        let mut found = Found::default();
-
         let root = match self.stream(dir, &rec, ATTR_INDEX_ROOT, &i30)? {
             Some(Stream::Resident(v)) => v,
             Some(Stream::NonResident(_)) => bail!("directory {dir} has a non-resident index root"),
@@ -755,11 +810,9 @@ impl NtfsMap {
         let index_len = le32(&root, 0x14)? as usize;
         let (s, e) = (0x10usize.saturating_add(entries_off), 0x10usize.saturating_add(index_len));
         ensure!(s <= e && e <= root.len(), "directory {dir}'s index root is malformed");
-        scan_entries(&root[s..e], &target, &mut found)?;
-        if let Some(r) = found.exact {
-            return self.check_child(r).map(Some);
+        if index_entries(&root[s..e], visit)?.is_break() {
+            return Ok(true);
         }
-
         if let Some(alloc) = self.stream(dir, &rec, ATTR_INDEX_ALLOCATION, &i30)? {
             let Stream::NonResident(alloc) = alloc else { bail!("directory {dir} has a resident index allocation") };
             ensure!(block.is_power_of_two() && (512..=65536).contains(&block), "index block size {block} is invalid");
@@ -780,16 +833,12 @@ impl NtfsMap {
                 let index_len = le32(&buf, 0x1C)? as usize;
                 let (s, e) = (0x18usize.saturating_add(entries_off), 0x18usize.saturating_add(index_len));
                 ensure!(s <= e && e <= buf.len(), "index block {i} of directory {dir} is malformed");
-                scan_entries(&buf[s..e], &target, &mut found)?;
-                if found.exact.is_some() {
+                if index_entries(&buf[s..e], visit)?.is_break() {
                     break;
                 }
             }
         }
-        match found.exact.or(found.folded) {
-            Some(r) => self.check_child(r).map(Some),
-            None => Ok(None),
-        }
+        Ok(true)
     }
 
     /// Validates a directory entry's file reference; returns the record number.
@@ -828,9 +877,12 @@ fn fold(name: &[u16]) -> Vec<u16> {
         .collect()
 }
 
-/// Scans a run of index entries (each keyed by a $FILE_NAME) for `target`.
-fn scan_entries(b: &[u8], target: &[u16], found: &mut Found) -> Result<()> {
-    let folded_target = fold(target);
+/// What an index walk calls for each entry: (file reference, name, namespace).
+pub(crate) type IndexVisitor<'a> = dyn FnMut(u64, &[u16], u8) -> ControlFlow<()> + 'a;
+
+/// Walks a run of index entries (each keyed by a `$FILE_NAME`), calling `visit(file
+/// reference, name, namespace)` until the last entry or a break.
+fn index_entries(b: &[u8], visit: &mut IndexVisitor<'_>) -> Result<ControlFlow<()>> {
     let mut off = 0usize;
     loop {
         let e = get(b, off, 0x10).context("index entries run off their node")?;
@@ -838,7 +890,7 @@ fn scan_entries(b: &[u8], target: &[u16], found: &mut Found) -> Result<()> {
         let key_len = le16(e, 10)? as usize;
         let flags = le16(e, 12)?;
         if flags & 0x2 != 0 {
-            return Ok(()); // the last entry carries no key
+            return Ok(ControlFlow::Continue(())); // the last entry carries no key
         }
         ensure!(
             len >= 0x10 && len.is_multiple_of(8) && off + len <= b.len(),
@@ -848,13 +900,8 @@ fn scan_entries(b: &[u8], target: &[u16], found: &mut Found) -> Result<()> {
         let key = &b[off + 0x10..off + 0x10 + key_len];
         let nlen = key[0x40] as usize;
         let name = utf16(get(key, 0x42, 2 * nlen)?);
-        let reference = le64(e, 0)?;
-        if name == target {
-            found.exact = Some(reference);
-            return Ok(());
-        }
-        if found.folded.is_none() && fold(&name) == folded_target {
-            found.folded = Some(reference);
+        if visit(le64(e, 0)?, &name, key[0x41]).is_break() {
+            return Ok(ControlFlow::Break(()));
         }
         off += len;
     }
