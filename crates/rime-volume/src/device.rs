@@ -1,6 +1,7 @@
 //! Opening a volume, read-only: a block device, a raw image file, or a VM disk image (qcow2,
 //! VHD, VHDX, VMDK) read as the guest sees it through `qemu-nbd` and Rime's NBD client.
 
+use crate::error::VolumeError;
 use crate::qemu::{self, QemuNbd};
 use anyhow::{bail, Context, Result};
 use std::fs::{File, OpenOptions};
@@ -100,7 +101,11 @@ impl Volume {
     /// set, which the kernel refuses while the device is mounted or otherwise claimed. Image
     /// files in a VM disk format are served by a private read-only `qemu-nbd`.
     pub fn open(path: &Path, exclusive: bool) -> Result<Volume> {
-        let meta = std::fs::metadata(path).with_context(|| format!("cannot open volume {}", path.display()))?;
+        let unreadable = |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::NotFound => VolumeError::NotFound(path.to_path_buf()),
+            _ => VolumeError::Unreadable { path: path.to_path_buf(), source },
+        };
+        let meta = std::fs::metadata(path).map_err(unreadable)?;
         let kind = if meta.file_type().is_block_device() {
             VolumeKind::BlockDevice
         } else if meta.is_file() {
@@ -109,7 +114,7 @@ impl Volume {
                 None => VolumeKind::File,
             }
         } else {
-            bail!("{} is neither a block device nor a regular file", path.display());
+            return Err(VolumeError::NotAVolume(path.to_path_buf()).into());
         };
         if let VolumeKind::DiskImage(format) = &kind {
             let mut server = QemuNbd::start(path, format)?;
@@ -133,9 +138,9 @@ impl Volume {
         let mut file: File = match opts.open(path) {
             Ok(f) => f,
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                bail!("volume {} is in use (mounted or claimed by another program)", path.display())
+                return Err(VolumeError::InUse(path.to_path_buf()).into())
             }
-            Err(e) => return Err(e).with_context(|| format!("cannot open volume {}", path.display())),
+            Err(e) => return Err(unreadable(e).into()),
         };
         let size = file.seek(SeekFrom::End(0)).with_context(|| format!("size of {}", path.display()))?;
         // This descriptor serves the filesystem maps' metadata reads (bitmaps, inode tables,

@@ -4,6 +4,7 @@
 pub mod bytes;
 pub mod checksum;
 pub mod device;
+pub mod error;
 pub mod fs;
 pub mod layout;
 pub mod partition;
@@ -11,4 +12,5 @@ pub mod qemu;
 pub mod usedmap;
 
 pub use device::{AlignedBuf, BlockSource, Region, Volume, VolumeKind};
+pub use error::VolumeError;
 pub use usedmap::{AllBlocks, UsedMap};

@@ -4,6 +4,7 @@
 use rime_core::CommandError;
 use rime_repo::RepoError;
 use rime_serve::ControlError;
+use rime_volume::VolumeError;
 
 /// Anything not listed below; also `verify` finding damage.
 pub const FAILURE: i32 = 1;
@@ -32,6 +33,14 @@ pub fn code(e: &anyhow::Error) -> i32 {
                 RepoError::BadSnapshotId(_) | RepoError::NoLocation => USAGE,
                 RepoError::ChunkDamaged { .. } => DAMAGED,
                 _ => FAILURE,
+            };
+        }
+        if let Some(v) = cause.downcast_ref::<VolumeError>() {
+            return match v {
+                VolumeError::NotFound(_) => NOT_FOUND,
+                VolumeError::InUse(_) => IN_USE,
+                VolumeError::NotAVolume(_) => USAGE,
+                VolumeError::Unreadable { .. } => FAILURE,
             };
         }
         if let Some(c) = cause.downcast_ref::<CommandError>() {

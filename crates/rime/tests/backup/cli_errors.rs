@@ -69,13 +69,17 @@ fn errors_exit_non_zero_with_one_line() {
 
     // Backup of a path that does not exist: fails, names the path, adds no snapshot.
     let nowhere = env.path("no/such/volume.img");
-    let line = env.rime(&["backup", nowhere.to_str().unwrap()]).fails();
+    let run = env.rime(&["backup", nowhere.to_str().unwrap()]);
+    assert_eq!(run.code, Some(4), "a missing volume is 'not found': {run:?}");
+    let line = run.fails();
     assert!(line.contains("volume.img"), "the error should name the missing volume: {line}");
     // ...also when it comes after a good volume: the whole backup fails.
     env.rime(&["backup", image.to_str().unwrap(), nowhere.to_str().unwrap()]).fails();
     // A directory is not a volume.
-    let line = env.rime(&["backup", env.dir.path().to_str().unwrap()]).fails();
-    assert!(!line.is_empty());
+    let run = env.rime(&["backup", env.dir.path().to_str().unwrap()]);
+    assert_eq!(run.code, Some(2), "a directory is not a volume: {run:?}");
+    let line = run.fails();
+    assert!(line.contains("neither a block device nor a regular file"), "{line}");
     assert_eq!(env.snapshot_ids(), vec![id.clone()], "failed backups must not leave snapshots");
     env.assert_verify_clean();
 
