@@ -11,19 +11,9 @@ use rime_core::retention::Decision;
 use rime_repo::{Manifest, Repository};
 use serde_json::json;
 
+/// A byte count for people (binary units: "1.50 MiB").
 pub fn size(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = bytes as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    indicatif::HumanBytes(bytes).to_string()
 }
 
 fn print_json(value: &serde_json::Value) {

@@ -204,6 +204,8 @@ fn unreadable_disk_image_is_a_clear_error() {
     std::fs::write(&bad, b"QFI\xfb this is not really a qcow2 image").unwrap();
     let err = env.rime(&["backup", bad.to_str().unwrap()]).fails();
     assert!(err.contains("qemu-nbd cannot open"), "{err}");
-    let missing = env.rime(&["backup", env.path("nope.img").to_str().unwrap()]).fails();
-    assert!(missing.contains("cannot open volume"), "{missing}");
+    let run = env.rime(&["backup", env.path("nope.img").to_str().unwrap()]);
+    assert_eq!(run.code, Some(4), "{run:?}");
+    let missing = run.fails();
+    assert!(missing.contains("nope.img") && missing.contains("does not exist"), "{missing}");
 }
