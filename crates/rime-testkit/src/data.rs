@@ -107,3 +107,17 @@ pub fn write_random(path: &Path, rng: &mut Rng, len: u64) {
 pub fn write_random_file(path: &Path, seed: u64, len: u64) {
     write_random(path, &mut Rng::new(seed), len)
 }
+
+/// Bytes of the regular files under `dir` (recursively; symlinks not followed).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let Ok(m) = std::fs::symlink_metadata(e.path()) else { continue };
+        if m.is_dir() {
+            total += dir_bytes(&e.path());
+        } else if m.is_file() {
+            total += m.len();
+        }
+    }
+    total
+}

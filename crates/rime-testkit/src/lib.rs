@@ -7,7 +7,7 @@ pub mod data;
 pub mod mounts;
 
 pub use cmd::{have, require, run, run_status};
-pub use data::{write_random, write_random_file, Rng};
+pub use data::{dir_bytes, write_random, write_random_file, Rng};
 pub use mounts::{wait_until_closed, LoopDev, Mount, Mounted};
 
 pub const MIB: u64 = 1 << 20;

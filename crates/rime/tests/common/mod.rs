@@ -6,7 +6,7 @@
 
 #![allow(dead_code, unused_imports)]
 
-pub use rime_testkit::{run as sh, wait_until_closed, write_random_file, LoopDev, Mount, Mounted, Rng, MIB};
+pub use rime_testkit::{dir_bytes, run as sh, wait_until_closed, write_random_file, LoopDev, Mount, Mounted, Rng, MIB};
 
 use serde_json::Value;
 use std::fs::{self, File, OpenOptions};
@@ -189,24 +189,6 @@ impl Env {
     pub fn repo_bytes(&self) -> u64 {
         dir_bytes(&self.repo)
     }
-}
-
-/// Sum of the sizes of all regular files under `dir`.
-pub fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    if let Ok(entries) = fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let Ok(m) = fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            if m.is_dir() {
-                total += dir_bytes(&e.path());
-            } else if m.is_file() {
-                total += m.len();
-            }
-        }
-    }
-    total
 }
 
 /// All regular files under `dir` (recursively).

@@ -137,39 +137,7 @@ fn figures_next_to_partclone() {
     let d = dir.path();
     let size = 2048 * MIB;
     let (_src, img, df_used) = make_btrfs(d, "fig", size, 1000 * MIB, &[], "");
-    run("sync", &[]);
-    run("sh", &["-c", "echo 3 > /proc/sys/vm/drop_caches"]);
-    let repo = d.join("repo");
-    rime(&repo, &["init"]);
-    let before = dir_bytes(&repo);
-    let (v, _, t) = backup(&repo, &img);
-    let repo_added = dir_bytes(&repo) - before;
-    let vol = &v["manifest"]["volumes"][0];
-    run("sh", &["-c", "echo 3 > /proc/sys/vm/drop_caches"]);
-    let out = d.join("partclone.zst");
-    let t0 = std::time::Instant::now();
-    run("sh", &["-c", &format!("partclone.btrfs -q -c -s {} -o - 2>/dev/null | zstd -q -T0 > {}", s(&img), s(&out))]);
-    let pt = t0.elapsed();
-    println!(
-        "| btrfs | {} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {:.2} s |",
-        size / MIB,
-        df_used as f64 / MIB as f64,
-        vol["used_bytes"].as_u64().unwrap() as f64 / MIB as f64,
-        vol["read_bytes"].as_u64().unwrap() as f64 / MIB as f64,
-        repo_added as f64 / MIB as f64,
-        t.as_secs_f64(),
-        std::fs::metadata(&out).unwrap().len() as f64 / MIB as f64,
-        pt.as_secs_f64()
-    );
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let m = std::fs::symlink_metadata(e.path()).unwrap();
-        total += if m.is_dir() { dir_bytes(&e.path()) } else { m.len() };
-    }
-    total
+    print_figures_next_to_partclone(d, "btrfs", &img, size, df_used);
 }
 
 /// A crash-consistent copy of a mounted btrfs right after an fsync: the file's extents are only

@@ -5,7 +5,7 @@
 
 #![allow(dead_code, unused_imports)]
 
-pub use rime_testkit::{run, run_status, s, wait_until_closed, write_random, Mounted, Rng, MIB};
+pub use rime_testkit::{dir_bytes, run, run_status, s, wait_until_closed, write_random, Mounted, Rng, MIB};
 
 use rime_volume::{UsedMap, Volume};
 use serde_json::Value;
@@ -172,4 +172,44 @@ pub fn assert_restore_is_masked_original(original: &Path, restored: &Path) {
         pos += n as u64;
     }
     assert!(garbage_left_out, "the original's free space should have held garbage that the restore leaves out");
+}
+
+/// Figures for docs/PERFORMANCE.md: backs `img` up with rime and with `partclone.<fs> | zstd
+/// -T0`, page cache dropped before each, and prints one table row.
+pub fn print_figures_next_to_partclone(work: &Path, fs: &str, img: &Path, size: u64, df_used: u64) {
+    run("sync", &[]);
+    run("sh", &["-c", "echo 3 > /proc/sys/vm/drop_caches"]);
+    let repo = work.join("repo");
+    rime(&repo, &["init"]);
+    let before = dir_bytes(&repo);
+    let (v, _, t) = backup(&repo, img);
+    let repo_added = dir_bytes(&repo) - before;
+    let vol = &v["manifest"]["volumes"][0];
+    run("sh", &["-c", "echo 3 > /proc/sys/vm/drop_caches"]);
+    let out = work.join("partclone.zst");
+    let t0 = Instant::now();
+    let mut partclone = Command::new(format!("partclone.{fs}"))
+        .args(["-q", "-c", "-s", s(img), "-o", "-"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("partclone");
+    let zstd_out = fs::File::create(&out).unwrap();
+    let piped = partclone.stdout.take().expect("piped stdout");
+    let zstd = Command::new("zstd").args(["-q", "-T0"]).stdin(piped).stdout(zstd_out).status();
+    let cloned = partclone.wait();
+    assert!(zstd.is_ok_and(|st| st.success()) && cloned.is_ok_and(|st| st.success()), "partclone.{fs} | zstd failed");
+    let pt = t0.elapsed();
+    let mib = |b: u64| b as f64 / MIB as f64;
+    println!(
+        "| {fs} | {} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {:.2} s |",
+        size / MIB,
+        mib(df_used),
+        mib(vol["used_bytes"].as_u64().unwrap()),
+        mib(vol["read_bytes"].as_u64().unwrap()),
+        mib(repo_added),
+        t.as_secs_f64(),
+        mib(fs::metadata(&out).unwrap().len()),
+        pt.as_secs_f64()
+    );
 }

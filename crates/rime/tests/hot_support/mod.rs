@@ -267,3 +267,16 @@ pub fn fio_fs(dir: &Path, size_mib: u64, seconds: u64) -> Bg {
     ];
     Bg::spawn("fio", &args)
 }
+
+/// Runs `qemu-io -f raw -c CMD ... URI`; fails the test unless every command succeeds.
+pub fn qemu_io(uri: &str, cmds: &[String]) {
+    let mut args = vec!["-f".to_string(), "raw".to_string()];
+    for c in cmds {
+        args.push("-c".into());
+        args.push(c.clone());
+    }
+    args.push(uri.to_string());
+    let out = Command::new("qemu-io").args(&args).output().expect("run qemu-io");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("error"), "qemu-io: {text}");
+}

@@ -7,18 +7,6 @@ use crate::hot_support::*;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-fn qemu_io(uri: &str, cmds: &[String]) {
-    let mut args = vec!["-f".to_string(), "raw".to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.clone());
-    }
-    args.push(uri.to_string());
-    let out = std::process::Command::new("qemu-io").args(&args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && !text.contains("error"), "qemu-io: {text}");
-}
-
 fn assert_pattern(file: &std::path::Path, offset: u64, len: u64, byte: u8) {
     let f = std::fs::File::open(file).unwrap();
     let mut buf = vec![0u8; len as usize];

@@ -6,17 +6,6 @@
 use crate::common::*;
 use crate::hot_support::*;
 
-fn qemu_io(uri: &str, cmds: &[String]) {
-    let mut args = vec!["-f".to_string(), "raw".to_string()];
-    for c in cmds {
-        args.push("-c".into());
-        args.push(c.clone());
-    }
-    args.push(uri.to_string());
-    let out = std::process::Command::new("qemu-io").args(&args).output().unwrap();
-    assert!(out.status.success(), "qemu-io: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[test]
 fn incrementals_read_only_changed_blocks_and_restore_exactly() {
     require(&["qemu-io"]);
