@@ -1,10 +1,12 @@
 //! Helpers shared by Rime's integration tests (a dev-dependency only): running programs
-//! ([`cmd`]), reproducible data ([`data`]), and loop devices and mounts that are always released
-//! on drop ([`mounts`]). Tests need root for the mounts.
+//! ([`cmd`]), reproducible data ([`data`]), loop devices and mounts that are always released
+//! on drop ([`mounts`]), and the peers Rime is measured against ([`peers`]). Tests need root for
+//! the mounts.
 
 pub mod cmd;
 pub mod data;
 pub mod mounts;
+pub mod peers;
 
 pub use cmd::{have, require, run, run_status};
 pub use data::{dir_bytes, write_random, write_random_file, Rng};

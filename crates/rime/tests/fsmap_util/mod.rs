@@ -187,19 +187,7 @@ pub fn print_figures_next_to_partclone(work: &Path, fs: &str, img: &Path, size: 
     let vol = &v["manifest"]["volumes"][0];
     run("sh", &["-c", "echo 3 > /proc/sys/vm/drop_caches"]);
     let out = work.join("partclone.zst");
-    let t0 = Instant::now();
-    let mut partclone = Command::new(format!("partclone.{fs}"))
-        .args(["-q", "-c", "-s", s(img), "-o", "-"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("partclone");
-    let zstd_out = fs::File::create(&out).unwrap();
-    let piped = partclone.stdout.take().expect("piped stdout");
-    let zstd = Command::new("zstd").args(["-q", "-T0"]).stdin(piped).stdout(zstd_out).status();
-    let cloned = partclone.wait();
-    assert!(zstd.is_ok_and(|st| st.success()) && cloned.is_ok_and(|st| st.success()), "partclone.{fs} | zstd failed");
-    let pt = t0.elapsed();
+    let pt = rime_testkit::peers::partclone_zstd(fs, img, &out);
     let mib = |b: u64| b as f64 / MIB as f64;
     println!(
         "| {fs} | {} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB | {:.2} s | {:.1} MiB | {:.2} s |",
