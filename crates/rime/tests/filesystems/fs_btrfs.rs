@@ -31,19 +31,7 @@ fn make_btrfs(
     let df_used = {
         let m = Mounted::new(&img, &d.join(format!("{name}-mnt")), mount_opts);
         copy_tree(&src, &m.0);
-        // Churn: files written and deleted leave fragmented free space behind.
-        let mut rng = Rng(5);
-        for i in 0..400 {
-            write_random(&m.0.join(format!("churn-{i}")), &mut rng, 4096 + i * 512);
-        }
-        run("sync", &[]);
-        for i in (0..400).step_by(2) {
-            std::fs::remove_file(m.0.join(format!("churn-{i}"))).unwrap();
-        }
-        for i in (1..400).step_by(2) {
-            std::fs::copy(m.0.join(format!("churn-{i}")), src.join(format!("churn-{i}"))).unwrap();
-        }
-        run("sync", &[]);
+        churn(&m.0, &src);
         // df counts the global block reserve (kept back in memory, not on disk) as used.
         let reserve: u64 = run("btrfs", &["filesystem", "df", "-b", s(&m.0)])
             .lines()
@@ -61,18 +49,7 @@ fn roundtrip(name: &str, size: u64, data: u64, mkfs_opts: &[&str], mount_opts: &
     let (src, img, df_used) = make_btrfs(d, name, size, data, mkfs_opts, mount_opts);
     run("btrfs", &["check", "--readonly", s(&img)]);
 
-    let repo = d.join("repo");
-    rime(&repo, &["init"]);
-    let (v, err, _) = backup(&repo, &img);
-    assert!(err.trim().is_empty(), "a clean btrfs backup should print nothing on stderr: {err}");
-    let vol = &v["manifest"]["volumes"][0];
-    assert_eq!(vol["filesystem"], "btrfs", "{vol}");
-    let num = |k: &str| vol[k].as_u64().unwrap_or_else(|| panic!("no {k} in {vol}"));
-    let (used, read, added) = (num("used_bytes"), num("read_bytes"), num("added_bytes"));
-    assert!(used >= df_used, "{mkfs_opts:?}: map marks {used} bytes, df says {df_used} are used");
-    assert!(read >= used, "{mkfs_opts:?}: read {read} < used {used}");
-    assert!(read < size * 7 / 10, "{mkfs_opts:?}: read {read} of a {size} byte image about half full");
-    assert!(added < size * 7 / 10, "{mkfs_opts:?}: the free garbage must not be stored (added {added} of {size})");
+    let repo = backup_with_used_map(d, &img, "btrfs", size, df_used, &format!("{mkfs_opts:?}"));
 
     let restored = d.join("restored.img");
     rime(&repo, &["restore", "latest", s(&restored)]);
@@ -117,15 +94,7 @@ fn damaged_btrfs_falls_back_to_all_nonzero_blocks() {
     let chunk_root = u64::from_le_bytes(bytes[sb + 0x58..sb + 0x60].try_into().unwrap());
     // mkfs places its first chunks at logical == physical.
     bytes[chunk_root as usize + 0x70] ^= 0xFF; // inside the chunk tree root's header: bad checksum
-    std::fs::write(&img, &bytes).unwrap();
-    let repo = d.join("repo");
-    rime(&repo, &["init"]);
-    let (v, err, _) = backup(&repo, &img);
-    assert!(err.contains("btrfs") && err.contains("damaged"), "stderr should warn: {err}");
-    assert!(v["manifest"]["volumes"][0]["filesystem"].is_null(), "{v}");
-    let restored = d.join("restored.img");
-    rime(&repo, &["restore", "latest", s(&restored)]);
-    assert!(std::fs::read(&restored).unwrap() == bytes, "fallback restore must be bit-exact");
+    assert_damaged_falls_back(d, &img, &bytes, "btrfs");
 }
 
 /// Figures for docs/PERFORMANCE.md: a 2 GiB btrfs image about half full, backed up by rime and

@@ -29,19 +29,7 @@ fn make_xfs(
     let df_used = {
         let m = Mounted::new(&img, &d.join(format!("{name}-mnt")), "");
         copy_tree(&src, &m.0);
-        // Churn: files written and deleted leave fragmented free space behind.
-        let mut rng = Rng(5);
-        for i in 0..400 {
-            write_random(&m.0.join(format!("churn-{i}")), &mut rng, 4096 + i * 512);
-        }
-        run("sync", &[]);
-        for i in (0..400).step_by(2) {
-            std::fs::remove_file(m.0.join(format!("churn-{i}"))).unwrap();
-        }
-        for i in (1..400).step_by(2) {
-            std::fs::copy(m.0.join(format!("churn-{i}")), src.join(format!("churn-{i}"))).unwrap();
-        }
-        run("sync", &[]);
+        churn(&m.0, &src);
         m.df_used()
     };
     (src, img, df_used)
@@ -53,18 +41,7 @@ fn roundtrip(name: &str, size: u64, data: u64, mkfs_opts: &[&str]) {
     let (src, img, df_used) = make_xfs(d, name, size, data, mkfs_opts);
     run("xfs_repair", &["-n", s(&img)]);
 
-    let repo = d.join("repo");
-    rime(&repo, &["init"]);
-    let (v, err, _) = backup(&repo, &img);
-    assert!(err.trim().is_empty(), "a clean XFS backup should print nothing on stderr: {err}");
-    let vol = &v["manifest"]["volumes"][0];
-    assert_eq!(vol["filesystem"], "xfs", "{vol}");
-    let num = |k: &str| vol[k].as_u64().unwrap_or_else(|| panic!("no {k} in {vol}"));
-    let (used, read, added) = (num("used_bytes"), num("read_bytes"), num("added_bytes"));
-    assert!(used >= df_used, "{mkfs_opts:?}: map marks {used} bytes, df says {df_used} are used");
-    assert!(read >= used, "{mkfs_opts:?}: read {read} < used {used}");
-    assert!(read < size * 7 / 10, "{mkfs_opts:?}: read {read} of a {size} byte image about half full");
-    assert!(added < size * 7 / 10, "{mkfs_opts:?}: the free garbage must not be stored (added {added} of {size})");
+    let repo = backup_with_used_map(d, &img, "xfs", size, df_used, &format!("{mkfs_opts:?}"));
 
     let restored = d.join("restored.img");
     rime(&repo, &["restore", "latest", s(&restored)]);
@@ -98,15 +75,7 @@ fn damaged_xfs_falls_back_to_all_nonzero_blocks() {
     run("mkfs.xfs", &["-q", "-f", "-K", s(&img)]);
     let mut bytes = std::fs::read(&img).unwrap();
     bytes[512] ^= 0xFF; // AG 0's AGF magic
-    std::fs::write(&img, &bytes).unwrap();
-    let repo = d.join("repo");
-    rime(&repo, &["init"]);
-    let (v, err, _) = backup(&repo, &img);
-    assert!(err.contains("xfs") && err.contains("damaged"), "stderr should warn: {err}");
-    assert!(v["manifest"]["volumes"][0]["filesystem"].is_null(), "{v}");
-    let restored = d.join("restored.img");
-    rime(&repo, &["restore", "latest", s(&restored)]);
-    assert!(std::fs::read(&restored).unwrap() == bytes, "fallback restore must be bit-exact");
+    assert_damaged_falls_back(d, &img, &bytes, "xfs");
 }
 
 /// Figures for docs/PERFORMANCE.md: a 2 GiB XFS image about half full, backed up by rime and

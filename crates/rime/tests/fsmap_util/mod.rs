@@ -201,3 +201,53 @@ pub fn print_figures_next_to_partclone(work: &Path, fs: &str, img: &Path, size: 
         pt.as_secs_f64()
     );
 }
+
+/// Churn on a mounted filesystem: files written and deleted leave fragmented free space behind.
+/// The survivors are copied into `src` (the tree the restore is compared with).
+pub fn churn(mnt: &Path, src: &Path) {
+    let mut rng = Rng(5);
+    for i in 0..400 {
+        write_random(&mnt.join(format!("churn-{i}")), &mut rng, 4096 + i * 512);
+    }
+    run("sync", &[]);
+    for i in (0..400).step_by(2) {
+        fs::remove_file(mnt.join(format!("churn-{i}"))).unwrap();
+    }
+    for i in (1..400).step_by(2) {
+        fs::copy(mnt.join(format!("churn-{i}")), src.join(format!("churn-{i}"))).unwrap();
+    }
+    run("sync", &[]);
+}
+
+/// Backs up `img` (a `size`-byte image of `fs` about half full, `df_used` bytes in use) into a
+/// new repository under `d` and checks the map: quiet, recognised, covering what df counts, and
+/// neither reading nor storing the free garbage. Returns the repository.
+pub fn backup_with_used_map(d: &Path, img: &Path, fs: &str, size: u64, df_used: u64, what: &str) -> PathBuf {
+    let repo = d.join("repo");
+    rime(&repo, &["init"]);
+    let (v, err, _) = backup(&repo, img);
+    assert!(err.trim().is_empty(), "a clean {fs} backup should print nothing on stderr: {err}");
+    let vol = &v["manifest"]["volumes"][0];
+    assert_eq!(vol["filesystem"], fs, "{vol}");
+    let num = |k: &str| vol[k].as_u64().unwrap_or_else(|| panic!("no {k} in {vol}"));
+    let (used, read, added) = (num("used_bytes"), num("read_bytes"), num("added_bytes"));
+    assert!(used >= df_used, "{what}: map marks {used} bytes, df says {df_used} are used");
+    assert!(read >= used, "{what}: read {read} < used {used}");
+    assert!(read < size * 7 / 10, "{what}: read {read} of a {size} byte image about half full");
+    assert!(added < size * 7 / 10, "{what}: the free garbage must not be stored (added {added} of {size})");
+    repo
+}
+
+/// A damaged image (`bytes` written to `img`): the backup still succeeds, imaging all non-zero
+/// blocks, warns on stderr naming `fs`, and the restore is bit-exact.
+pub fn assert_damaged_falls_back(d: &Path, img: &Path, bytes: &[u8], fs: &str) {
+    fs::write(img, bytes).unwrap();
+    let repo = d.join("repo");
+    rime(&repo, &["init"]);
+    let (v, err, _) = backup(&repo, img);
+    assert!(err.contains(fs) && err.contains("damaged"), "stderr should warn: {err}");
+    assert!(v["manifest"]["volumes"][0]["filesystem"].is_null(), "{v}");
+    let restored = d.join("restored.img");
+    rime(&repo, &["restore", "latest", s(&restored)]);
+    assert!(fs::read(&restored).unwrap() == bytes, "fallback restore must be bit-exact");
+}
