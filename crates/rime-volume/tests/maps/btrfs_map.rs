@@ -8,9 +8,11 @@ use rime_volume::fs::btrfs::BtrfsMap;
 use rime_volume::{UsedMap, Volume};
 use std::fs;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::support::*;
+
+const PROBE: Probe = |r| Ok(BtrfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>));
 
 /// Big and small random files (and text that compresses) under `dir`, about `target` bytes.
 fn populate(dir: &Path, seed: u64, target: u64, small_files: usize) {
@@ -297,57 +299,6 @@ fn le64(b: &[u8], o: usize) -> u64 {
     u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
 }
 
-/// Probes a damaged image and walks its whole map; must not panic. True when refused.
-fn refused_at(path: &Path) -> bool {
-    let vol = Volume::open(path, false).unwrap();
-    match BtrfsMap::probe(&vol.region()) {
-        Ok(Some(mut map)) => {
-            let mut ranges = Vec::new();
-            let mut off = 0;
-            while off < vol.size {
-                if map.used_ranges(off, 64 * 1024, &mut ranges).is_err() {
-                    return true;
-                }
-                off += 64 * 1024;
-            }
-            false
-        }
-        Ok(None) | Err(_) => true,
-    }
-}
-
-/// A copy of an image damaged in place and repaired after each probe.
-struct Scratch {
-    path: PathBuf,
-    good: Vec<u8>,
-}
-
-impl Scratch {
-    fn new(dir: &Path, good: Vec<u8>) -> Scratch {
-        let path = dir.join("bad.img");
-        fs::write(&path, &good).unwrap();
-        Scratch { path, good }
-    }
-
-    fn bytes(&self, at: u64, len: u64) -> Vec<u8> {
-        self.good[at as usize..(at + len) as usize].to_vec()
-    }
-
-    /// Writes each (offset, bytes), probes, restores the original bytes. True when refused.
-    fn refused(&self, edits: &[(u64, Vec<u8>)]) -> bool {
-        use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new().write(true).open(&self.path).unwrap();
-        for (at, b) in edits {
-            f.write_all_at(b, *at).unwrap();
-        }
-        let r = refused_at(&self.path);
-        for (at, b) in edits {
-            f.write_all_at(&self.good[*at as usize..*at as usize + b.len()], *at).unwrap();
-        }
-        r
-    }
-}
-
 /// Logical addresses of the roots of the chunk, root and extent trees, and the node size.
 fn roots(img: &Path) -> (u64, u64, u64, u64) {
     let sb = run("btrfs", &["inspect-internal", "dump-super", s(img)]);
@@ -375,8 +326,8 @@ fn damaged_filesystems_are_refused_or_mapped_without_panics() {
         mkfs_btrfs(&img, 256, &args, Some(&src));
         let (chunk_root, root, extent_root, ns) = roots(&img);
         let ch = chunks(&img);
-        let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap());
-        assert!(!scratch.refused(&[]), "{args:?}: the undamaged image is refused");
+        let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap(), PROBE);
+        assert!(!scratch.refused::<u64>(&[]), "{args:?}: the undamaged image is refused");
         let crc = variant != 2;
         let mut rng = Rng(0xbeef + variant as u64);
         let mut rejected = 0;
@@ -429,7 +380,7 @@ fn targeted_damage_is_refused() {
     assert!(extent_tree_level(&img) >= 1, "the extent tree should have a node level");
     let (chunk_root, _root, extent_root, ns) = roots(&img);
     let ch = chunks(&img);
-    let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap());
+    let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap(), PROBE);
     // Edits of the superblock or of every copy of a tree block, checksums re-stamped.
     let sb = |f: &dyn Fn(&mut [u8])| {
         let mut b = scratch.bytes(65536, 4096);
@@ -485,7 +436,7 @@ fn targeted_damage_is_refused() {
     for (what, edits) in cases {
         assert!(scratch.refused(&edits), "{what} was not refused");
     }
-    assert!(!scratch.refused(&[]), "the undamaged image is refused");
+    assert!(!scratch.refused::<u64>(&[]), "the undamaged image is refused");
 }
 
 #[test]

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use crate::support::*;
 
+const PROBE: Probe = |r| Ok(XfsMap::probe(r)?.map(|m| Box::new(m) as Box<dyn UsedMap>));
+
 fn mkfs_xfs(img: &Path, size_mib: u64, args: &[&str]) {
     new_image(img, size_mib);
     let mut all = vec!["-q", "-f"];
@@ -306,59 +308,6 @@ fn be32(b: &[u8], o: usize) -> u32 {
     u32::from_be_bytes(b[o..o + 4].try_into().unwrap())
 }
 
-/// Probes a damaged image and walks its whole map; must not panic. True when refused.
-fn refused_at(path: &Path) -> bool {
-    let vol = Volume::open(path, false).unwrap();
-    match XfsMap::probe(&vol.region()) {
-        Ok(Some(mut map)) => {
-            let mut ranges = Vec::new();
-            let mut off = 0;
-            while off < vol.size {
-                if map.used_ranges(off, 64 * 1024, &mut ranges).is_err() {
-                    return true;
-                }
-                off += 64 * 1024;
-            }
-            false
-        }
-        Ok(None) | Err(_) => true,
-    }
-}
-
-/// A copy of an image that is damaged in place and repaired after each probe, so that hundreds
-/// of variants cost no more than the bytes they change.
-struct Scratch {
-    path: PathBuf,
-    good: Vec<u8>,
-}
-
-impl Scratch {
-    fn new(dir: &Path, good: Vec<u8>) -> Scratch {
-        let path = dir.join("bad.img");
-        fs::write(&path, &good).unwrap();
-        Scratch { path, good }
-    }
-
-    /// A copy of the undamaged bytes `[at, at + len)`.
-    fn bytes(&self, at: usize, len: usize) -> Vec<u8> {
-        self.good[at..at + len].to_vec()
-    }
-
-    /// Writes each (offset, bytes), probes, restores the original bytes. True when refused.
-    fn refused(&self, edits: &[(usize, Vec<u8>)]) -> bool {
-        use std::os::unix::fs::FileExt;
-        let f = fs::OpenOptions::new().write(true).open(&self.path).unwrap();
-        for (at, b) in edits {
-            f.write_all_at(b, *at as u64).unwrap();
-        }
-        let r = refused_at(&self.path);
-        for (at, b) in edits {
-            f.write_all_at(&self.good[*at..*at + b.len()], *at as u64).unwrap();
-        }
-        r
-    }
-}
-
 /// Layout facts of a small test image: (block size, sector size, AG blocks, AG 1's bnobt root).
 fn layout(img: &[u8]) -> (usize, usize, usize, usize) {
     let bs = be32(img, 4) as usize;
@@ -375,10 +324,10 @@ fn damaged_filesystems_are_refused_or_mapped_without_panics() {
     for (variant, args) in [vec![], vec!["-m", "crc=0"], vec!["-b", "size=1024"]].into_iter().enumerate() {
         let img = dir.path().join("good.img");
         mkfs_xfs(&img, 300, &args);
-        let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap());
+        let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap(), PROBE);
         let v5 = !args.contains(&"crc=0");
         let (bs, ss, agblocks, root1) = layout(&scratch.good);
-        assert!(!scratch.refused(&[]), "{args:?}: the undamaged image is refused");
+        assert!(!scratch.refused::<u64>(&[]), "{args:?}: the undamaged image is refused");
         let mut rng = Rng(0x1234_5678 + variant as u64);
         let mut rejected = 0;
         for round in 0..200 {
@@ -418,7 +367,7 @@ fn targeted_damage_is_refused() {
     mkfs_xfs(&img, 300, &["-b", "size=1024"]);
     // Fragment free space so that some AG's bnobt has a node level.
     fill_mounted(&img, &dir.path().join("mnt"), 5, 40 * MIB, 5000, 1024);
-    let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap());
+    let scratch = Scratch::new(dir.path(), fs::read(&img).unwrap(), PROBE);
     let good = &scratch.good;
     let (bs, ss, agblocks, _) = layout(good);
     let agcount = be32(good, 88) as usize;
@@ -495,7 +444,7 @@ fn targeted_damage_is_refused() {
     for (what, edits) in cases {
         assert!(scratch.refused(&edits), "{what} was not refused");
     }
-    assert!(!scratch.refused(&[]), "the undamaged image is refused");
+    assert!(!scratch.refused::<u64>(&[]), "the undamaged image is refused");
 }
 
 /// A copy of a mounted filesystem is trusted only when its log is clean or merely covered (as
