@@ -13,4 +13,72 @@ pub enum CommandError {
     /// A path named inside a snapshot does not exist.
     #[error("{0}")]
     PathNotFound(String),
+    /// A before-snapshot hook failed or timed out: the backup was aborted (after-snapshot and
+    /// after-backup hooks still ran).
+    #[error("{0}; the backup was aborted before the snapshot")]
+    HookFailed(String),
+}
+
+/// Exit codes: one per kind of failure a script (or a hook's `RIME_ERROR`) may act on.
+pub mod codes {
+    /// Anything not listed below; also `verify` finding damage.
+    pub const FAILURE: i32 = 1;
+    /// Bad arguments.
+    pub const USAGE: i32 = 2;
+    /// The repository is locked by another rime process.
+    pub const LOCKED: i32 = 3;
+    /// No repository, snapshot, volume or path by that name.
+    pub const NOT_FOUND: i32 = 4;
+    /// The snapshot needed is damaged.
+    pub const DAMAGED: i32 = 5;
+    /// A volume is in use and no snapshot provider can image it consistently.
+    pub const IN_USE: i32 = 6;
+    /// The snapshot provider refused, failed or could not be reached.
+    pub const SNAPSHOT_FAILED: i32 = 7;
+    /// A before-snapshot hook failed or timed out.
+    pub const HOOK_FAILED: i32 = 8;
+}
+
+/// The exit code for `e`, read from the typed errors in its chain.
+pub fn exit_code(e: &anyhow::Error) -> i32 {
+    use codes::*;
+    use rime_repo::RepoError;
+    use rime_serve::ControlError;
+    use rime_volume::VolumeError;
+    for cause in e.chain() {
+        if let Some(r) = cause.downcast_ref::<RepoError>() {
+            return match r {
+                RepoError::Locked { .. } => LOCKED,
+                RepoError::NotFound(_)
+                | RepoError::NoSnapshots
+                | RepoError::SnapshotNotFound(_)
+                | RepoError::AmbiguousSnapshot { .. } => NOT_FOUND,
+                RepoError::BadSnapshotId(_) | RepoError::NoLocation => USAGE,
+                RepoError::ChunkDamaged { .. } => DAMAGED,
+                _ => FAILURE,
+            };
+        }
+        if let Some(v) = cause.downcast_ref::<VolumeError>() {
+            return match v {
+                VolumeError::NotFound(_) => NOT_FOUND,
+                VolumeError::InUse(_) => IN_USE,
+                VolumeError::NotAVolume(_) => USAGE,
+                VolumeError::Unreadable { .. } => FAILURE,
+            };
+        }
+        if let Some(c) = cause.downcast_ref::<CommandError>() {
+            return match c {
+                CommandError::VolumeInUse(_) => IN_USE,
+                CommandError::Damaged(_) => DAMAGED,
+                CommandError::PathNotFound(_) => NOT_FOUND,
+                CommandError::HookFailed(_) => HOOK_FAILED,
+            };
+        }
+        // A snapshot view's read failure reaches here wrapped in an I/O error.
+        let io_inner = cause.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref());
+        if cause.downcast_ref::<ControlError>().is_some() || io_inner.is_some_and(|e| e.is::<ControlError>()) {
+            return SNAPSHOT_FAILED;
+        }
+    }
+    FAILURE
 }

@@ -24,3 +24,11 @@ pub fn host_name() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".to_string())
 }
+
+/// Sends `signal` to every process of process group `pgid` (errors ignored: the group may be
+/// gone already).
+pub fn signal_group(pgid: u32, signal: crate::signals::Signal) {
+    if let Ok(pgid) = i32::try_from(pgid) {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
+    }
+}

@@ -10,6 +10,7 @@ mod serve_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use rime_consistency::hooks::{Hook, Hooks};
 use rime_core::commands::{backup, extract, forget, ls, mount, prune, restore, snapshots, verify};
 use rime_core::retention::Policy;
 use rime_repo::{Compression, Repository};
@@ -53,8 +54,9 @@ enum Command {
         tags: Vec<String>,
         #[arg(long, default_value = "normal", value_parser = ["none", "fast", "normal", "best"])]
         compression: String,
-        #[arg(long, default_value = "auto", value_parser = ["offline", "auto", "online"])]
-        mode: String,
+        /// offline, auto or online (default auto, or the job's).
+        #[arg(long, value_parser = ["offline", "auto", "online"])]
+        mode: Option<String>,
         /// Image every block, not only those the filesystem uses.
         #[arg(long)]
         all_blocks: bool,
@@ -70,6 +72,25 @@ enum Command {
         /// nothing else vouches for them (ext without metadata_csum, a FAT marked dirty).
         #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
         cross_check: String,
+        /// Run before the snapshot (freeze an application), by /bin/sh -c; repeatable. A failure
+        /// or timeout aborts the backup; the after-snapshot and after-backup hooks still run.
+        #[arg(long = "before-snapshot", value_name = "CMD")]
+        before_snapshot: Vec<String>,
+        /// Run after the snapshot (thaw), always, also when the snapshot failed; repeatable.
+        #[arg(long = "after-snapshot", value_name = "CMD")]
+        after_snapshot: Vec<String>,
+        /// Run after the backup with its outcome in RIME_ERROR; repeatable.
+        #[arg(long = "after-backup", value_name = "CMD")]
+        after_backup: Vec<String>,
+        /// Timeout of each command-line hook, in seconds.
+        #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+        hook_timeout: f64,
+        /// A job file (TOML, docs/CONSISTENCY.md): volumes, mode and hooks of a job.
+        #[arg(long, value_name = "FILE")]
+        job: Option<PathBuf>,
+        /// The job to run from --job (needed when the file holds several).
+        #[arg(long, value_name = "NAME", requires = "job")]
+        job_name: Option<String>,
     },
     /// List snapshots.
     Snapshots,
@@ -223,8 +244,43 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = rime_core::commands::init::init(&location, chunk_size)?;
             output::init(&repo, cli.json);
         }
-        Command::Backup { volumes, tags, compression, mode, all_blocks, exclude_files, keep_last, cross_check } => {
+        Command::Backup {
+            volumes,
+            tags,
+            compression,
+            mode,
+            all_blocks,
+            exclude_files,
+            keep_last,
+            cross_check,
+            before_snapshot,
+            after_snapshot,
+            after_backup,
+            hook_timeout,
+            job,
+            job_name,
+        } => {
             let mut volumes = volumes;
+            let mut hooks = Hooks::default();
+            let mut mode = mode;
+            if let Some(file) = &job {
+                let job = rime_consistency::job::load(file, job_name.as_deref())?;
+                if volumes.is_empty() {
+                    volumes = job.volumes.clone();
+                }
+                mode = mode.or(job.mode.clone());
+                hooks = job.hooks;
+            }
+            if !(hook_timeout.is_finite() && hook_timeout > 0.0) {
+                bail!("--hook-timeout must be a positive number of seconds");
+            }
+            let timeout = Duration::from_secs_f64(hook_timeout);
+            let shell = |cmds: Vec<String>| cmds.iter().map(|c| Hook::shell(c, timeout)).collect::<Vec<_>>();
+            hooks.extend(Hooks {
+                before_snapshot: shell(before_snapshot),
+                after_snapshot: shell(after_snapshot),
+                after_backup: shell(after_backup),
+            });
             if volumes.is_empty() {
                 let sample = sample::ensure_sample_volume(&data_dir()?)?;
                 if !cli.json {
@@ -246,10 +302,11 @@ fn run(cli: Cli) -> Result<i32> {
                 compression: Compression::parse(&compression)?,
                 all_blocks,
                 exclude_files,
-                mode: backup::Mode::parse(&mode)?,
+                mode: backup::Mode::parse(mode.as_deref().unwrap_or("auto"))?,
                 threads,
                 host: rime_core::hostname(),
                 map_options: MapOptions { cross_check: CrossCheck::parse(&cross_check)? },
+                hooks,
             };
             let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
             if let Some(n) = keep_last {

@@ -13,6 +13,7 @@ use crate::error::CommandError;
 use crate::inuse::{self, Usage};
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
+use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
 use rime_repo::lock::LockMode;
 use rime_repo::pack::{index_path, pack_path, FinishedPack};
 use rime_repo::snapshot::volume_index_path;
@@ -60,6 +61,8 @@ pub struct BackupOptions {
     pub host: String,
     /// How the used-block maps are made (cross-checks).
     pub map_options: rime_volume::fs::MapOptions,
+    /// Commands run around the snapshot.
+    pub hooks: Hooks,
 }
 
 #[derive(Debug, Serialize)]
@@ -75,7 +78,48 @@ pub struct BackupSummary {
 /// Backs up `opts.volumes` into a new snapshot, in a straight line: lock, load what the backup
 /// needs once, read the volumes (taking snapshots of protected ones), write, publish. Retention
 /// (`--keep-last`) is a separate step, [`super::forget::keep_last`], run after a success.
+///
+/// Hooks (docs/CONSISTENCY.md) run around the snapshot: before-snapshot (a failure aborts the
+/// backup, but what follows still runs, so a half-done freeze is undone), the snapshot of every
+/// volume, after-snapshot always (its failures are warnings), then the data is imaged only if
+/// the snapshot succeeded, and after-backup runs with the outcome.
 pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupSummary> {
+    let mut ctx = HookContext {
+        volumes: opts.volumes.iter().map(|v| v.display().to_string()).collect(),
+        provider: providers(&opts.volumes),
+        ..HookContext::default()
+    };
+    let result = backup_with_hooks(repo, opts, progress, &mut ctx);
+    // After-backup: always, with the outcome; its failures are warnings (the backup is done).
+    ctx.error = result.as_ref().err().map_or(0, crate::error::exit_code);
+    let failures = hooks::run_stage(&opts.hooks, Stage::AfterBackup, &ctx, false);
+    match result {
+        Ok(mut summary) => {
+            for f in failures {
+                let w = format!("{f}");
+                progress.warn(&w);
+                summary.warnings.push(w);
+            }
+            Ok(summary)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Which snapshot providers the volumes will use, for `RIME_PROVIDER`.
+fn providers(volumes: &[PathBuf]) -> String {
+    let mut names: Vec<&str> =
+        volumes.iter().map(|v| if crate::online::protected(v).is_some() { "rime-serve" } else { "offline" }).collect();
+    names.dedup();
+    names.join(" ")
+}
+
+fn backup_with_hooks(
+    repo: &Repository,
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    ctx: &mut HookContext,
+) -> Result<BackupSummary> {
     if opts.volumes.is_empty() {
         bail!("no volume to back up");
     }
@@ -98,8 +142,21 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         warn(format!("ignoring unreadable pack index {}: {}", b.path, b.reason));
     }
     let index = Arc::new(index);
-    // 3. Read: open the volumes (snapshots of protected ones), decide their maps.
-    let volumes = open_volumes(&opts.volumes, opts.mode)?;
+    // 3. Snapshot, between the hooks: before-snapshot (freeze), open every volume (snapshots of
+    //    protected ones), after-snapshot (thaw) whatever happened.
+    let before = hooks::run_stage(&opts.hooks, Stage::BeforeSnapshot, ctx, true);
+    let opened = match before.into_iter().next() {
+        Some(failure) => Err(anyhow::Error::new(CommandError::HookFailed(failure.to_string()))),
+        None => open_volumes(&opts.volumes, opts.mode),
+    };
+    ctx.snapshot_active = opened.as_ref().is_ok_and(|v| v.iter().any(|ov| ov.online.is_some()));
+    ctx.error = opened.as_ref().err().map_or(0, crate::error::exit_code);
+    for f in hooks::run_stage(&opts.hooks, Stage::AfterSnapshot, ctx, false) {
+        warn(format!("{f} (the backup goes on)"));
+    }
+    // If the snapshot failed, no data is read.
+    let volumes = opened?;
+    // 4. Read: decide the maps.
     let mut layouts = Vec::new();
     for ov in &volumes {
         let mut layout = if opts.all_blocks {
@@ -129,8 +186,9 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         .map(|((volume, layout), excluded)| Planned { volume, layout, excluded })
         .collect();
 
-    // 4. Write: packs, then one volume index per volume.
+    // 5. Write: packs, then one volume index per volume.
     let snapshot = SnapshotId::random();
+    ctx.snapshot_id = Some(snapshot.0.clone());
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
     let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress);
     let entries = match result.and_then(|done| sink.flush().map(|_| done)) {
@@ -145,7 +203,7 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
             return Err(e);
         }
     };
-    // 5. Publish: the manifest makes the snapshot exist.
+    // 6. Publish: the manifest makes the snapshot exist.
     let manifest = Manifest {
         format_version: rime_repo::FORMAT_VERSION,
         id: snapshot.0.clone(),

@@ -13,6 +13,7 @@ mod dedup_and_compression;
 mod disk_layouts;
 mod exclusions;
 mod ext_roundtrip;
+mod hooks;
 mod raw_and_multi;
 mod retention;
 mod verify;
