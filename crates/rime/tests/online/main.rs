@@ -12,6 +12,7 @@ mod explorer_util;
 mod hot_support;
 
 mod hot_failures;
+mod hot_freeze;
 mod hot_fsync;
 mod hot_fuse_ext4;
 mod hot_incremental;
