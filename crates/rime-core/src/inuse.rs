@@ -1,7 +1,8 @@
 //! Is a volume in use? Decides between an offline read and the need for a snapshot.
 //!
 //! A block device is in use when the kernel refuses an exclusive open (mounted, a loop or
-//! device-mapper holder, a RAID member). An image file is in use when a loop device backed by it
+//! device-mapper holder, a RAID member). An image file is in use when a QEMU holds its write
+//! lock (QEMU's own image locks, which work across containers), when a loop device backed by it
 //! is claimed, or when any process holds it open for writing (a running VM, say).
 
 use std::fs::OpenOptions;
@@ -23,6 +24,15 @@ pub fn check(path: &Path) -> Usage {
             true => Usage::InUse(format!("{} is mounted or claimed", path.display())),
             false => Usage::Idle,
         };
+    }
+    if meta.is_file() {
+        if let Ok(Some(pid)) = std::fs::File::open(path).and_then(|f| rime_os::qemu_locks::qemu_writer(&f)) {
+            let who = if pid > 0 { format!(" (process {pid})") } else { String::new() };
+            return Usage::InUse(format!(
+                "{} is open for writing by QEMU{who}: it holds the image's write lock",
+                path.display()
+            ));
+        }
     }
     if let Some(loopdev) = loop_device_backed_by(path) {
         if device_claimed(Path::new(&loopdev)) {

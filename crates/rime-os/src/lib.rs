@@ -8,7 +8,8 @@
 //! - [`process`]: whether a process is alive;
 //! - [`dirfd`]: file operations relative to an open directory, for writing a restored tree;
 //! - [`flock`]: whole-file locks the kernel drops when their holder dies;
-//! - [`files`]: hole punching, zeroing block devices, access-pattern advice.
+//! - [`files`]: hole punching, zeroing block devices, access-pattern advice;
+//! - [`qemu_locks`]: QEMU's image locks (who may write an image; keeping QEMU from it).
 
 #![deny(unsafe_code)]
 
@@ -17,4 +18,5 @@ pub mod files;
 pub mod flock;
 pub mod mounts;
 pub mod process;
+pub mod qemu_locks;
 pub mod signals;

@@ -236,6 +236,9 @@ struct OpenVolume {
     name: String,
     /// A protected volume's snapshot (`rime serve`), which `volume` reads.
     online: Option<Arc<rime_serve::SnapshotSource>>,
+    /// For an image file: the open file holding QEMU's "write not shared" lock until the backup
+    /// ends.
+    _qemu_guard: Option<std::fs::File>,
 }
 
 /// A volume with its map decided.
@@ -258,7 +261,7 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
             }
             let (volume, source) = crate::online::open(&control)?;
             let name = unique_name(&out, &volume.path);
-            out.push(OpenVolume { volume, name, online: Some(source) });
+            out.push(OpenVolume { volume, name, online: Some(source), _qemu_guard: None });
             continue;
         }
         match inuse::check(path) {
@@ -281,10 +284,22 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
             ))
             .into());
         }
+        // An image file: hold QEMU's "write is not shared" lock for the whole backup, so no VM
+        // starts writing it meanwhile (a QEMU that got there first fails this).
+        let qemu_guard = match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => {
+                let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+                rime_os::qemu_locks::refuse_qemu_writers(&f).map_err(|e| {
+                    CommandError::VolumeInUse(format!("{} is being opened for writing by QEMU ({e})", path.display()))
+                })?;
+                Some(f)
+            }
+            _ => None,
+        };
         // Exclusive open: the kernel refuses it if someone mounts the device meanwhile.
         let volume = Volume::open(path, true)?;
         let name = unique_name(&out, path);
-        out.push(OpenVolume { volume, name, online: None });
+        out.push(OpenVolume { volume, name, online: None, _qemu_guard: qemu_guard });
     }
     Ok(out)
 }

@@ -14,6 +14,7 @@ mod disk_layouts;
 mod exclusions;
 mod ext_roundtrip;
 mod hooks;
+mod qemu_locks;
 mod raw_and_multi;
 mod retention;
 mod verify;
