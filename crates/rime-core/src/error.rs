@@ -61,7 +61,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
         if let Some(v) = cause.downcast_ref::<VolumeError>() {
             return match v {
                 VolumeError::NotFound(_) => NOT_FOUND,
-                VolumeError::InUse(_) => IN_USE,
+                VolumeError::InUse(_) | VolumeError::RemoteFilesystem { .. } => IN_USE,
                 VolumeError::NotAVolume(_) => USAGE,
                 VolumeError::Unreadable { .. } => FAILURE,
             };

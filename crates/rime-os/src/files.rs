@@ -33,3 +33,8 @@ pub fn zero_out_device(device: &File, offset: u64, len: u64) -> std::io::Result<
 pub fn advise_random(file: &File) {
     let _ = rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::Random);
 }
+
+/// The filesystem magic number (`statfs(2)`'s `f_type`) of the filesystem holding `file`.
+pub fn filesystem_magic(file: &File) -> std::io::Result<u64> {
+    Ok(rustix::fs::fstatfs(file)?.f_type as u64)
+}

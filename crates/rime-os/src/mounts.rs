@@ -70,6 +70,25 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
+/// The filesystem type (`ext4`, `nfs4`, `fuse.sshfs`, ...) of the mount that holds `path`: the
+/// longest mount point in `/proc/self/mountinfo` that is a prefix of its canonical path.
+pub fn filesystem_type_of(path: &Path) -> Option<String> {
+    let canonical = path.canonicalize().ok()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mut best: Option<(usize, String)> = None;
+    for line in info.lines() {
+        // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
+        let mut fields = line.split(' ');
+        let Some(mount_point) = fields.nth(4).map(unescape_mountinfo) else { continue };
+        let Some(fstype) = line.split(" - ").nth(1).and_then(|rest| rest.split(' ').next()) else { continue };
+        let mp = Path::new(std::ffi::OsStr::from_bytes(&mount_point));
+        if canonical.starts_with(mp) && best.as_ref().is_none_or(|(len, _)| mount_point.len() >= *len) {
+            best = Some((mount_point.len(), fstype.to_string()));
+        }
+    }
+    best.map(|(_, t)| t)
+}
+
 /// Unmounts a FUSE view: `umount2` as root (lazily if it is busy, so the view disappears now and
 /// its session ends when the last user lets go), else `fusermount3 -u -z` / `fusermount -u -z`.
 pub fn unmount(mountpoint: &Path) {

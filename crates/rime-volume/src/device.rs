@@ -109,6 +109,9 @@ impl Volume {
         let kind = if meta.file_type().is_block_device() {
             VolumeKind::BlockDevice
         } else if meta.is_file() {
+            if let Some(fs) = crate::remote::network_filesystem(path) {
+                return Err(VolumeError::RemoteFilesystem { path: path.to_path_buf(), fs }.into());
+            }
             match qemu::image_format(path)? {
                 Some(format) => VolumeKind::DiskImage(format),
                 None => VolumeKind::File,

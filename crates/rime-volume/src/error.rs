@@ -12,6 +12,11 @@ pub enum VolumeError {
     NotAVolume(PathBuf),
     #[error("volume {} is in use (mounted or claimed by another program)", .0.display())]
     InUse(PathBuf),
+    #[error(
+        "{} is on a network filesystem ({fs}): its writers may be on other hosts, which no lock or snapshot here can see; back it up on the host that serves it",
+        .path.display()
+    )]
+    RemoteFilesystem { path: PathBuf, fs: String },
     #[error("cannot open volume {}: {source}", .path.display())]
     Unreadable { path: PathBuf, source: std::io::Error },
 }

@@ -9,6 +9,7 @@ pub mod fs;
 pub mod layout;
 pub mod partition;
 pub mod qemu;
+pub mod remote;
 pub mod usedmap;
 
 pub use device::{AlignedBuf, BlockSource, Region, Volume, VolumeKind};

@@ -264,6 +264,11 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
             out.push(OpenVolume { volume, name, online: Some(source), _qemu_guard: None });
             continue;
         }
+        // Checked before anything else touches the file: a lock or an open-file scan here says
+        // nothing of writers on the host that serves it.
+        if let Some(fs) = rime_volume::remote::network_filesystem(path) {
+            return Err(rime_volume::VolumeError::RemoteFilesystem { path: path.to_path_buf(), fs }.into());
+        }
         match inuse::check(path) {
             Usage::Idle => {}
             Usage::InUse(why) => {

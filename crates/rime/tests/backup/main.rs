@@ -16,5 +16,6 @@ mod ext_roundtrip;
 mod hooks;
 mod qemu_locks;
 mod raw_and_multi;
+mod remote_fs;
 mod retention;
 mod verify;
