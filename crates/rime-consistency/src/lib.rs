@@ -2,7 +2,8 @@
 //!
 //! - [`hooks`]: commands run at the three stages of a backup (before the snapshot, after it,
 //!   after the backup), with the environment scripts expect and timeouts;
-//! - [`job`]: the job file (TOML, one table per job) that declares a backup's volumes and hooks.
+//! - [`job`]: the job file (TOML, one table per job) that declares a backup's volumes and hooks;
+//! - [`writers`]: what holds data on the volumes and is frozen for the snapshot (`fsfreeze`).
 //!
 //! The order and failure rules (docs/CONSISTENCY.md) are the caller's to follow: `rime-core`'s
 //! backup runs before-snapshot, the snapshot, after-snapshot always, then images the data only
@@ -12,5 +13,6 @@
 
 pub mod hooks;
 pub mod job;
+pub mod writers;
 
 pub use hooks::{Hook, HookCommand, HookContext, HookError, Hooks, Stage};

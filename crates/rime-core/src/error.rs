@@ -17,6 +17,9 @@ pub enum CommandError {
     /// after-backup hooks still ran).
     #[error("{0}; the backup was aborted before the snapshot")]
     HookFailed(String),
+    /// Writes reached a protected volume while its writers were frozen.
+    #[error("{0}")]
+    WritesNotSuspended(String),
 }
 
 /// Exit codes: one per kind of failure a script (or a hook's `RIME_ERROR`) may act on.
@@ -72,6 +75,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 CommandError::Damaged(_) => DAMAGED,
                 CommandError::PathNotFound(_) => NOT_FOUND,
                 CommandError::HookFailed(_) => HOOK_FAILED,
+                CommandError::WritesNotSuspended(_) => SNAPSHOT_FAILED,
             };
         }
         // A snapshot view's read failure reaches here wrapped in an I/O error.

@@ -89,6 +89,37 @@ pub fn filesystem_type_of(path: &Path) -> Option<String> {
     best.map(|(_, t)| t)
 }
 
+/// The mounts of block device `device`: (mount point, filesystem type), from
+/// `/proc/self/mountinfo`.
+pub fn mounts_of_device(device: &Path) -> Vec<(PathBuf, String)> {
+    let Ok(canonical) = device.canonicalize() else { return Vec::new() };
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    info.lines()
+        .filter_map(|line| {
+            let mount_point = line.split(' ').nth(4).map(unescape_mountinfo)?;
+            let mut rest = line.split(" - ").nth(1)?.split(' ');
+            let (fstype, source) = (rest.next()?, rest.next()?);
+            let source = Path::new(std::ffi::OsStr::from_bytes(&unescape_mountinfo(source))).canonicalize().ok()?;
+            (source == canonical)
+                .then(|| (PathBuf::from(std::ffi::OsStr::from_bytes(&mount_point)), fstype.to_string()))
+        })
+        .collect()
+}
+
+/// The loop devices whose backing file is `file`.
+pub fn loop_devices_backed_by(file: &Path) -> Vec<PathBuf> {
+    let Ok(canonical) = file.canonicalize() else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("loop"))
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("loop/backing_file")).is_ok_and(|b| Path::new(b.trim()) == canonical)
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .collect()
+}
+
 /// Unmounts a FUSE view: `umount2` as root (lazily if it is busy, so the view disappears now and
 /// its session ends when the last user lets go), else `fusermount3 -u -z` / `fusermount -u -z`.
 pub fn unmount(mountpoint: &Path) {

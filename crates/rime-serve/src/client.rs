@@ -142,6 +142,8 @@ pub struct SnapshotSource {
     store_cap: AtomicU64,
     pub early_blocks: AtomicU64,
     ended: AtomicBool,
+    /// Writes the engine had counted just before the snapshot was requested.
+    pub writes_before: u64,
 }
 
 #[derive(Default)]
@@ -164,7 +166,8 @@ impl SnapshotSource {
     ) -> anyhow::Result<SnapshotSource> {
         use anyhow::Context;
         let mut c = ControlClient::connect(socket)?;
-        let volume = c.status()?.volume;
+        let before = c.status()?;
+        let (volume, writes_before) = (before.volume, before.status.writes);
         let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
         let req = Request::Begin { wip_ms: ms(wip), limit_ms: ms(limit), drain_ms: ms(drain) };
         let info = match c.call(&req).with_context(|| format!("taking a snapshot of {}", volume.display()))? {
@@ -205,7 +208,14 @@ impl SnapshotSource {
             store_cap: AtomicU64::new(u64::MAX),
             early_blocks: AtomicU64::new(0),
             ended: AtomicBool::new(false),
+            writes_before,
         })
+    }
+
+    /// Writes the engine has counted so far (with [`SnapshotSource::writes_before`]: how many
+    /// reached the volume around the snapshot).
+    pub fn writes_now(&self) -> Result<u64> {
+        Ok(self.client.lock().unwrap().status()?.status.writes)
     }
 
     pub fn blocks(&self) -> u64 {

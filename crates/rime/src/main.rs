@@ -82,6 +82,11 @@ enum Command {
         /// Run after the backup with its outcome in RIME_ERROR; repeatable.
         #[arg(long = "after-backup", value_name = "CMD")]
         after_backup: Vec<String>,
+        /// Freeze the filesystems mounted from volumes protected by `rime serve` for the
+        /// snapshot (fsfreeze), so their images need no journal replay. never: a
+        /// crash-consistent snapshot.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "never"])]
+        freeze: String,
         /// Timeout of each command-line hook, in seconds.
         #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
         hook_timeout: f64,
@@ -126,6 +131,9 @@ enum Command {
     },
     /// Delete data that no snapshot references.
     Prune,
+    /// The writers whose data is on the volumes (default: every volume `rime serve` protects):
+    /// what a backup freezes for its snapshot.
+    Writers { volumes: Vec<PathBuf> },
     /// List a folder inside a backed-up volume (image explorer).
     Ls {
         snapshot: String,
@@ -259,6 +267,7 @@ fn run(cli: Cli) -> Result<i32> {
             hook_timeout,
             job,
             job_name,
+            freeze,
         } => {
             let mut volumes = volumes;
             let mut hooks = Hooks::default();
@@ -307,6 +316,7 @@ fn run(cli: Cli) -> Result<i32> {
                 host: rime_core::hostname(),
                 map_options: MapOptions { cross_check: CrossCheck::parse(&cross_check)? },
                 hooks,
+                freeze: freeze == "auto",
             };
             let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
             if let Some(n) = keep_last {
@@ -394,6 +404,9 @@ fn run(cli: Cli) -> Result<i32> {
             let json = cli.json;
             let summary = mount::mount(repo, &opts, &|s| output::mounted(s, json))?;
             output::unmounted(&summary, cli.json);
+        }
+        Command::Writers { volumes } => {
+            output::writers(&rime_core::commands::writers::writers(&volumes)?, cli.json);
         }
         Command::Prune => {
             let repo = Repository::open(&location)?;

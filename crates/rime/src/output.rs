@@ -258,3 +258,20 @@ pub fn unmounted(s: &MountSummary, json: bool) {
         );
     }
 }
+
+pub fn writers(r: &rime_core::commands::writers::WriterReport, json: bool) {
+    if json {
+        print_json(&serde_json::to_value(r).expect("writer report serialises"));
+        return;
+    }
+    if r.writers.is_empty() {
+        println!(
+            "no writers on {}",
+            if r.volumes.is_empty() { "any protected volume".into() } else { r.volumes.join(", ") }
+        );
+        return;
+    }
+    for w in &r.writers {
+        println!("{}  {} on {} (volume {})", w.name, w.filesystem, w.device, w.volume);
+    }
+}

@@ -14,6 +14,7 @@ use crate::inuse::{self, Usage};
 use crate::progress::Progress;
 use anyhow::{bail, Context, Result};
 use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
+use rime_consistency::writers::FsFreezeWriter;
 use rime_repo::lock::LockMode;
 use rime_repo::pack::{index_path, pack_path, FinishedPack};
 use rime_repo::snapshot::volume_index_path;
@@ -63,6 +64,8 @@ pub struct BackupOptions {
     pub map_options: rime_volume::fs::MapOptions,
     /// Commands run around the snapshot.
     pub hooks: Hooks,
+    /// Freeze the filesystems mounted from protected volumes for the snapshot (`fsfreeze`).
+    pub freeze: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,6 +109,28 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     }
 }
 
+/// With filesystems frozen, no write may reach a protected volume between the moment the
+/// snapshot was asked for and its instant: the engine counts them. A write there means a writer
+/// was not held (a filesystem not found, or the volume written directly), so the snapshot is
+/// dropped rather than passed off as application-consistent.
+fn writes_stayed_suspended(writers: &[FsFreezeWriter], volumes: Vec<OpenVolume>) -> Result<Vec<OpenVolume>> {
+    if writers.is_empty() {
+        return Ok(volumes);
+    }
+    for ov in &volumes {
+        let Some(source) = &ov.online else { continue };
+        let during = source.writes_now()?.saturating_sub(source.writes_before);
+        if during > 0 {
+            return Err(CommandError::WritesNotSuspended(format!(
+                "{during} writes reached {} while its filesystems were frozen for the snapshot; the snapshot was dropped",
+                ov.volume.path.display()
+            ))
+            .into());
+        }
+    }
+    Ok(volumes)
+}
+
 /// Which snapshot providers the volumes will use, for `RIME_PROVIDER`.
 fn providers(volumes: &[PathBuf]) -> String {
     let mut names: Vec<&str> =
@@ -144,15 +169,36 @@ fn backup_with_hooks(
     let index = Arc::new(index);
     // 3. Snapshot, between the hooks: before-snapshot (freeze), open every volume (snapshots of
     //    protected ones), after-snapshot (thaw) whatever happened.
+    //    Writers (the filesystems mounted from protected volumes) freeze after the hooks and
+    //    thaw before the after-snapshot hooks, so applications flush first and resume last.
+    let mut writers = if opts.freeze { super::writers::freeze_targets(&opts.volumes) } else { Vec::new() };
     let before = hooks::run_stage(&opts.hooks, Stage::BeforeSnapshot, ctx, true);
-    let opened = match before.into_iter().next() {
-        Some(failure) => Err(anyhow::Error::new(CommandError::HookFailed(failure.to_string()))),
-        None => open_volumes(&opts.volumes, opts.mode),
+    let mut failure = before.into_iter().next().map(|f| CommandError::HookFailed(f.to_string()));
+    for w in writers.iter_mut() {
+        if failure.is_some() {
+            break;
+        }
+        if let Err(e) = w.freeze() {
+            failure = Some(CommandError::HookFailed(format!("freezing {}: {e}", w.mount_point.display())));
+        }
+    }
+    let opened = match failure {
+        Some(f) => Err(anyhow::Error::new(f)),
+        None => open_volumes(&opts.volumes, opts.mode).and_then(|v| writes_stayed_suspended(&writers, v)),
     };
+    for w in writers.iter_mut() {
+        if let Err(e) = w.thaw() {
+            warn(format!("{e} (the backup goes on)"));
+        }
+    }
     ctx.snapshot_active = opened.as_ref().is_ok_and(|v| v.iter().any(|ov| ov.online.is_some()));
     ctx.error = opened.as_ref().err().map_or(0, crate::error::exit_code);
     for f in hooks::run_stage(&opts.hooks, Stage::AfterSnapshot, ctx, false) {
         warn(format!("{f} (the backup goes on)"));
+    }
+    if !writers.is_empty() {
+        let names: Vec<String> = writers.iter().map(|w| w.name()).collect();
+        tracing::info!("froze and thawed: {}", names.join(", "));
     }
     // If the snapshot failed, no data is read.
     let volumes = opened?;

@@ -10,3 +10,4 @@ pub mod prune;
 pub mod restore;
 pub mod snapshots;
 pub mod verify;
+pub mod writers;
