@@ -12,6 +12,7 @@ pub mod inuse;
 pub mod online;
 pub mod progress;
 pub mod references;
+pub mod reflink;
 pub mod retention;
 pub mod snapshot_reader;
 pub mod target;

@@ -285,6 +285,8 @@ struct OpenVolume {
     /// For an image file: the open file holding QEMU's "write not shared" lock until the backup
     /// ends.
     _qemu_guard: Option<std::fs::File>,
+    /// An image file read through its reflink clone (removed when this is dropped).
+    reflink: Option<crate::reflink::Clone>,
 }
 
 /// A volume with its map decided.
@@ -307,7 +309,7 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
             }
             let (volume, source) = crate::online::open(&control)?;
             let name = unique_name(&out, &volume.path);
-            out.push(OpenVolume { volume, name, online: Some(source), _qemu_guard: None });
+            out.push(OpenVolume { volume, name, online: Some(source), _qemu_guard: None, reflink: None });
             continue;
         }
         // Checked before anything else touches the file: a lock or an open-file scan here says
@@ -315,7 +317,20 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
         if let Some(fs) = rime_volume::remote::network_filesystem(path) {
             return Err(rime_volume::VolumeError::RemoteFilesystem { path: path.to_path_buf(), fs }.into());
         }
-        match inuse::check(path) {
+        // Storage-native snapshot: an image file in use, on XFS (reflink) or btrfs, is cloned in
+        // an instant and the clone is read; the clone goes when the backup ends.
+        let usage = inuse::check(path);
+        let wants_snapshot = matches!(usage, Usage::InUse(_)) || mode == Mode::Online;
+        if wants_snapshot && mode != Mode::Offline && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+            if let Some(clone) = crate::reflink::clone(path)? {
+                let mut volume = Volume::open(&clone.path, false)?;
+                volume.path = path.to_path_buf();
+                let name = unique_name(&out, path);
+                out.push(OpenVolume { volume, name, online: None, _qemu_guard: None, reflink: Some(clone) });
+                continue;
+            }
+        }
+        match usage {
             Usage::Idle => {}
             Usage::InUse(why) => {
                 return Err(CommandError::VolumeInUse(match mode {
@@ -330,7 +345,7 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
         }
         if mode == Mode::Online {
             return Err(CommandError::VolumeInUse(format!(
-                "--mode online needs a snapshot provider for {}; none is available for it",
+                "--mode online needs a snapshot provider for {}; none is available for it (rime serve, or a reflink clone on XFS or btrfs)",
                 path.display()
             ))
             .into());
@@ -350,7 +365,7 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
         // Exclusive open: the kernel refuses it if someone mounts the device meanwhile.
         let volume = Volume::open(path, true)?;
         let name = unique_name(&out, path);
-        out.push(OpenVolume { volume, name, online: None, _qemu_guard: qemu_guard });
+        out.push(OpenVolume { volume, name, online: None, _qemu_guard: qemu_guard, reflink: None });
     }
     Ok(out)
 }
@@ -386,6 +401,9 @@ fn archive_all(
         let online = online[number].as_mut();
         if let Some(o) = &online {
             map_description = format!("{map_description}; {}", o.describe());
+        }
+        if ov.reflink.is_some() {
+            map_description = format!("{map_description}; point-in-time reflink clone of the image in use");
         }
         let mut prior = online.and_then(|o| o.prior_fn());
         let mut vidx = VolumeIndexWriter::create(repo.backend.as_ref(), chunk_size, volume.size)?;

@@ -15,3 +15,4 @@ mod fs_btrfs;
 mod fs_fat;
 mod fs_ntfs;
 mod fs_xfs;
+mod reflink_provider;

@@ -1,0 +1,59 @@
+//! The reflink snapshot provider: an image file in use on XFS (reflink on) is cloned with
+//! FICLONE and the clone is backed up; the clone is gone afterwards, and a clone left by a
+//! killed backup is cleaned up by the next one.
+
+use crate::common::*;
+use crate::crash_support::ReflinkHost;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn clones_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".rime-clone-"))
+        .collect()
+}
+
+#[test]
+fn an_image_in_use_on_xfs_is_backed_up_from_a_reflink_clone() {
+    rime_testkit::require(&["qemu-io", "mkfs.xfs"]);
+    let env = Env::new();
+    let host = ReflinkHost::new(&env, 512);
+    let (_src, built) = ext4_with_files(&env, "vm", 21, 64, 4 * MIB);
+    let image = host.path("vm.img");
+    std::fs::copy(&built, &image).unwrap();
+    // Left by a backup that was killed (no process 999999), and one of a live process (ours).
+    let dead = host.path(".vm.img.rime-clone-999999-0badc0de");
+    let live = host.path(&format!(".vm.img.rime-clone-{}-0c0ffee0", std::process::id()));
+    std::fs::write(&dead, b"x").unwrap();
+    std::fs::write(&live, b"x").unwrap();
+
+    // A "VM" holds the image open for writing.
+    let mut vm = Command::new("qemu-io")
+        .args(["-f", "raw", image.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let offline = env.rime(&["backup", "--mode", "offline", image.to_str().unwrap()]);
+    assert_eq!(offline.code, Some(6), "offline still refuses an image in use: {offline:?}");
+
+    let v = env.backup_json(&["--mode", "auto", image.to_str().unwrap()]);
+    let vol = first_volume(&v);
+    assert_eq!(vol["source"], image.display().to_string(), "named after the image, not the clone");
+    assert!(vol["map"].as_str().unwrap().contains("reflink clone"), "{vol}");
+    assert_eq!(vol["filesystem"], "ext4");
+    let _ = vm.stdin.take().unwrap().write_all(b"quit\n");
+    vm.wait().unwrap();
+
+    let left = clones_in(&host.dir);
+    assert_eq!(left, [live.file_name().unwrap().to_string_lossy().into_owned()], "only the live process's clone stays");
+    let restored = env.path("restored.img");
+    env.restore(v["snapshot"].as_str().unwrap(), &restored, &[]);
+    assert_fsck_clean(&restored);
+    assert_same_files(&restored, &_src, &env.path("scratch"));
+}
