@@ -11,6 +11,7 @@ pub mod explorer;
 pub mod inuse;
 pub mod online;
 pub mod progress;
+pub mod providers;
 pub mod references;
 pub mod reflink;
 pub mod retention;

@@ -87,6 +87,13 @@ enum Command {
         /// crash-consistent snapshot.
         #[arg(long, default_value = "auto", value_parser = ["auto", "never"])]
         freeze: String,
+        /// The snapshot provider every volume must use: rime-serve, reflink or offline (default
+        /// auto: the best available for each).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "rime-serve", "reflink", "offline"])]
+        provider: String,
+        /// Say which provider each volume would use, and why; back up nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Timeout of each command-line hook, in seconds.
         #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
         hook_timeout: f64,
@@ -268,6 +275,8 @@ fn run(cli: Cli) -> Result<i32> {
             job,
             job_name,
             freeze,
+            provider,
+            dry_run,
         } => {
             let mut volumes = volumes;
             let mut hooks = Hooks::default();
@@ -297,6 +306,13 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 volumes.push(sample);
             }
+            let mode = backup::Mode::parse(mode.as_deref().unwrap_or("auto"))?;
+            let provider = rime_core::providers::Provider::parse(&provider)?;
+            if dry_run {
+                let choices: Vec<_> = volumes.iter().map(|v| rime_core::providers::choose(v, mode, provider)).collect();
+                output::providers(&choices, cli.json);
+                return Ok(if choices.iter().all(|c| c.provider.is_some()) { 0 } else { 6 });
+            }
             let repo = if is_default && !std::path::Path::new(&location).join("config.json").exists() {
                 if !cli.json {
                     eprintln!("creating the default repository {location}");
@@ -311,12 +327,13 @@ fn run(cli: Cli) -> Result<i32> {
                 compression: Compression::parse(&compression)?,
                 all_blocks,
                 exclude_files,
-                mode: backup::Mode::parse(mode.as_deref().unwrap_or("auto"))?,
+                mode,
                 threads,
                 host: rime_core::hostname(),
                 map_options: MapOptions { cross_check: CrossCheck::parse(&cross_check)? },
                 hooks,
                 freeze: freeze == "auto",
+                provider,
             };
             let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
             if let Some(n) = keep_last {

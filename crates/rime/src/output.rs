@@ -275,3 +275,16 @@ pub fn writers(r: &rime_core::commands::writers::WriterReport, json: bool) {
         println!("{}  {} on {} (volume {})", w.name, w.filesystem, w.device, w.volume);
     }
 }
+
+pub fn providers(choices: &[rime_core::providers::Choice], json: bool) {
+    if json {
+        print_json(&json!({ "volumes": choices }));
+        return;
+    }
+    for c in choices {
+        match c.provider {
+            Some(p) => println!("{}: {} ({})", c.volume, p.name(), c.reason),
+            None => println!("{}: no provider ({})", c.volume, c.reason),
+        }
+    }
+}

@@ -12,6 +12,7 @@ use crate::archive::{archive_volume, ArchiveInput, PackSink};
 use crate::error::CommandError;
 use crate::inuse::{self, Usage};
 use crate::progress::Progress;
+use crate::providers::Provider;
 use anyhow::{bail, Context, Result};
 use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
 use rime_consistency::writers::FsFreezeWriter;
@@ -66,6 +67,8 @@ pub struct BackupOptions {
     pub hooks: Hooks,
     /// Freeze the filesystems mounted from protected volumes for the snapshot (`fsfreeze`).
     pub freeze: bool,
+    /// `--provider`: the snapshot provider every volume must use (None: the best available).
+    pub provider: Option<crate::providers::Provider>,
 }
 
 #[derive(Debug, Serialize)]
@@ -89,7 +92,7 @@ pub struct BackupSummary {
 pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupSummary> {
     let mut ctx = HookContext {
         volumes: opts.volumes.iter().map(|v| v.display().to_string()).collect(),
-        provider: providers(&opts.volumes),
+        provider: providers(&opts.volumes, opts.mode, opts.provider),
         ..HookContext::default()
     };
     let result = backup_with_hooks(repo, opts, progress, &mut ctx);
@@ -132,9 +135,10 @@ fn writes_stayed_suspended(writers: &[FsFreezeWriter], volumes: Vec<OpenVolume>)
 }
 
 /// Which snapshot providers the volumes will use, for `RIME_PROVIDER`.
-fn providers(volumes: &[PathBuf]) -> String {
+fn providers(volumes: &[PathBuf], mode: Mode, forced: Option<Provider>) -> String {
     let mut names: Vec<&str> =
-        volumes.iter().map(|v| if crate::online::protected(v).is_some() { "rime-serve" } else { "offline" }).collect();
+        volumes.iter().filter_map(|v| crate::providers::choose(v, mode, forced).provider.map(Provider::name)).collect();
+    names.sort_unstable();
     names.dedup();
     names.join(" ")
 }
@@ -184,7 +188,9 @@ fn backup_with_hooks(
     }
     let opened = match failure {
         Some(f) => Err(anyhow::Error::new(f)),
-        None => open_volumes(&opts.volumes, opts.mode).and_then(|v| writes_stayed_suspended(&writers, v)),
+        None => {
+            open_volumes(&opts.volumes, opts.mode, opts.provider).and_then(|v| writes_stayed_suspended(&writers, v))
+        }
     };
     for w in writers.iter_mut() {
         if let Err(e) = w.thaw() {
@@ -296,9 +302,21 @@ struct Planned {
     excluded: Vec<rime_repo::snapshot::ExcludedFile>,
 }
 
-fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
+fn open_volumes(paths: &[PathBuf], mode: Mode, forced: Option<Provider>) -> Result<Vec<OpenVolume>> {
     let mut out: Vec<OpenVolume> = Vec::new();
     for path in paths {
+        if let Some(p) = forced {
+            let c = crate::providers::choose(path, mode, forced);
+            if c.provider != Some(p) {
+                return Err(CommandError::VolumeInUse(format!(
+                    "{}: --provider {} cannot take it: {}",
+                    path.display(),
+                    p.name(),
+                    c.reason
+                ))
+                .into());
+            }
+        }
         if let Some(control) = crate::online::protected(path) {
             if mode == Mode::Offline {
                 return Err(CommandError::VolumeInUse(format!(
@@ -320,8 +338,13 @@ fn open_volumes(paths: &[PathBuf], mode: Mode) -> Result<Vec<OpenVolume>> {
         // Storage-native snapshot: an image file in use, on XFS (reflink) or btrfs, is cloned in
         // an instant and the clone is read; the clone goes when the backup ends.
         let usage = inuse::check(path);
-        let wants_snapshot = matches!(usage, Usage::InUse(_)) || mode == Mode::Online;
-        if wants_snapshot && mode != Mode::Offline && std::fs::metadata(path).is_ok_and(|m| m.is_file()) {
+        let wants_snapshot =
+            matches!(usage, Usage::InUse(_)) || mode == Mode::Online || forced == Some(Provider::Reflink);
+        if wants_snapshot
+            && mode != Mode::Offline
+            && forced != Some(Provider::Offline)
+            && std::fs::metadata(path).is_ok_and(|m| m.is_file())
+        {
             if let Some(clone) = crate::reflink::clone(path)? {
                 let mut volume = Volume::open(&clone.path, false)?;
                 volume.path = path.to_path_buf();

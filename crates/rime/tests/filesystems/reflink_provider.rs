@@ -42,6 +42,10 @@ fn an_image_in_use_on_xfs_is_backed_up_from_a_reflink_clone() {
     let offline = env.rime(&["backup", "--mode", "offline", image.to_str().unwrap()]);
     assert_eq!(offline.code, Some(6), "offline still refuses an image in use: {offline:?}");
 
+    let dry = env.rime(&["backup", "--dry-run", "--json", image.to_str().unwrap()]).ok().json();
+    assert_eq!(dry["volumes"][0]["provider"], "reflink", "{dry}");
+    assert!(dry["volumes"][0]["reason"].as_str().unwrap().contains("open for writing by QEMU"), "{dry}");
+    assert_eq!(env.snapshot_ids().len(), 0, "a dry run backs up nothing");
     let v = env.backup_json(&["--mode", "auto", image.to_str().unwrap()]);
     let vol = first_volume(&v);
     assert_eq!(vol["source"], image.display().to_string(), "named after the image, not the clone");
@@ -56,4 +60,28 @@ fn an_image_in_use_on_xfs_is_backed_up_from_a_reflink_clone() {
     env.restore(v["snapshot"].as_str().unwrap(), &restored, &[]);
     assert_fsck_clean(&restored);
     assert_same_files(&restored, &_src, &env.path("scratch"));
+}
+
+#[test]
+fn providers_can_be_forced_and_are_explained() {
+    rime_testkit::require(&["mkfs.xfs"]);
+    let env = Env::new();
+    let host = ReflinkHost::new(&env, 512);
+    let (_src, built) = ext4_with_files(&env, "idle", 22, 32, MIB);
+    let image = host.path("idle.img");
+    std::fs::copy(&built, &image).unwrap();
+    let dry = env.rime(&["backup", "--dry-run", "--json", image.to_str().unwrap()]).ok().json();
+    assert_eq!(
+        (dry["volumes"][0]["provider"].as_str(), dry["volumes"][0]["reason"].as_str()),
+        (Some("offline"), Some("not in use"))
+    );
+    // Forced: a reflink clone even of an idle image.
+    let v = env.backup_json(&["--provider", "reflink", image.to_str().unwrap()]);
+    assert!(first_volume(&v)["map"].as_str().unwrap().contains("reflink clone"), "{v}");
+    assert!(clones_in(&host.dir).is_empty());
+    // A provider that cannot take the volume: a clear refusal, nothing backed up.
+    let run = env.rime(&["backup", "--provider", "rime-serve", image.to_str().unwrap()]);
+    assert_eq!(run.code, Some(6), "{run:?}");
+    assert!(run.fails().contains("--provider rime-serve cannot take it: not protected by rime serve"));
+    assert_eq!(env.snapshot_ids().len(), 1);
 }
