@@ -7,6 +7,7 @@
 //! volumes = ["/dev/vg0/data", "/srv/vm/web.img"]
 //! mode = "auto"                  # optional: offline, auto, online
 //! hook_timeout = 60              # optional: seconds, the default for this job's hooks
+//! sqlite = ["/srv/app/app.db"]   # optional: databases held by their write lock for the snapshot
 //!
 //! [[jobs.nightly.before_snapshot]]
 //! run = "systemctl kill -s USR1 app"     # a shell string, run by /bin/sh -c
@@ -43,6 +44,8 @@ struct RawJob {
     mode: Option<String>,
     hook_timeout: Option<f64>,
     #[serde(default)]
+    sqlite: Vec<PathBuf>,
+    #[serde(default)]
     before_snapshot: Vec<RawHook>,
     #[serde(default)]
     after_snapshot: Vec<RawHook>,
@@ -64,6 +67,8 @@ pub struct Job {
     pub volumes: Vec<PathBuf>,
     pub mode: Option<String>,
     pub hooks: Hooks,
+    /// SQLite databases held consistent for the snapshot.
+    pub sqlite: Vec<PathBuf>,
 }
 
 fn seconds(v: f64, what: &str) -> Result<Duration> {
@@ -104,7 +109,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Job>> {
             after_snapshot: convert(raw.after_snapshot, "after_snapshot")?,
             after_backup: convert(raw.after_backup, "after_backup")?,
         };
-        jobs.push(Job { name, volumes: raw.volumes, mode: raw.mode, hooks });
+        jobs.push(Job { name, volumes: raw.volumes, mode: raw.mode, hooks, sqlite: raw.sqlite });
     }
     Ok(jobs)
 }

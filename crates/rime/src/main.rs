@@ -91,6 +91,10 @@ enum Command {
         /// auto: the best available for each).
         #[arg(long, default_value = "auto", value_parser = ["auto", "rime-serve", "reflink", "offline"])]
         provider: String,
+        /// Hold this SQLite database consistent for the snapshot (WAL checkpoint, then its write
+        /// lock until the thaw); repeatable.
+        #[arg(long = "sqlite", value_name = "DB")]
+        sqlite: Vec<PathBuf>,
         /// Say which provider each volume would use, and why; back up nothing.
         #[arg(long)]
         dry_run: bool,
@@ -277,10 +281,12 @@ fn run(cli: Cli) -> Result<i32> {
             freeze,
             provider,
             dry_run,
+            sqlite,
         } => {
             let mut volumes = volumes;
             let mut hooks = Hooks::default();
             let mut mode = mode;
+            let mut job_sqlite = Vec::new();
             if let Some(file) = &job {
                 let job = rime_consistency::job::load(file, job_name.as_deref())?;
                 if volumes.is_empty() {
@@ -288,6 +294,7 @@ fn run(cli: Cli) -> Result<i32> {
                 }
                 mode = mode.or(job.mode.clone());
                 hooks = job.hooks;
+                job_sqlite = job.sqlite;
             }
             if !(hook_timeout.is_finite() && hook_timeout > 0.0) {
                 bail!("--hook-timeout must be a positive number of seconds");
@@ -334,6 +341,7 @@ fn run(cli: Cli) -> Result<i32> {
                 hooks,
                 freeze: freeze == "auto",
                 provider,
+                sqlite: job_sqlite.into_iter().chain(sqlite).collect(),
             };
             let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
             if let Some(n) = keep_last {

@@ -15,6 +15,7 @@ use crate::progress::Progress;
 use crate::providers::Provider;
 use anyhow::{bail, Context, Result};
 use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
+use rime_consistency::sqlite::SqliteWriter;
 use rime_consistency::writers::FsFreezeWriter;
 use rime_repo::lock::LockMode;
 use rime_repo::pack::{index_path, pack_path, FinishedPack};
@@ -69,6 +70,8 @@ pub struct BackupOptions {
     pub freeze: bool,
     /// `--provider`: the snapshot provider every volume must use (None: the best available).
     pub provider: Option<crate::providers::Provider>,
+    /// SQLite databases to hold consistent (write lock) for the snapshot.
+    pub sqlite: Vec<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -176,8 +179,18 @@ fn backup_with_hooks(
     //    Writers (the filesystems mounted from protected volumes) freeze after the hooks and
     //    thaw before the after-snapshot hooks, so applications flush first and resume last.
     let mut writers = if opts.freeze { super::writers::freeze_targets(&opts.volumes) } else { Vec::new() };
+    let mut databases: Vec<SqliteWriter> = opts.sqlite.iter().map(|db| SqliteWriter::new(db)).collect();
     let before = hooks::run_stage(&opts.hooks, Stage::BeforeSnapshot, ctx, true);
     let mut failure = before.into_iter().next().map(|f| CommandError::HookFailed(f.to_string()));
+    // Applications first (their data flushed and held), then the filesystems under them.
+    for d in databases.iter_mut() {
+        if failure.is_some() {
+            break;
+        }
+        if let Err(e) = d.freeze() {
+            failure = Some(CommandError::HookFailed(e));
+        }
+    }
     for w in writers.iter_mut() {
         if failure.is_some() {
             break;
@@ -194,6 +207,11 @@ fn backup_with_hooks(
     };
     for w in writers.iter_mut() {
         if let Err(e) = w.thaw() {
+            warn(format!("{e} (the backup goes on)"));
+        }
+    }
+    for d in databases.iter_mut() {
+        if let Err(e) = d.thaw() {
             warn(format!("{e} (the backup goes on)"));
         }
     }
