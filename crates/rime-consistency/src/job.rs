@@ -18,6 +18,12 @@
 //!
 //! [[jobs.nightly.after_backup]]
 //! run = "logger backup finished: $RIME_ERROR"
+//!
+//! [[jobs.nightly.writers]]                   # an application's own freeze, thaw and completion
+//! name = "app"
+//! freeze = "app-ctl suspend"
+//! thaw = "app-ctl resume"
+//! complete = "app-ctl truncate-log"          # optional: only after a successful backup
 //! ```
 //!
 //! Unknown keys are errors (a misspelt hook stage must not be ignored silently).
@@ -51,6 +57,18 @@ struct RawJob {
     after_snapshot: Vec<RawHook>,
     #[serde(default)]
     after_backup: Vec<RawHook>,
+    #[serde(default)]
+    writers: Vec<RawWriter>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWriter {
+    name: String,
+    freeze: HookCommand,
+    thaw: HookCommand,
+    complete: Option<HookCommand>,
+    timeout: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +87,19 @@ pub struct Job {
     pub hooks: Hooks,
     /// SQLite databases held consistent for the snapshot.
     pub sqlite: Vec<PathBuf>,
+    /// Custom writers: an application's own freeze, thaw and completion commands.
+    pub writers: Vec<CustomWriter>,
+}
+
+/// A custom writer of a job file: `freeze` runs after the before-snapshot hooks, `thaw` before
+/// the after-snapshot ones (always, when its freeze was tried), `complete` only after a
+/// successful backup.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CustomWriter {
+    pub name: String,
+    pub freeze: Hook,
+    pub thaw: Hook,
+    pub complete: Option<Hook>,
 }
 
 fn seconds(v: f64, what: &str) -> Result<Duration> {
@@ -109,7 +140,26 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Job>> {
             after_snapshot: convert(raw.after_snapshot, "after_snapshot")?,
             after_backup: convert(raw.after_backup, "after_backup")?,
         };
-        jobs.push(Job { name, volumes: raw.volumes, mode: raw.mode, hooks, sqlite: raw.sqlite });
+        let mut writers = Vec::new();
+        for (i, w) in raw.writers.into_iter().enumerate() {
+            let timeout = match w.timeout {
+                Some(t) => seconds(t, &format!("jobs.{name}.writers[{i}].timeout"))?,
+                None => default,
+            };
+            let hook = |command: HookCommand, what: &str| -> Result<Hook> {
+                if matches!(&command, HookCommand::Argv(a) if a.is_empty()) {
+                    bail!("jobs.{name}.writers[{i}].{what}: an empty argv");
+                }
+                Ok(Hook { command, timeout })
+            };
+            writers.push(CustomWriter {
+                freeze: hook(w.freeze, "freeze")?,
+                thaw: hook(w.thaw, "thaw")?,
+                complete: w.complete.map(|c| hook(c, "complete")).transpose()?,
+                name: w.name,
+            });
+        }
+        jobs.push(Job { name, volumes: raw.volumes, mode: raw.mode, hooks, sqlite: raw.sqlite, writers });
     }
     Ok(jobs)
 }

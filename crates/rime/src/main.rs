@@ -287,6 +287,7 @@ fn run(cli: Cli) -> Result<i32> {
             let mut hooks = Hooks::default();
             let mut mode = mode;
             let mut job_sqlite = Vec::new();
+            let mut custom_writers = Vec::new();
             if let Some(file) = &job {
                 let job = rime_consistency::job::load(file, job_name.as_deref())?;
                 if volumes.is_empty() {
@@ -295,6 +296,7 @@ fn run(cli: Cli) -> Result<i32> {
                 mode = mode.or(job.mode.clone());
                 hooks = job.hooks;
                 job_sqlite = job.sqlite;
+                custom_writers = job.writers;
             }
             if !(hook_timeout.is_finite() && hook_timeout > 0.0) {
                 bail!("--hook-timeout must be a positive number of seconds");
@@ -342,6 +344,7 @@ fn run(cli: Cli) -> Result<i32> {
                 freeze: freeze == "auto",
                 provider,
                 sqlite: job_sqlite.into_iter().chain(sqlite).collect(),
+                custom_writers,
             };
             let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
             if let Some(n) = keep_last {

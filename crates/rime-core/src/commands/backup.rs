@@ -15,6 +15,7 @@ use crate::progress::Progress;
 use crate::providers::Provider;
 use anyhow::{bail, Context, Result};
 use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
+use rime_consistency::job::CustomWriter;
 use rime_consistency::sqlite::SqliteWriter;
 use rime_consistency::writers::FsFreezeWriter;
 use rime_repo::lock::LockMode;
@@ -72,6 +73,8 @@ pub struct BackupOptions {
     pub provider: Option<crate::providers::Provider>,
     /// SQLite databases to hold consistent (write lock) for the snapshot.
     pub sqlite: Vec<PathBuf>,
+    /// Custom writers (from a job file): their freeze, thaw and completion commands.
+    pub custom_writers: Vec<CustomWriter>,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,9 +101,20 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         provider: providers(&opts.volumes, opts.mode, opts.provider),
         ..HookContext::default()
     };
-    let result = backup_with_hooks(repo, opts, progress, &mut ctx);
-    // After-backup: always, with the outcome; its failures are warnings (the backup is done).
+    let mut result = backup_with_hooks(repo, opts, progress, &mut ctx);
     ctx.error = result.as_ref().err().map_or(0, crate::error::exit_code);
+    // Writers hear the outcome; only a success lets them run their completion action.
+    if let Ok(summary) = result.as_mut() {
+        for w in &opts.custom_writers {
+            let Some(complete) = &w.complete else { continue };
+            if let Err(e) = hooks::run_hook(complete, Stage::AfterBackup, &ctx) {
+                let warning = format!("writer {}: {e}", w.name);
+                progress.warn(&warning);
+                summary.warnings.push(warning);
+            }
+        }
+    }
+    // After-backup: always, with the outcome; its failures are warnings (the backup is done).
     let failures = hooks::run_stage(&opts.hooks, Stage::AfterBackup, &ctx, false);
     match result {
         Ok(mut summary) => {
@@ -183,6 +197,16 @@ fn backup_with_hooks(
     let before = hooks::run_stage(&opts.hooks, Stage::BeforeSnapshot, ctx, true);
     let mut failure = before.into_iter().next().map(|f| CommandError::HookFailed(f.to_string()));
     // Applications first (their data flushed and held), then the filesystems under them.
+    let mut tried_custom = 0;
+    for w in &opts.custom_writers {
+        if failure.is_some() {
+            break;
+        }
+        tried_custom += 1;
+        if let Err(e) = hooks::run_hook(&w.freeze, Stage::BeforeSnapshot, ctx) {
+            failure = Some(CommandError::HookFailed(format!("writer {}: {e}", w.name)));
+        }
+    }
     for d in databases.iter_mut() {
         if failure.is_some() {
             break;
@@ -205,6 +229,9 @@ fn backup_with_hooks(
             open_volumes(&opts.volumes, opts.mode, opts.provider).and_then(|v| writes_stayed_suspended(&writers, v))
         }
     };
+    // Thaws and after-snapshot hooks learn how the snapshot went.
+    ctx.snapshot_active = opened.as_ref().is_ok_and(|v| v.iter().any(|ov| ov.online.is_some()));
+    ctx.error = opened.as_ref().err().map_or(0, crate::error::exit_code);
     for w in writers.iter_mut() {
         if let Err(e) = w.thaw() {
             warn(format!("{e} (the backup goes on)"));
@@ -215,8 +242,12 @@ fn backup_with_hooks(
             warn(format!("{e} (the backup goes on)"));
         }
     }
-    ctx.snapshot_active = opened.as_ref().is_ok_and(|v| v.iter().any(|ov| ov.online.is_some()));
-    ctx.error = opened.as_ref().err().map_or(0, crate::error::exit_code);
+    // Every custom writer whose freeze was tried is thawed, last frozen first.
+    for w in opts.custom_writers[..tried_custom].iter().rev() {
+        if let Err(e) = hooks::run_hook(&w.thaw, Stage::AfterSnapshot, ctx) {
+            warn(format!("writer {}: {e} (the backup goes on)", w.name));
+        }
+    }
     for f in hooks::run_stage(&opts.hooks, Stage::AfterSnapshot, ctx, false) {
         warn(format!("{f} (the backup goes on)"));
     }

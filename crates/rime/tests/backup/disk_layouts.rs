@@ -166,8 +166,10 @@ fn qcow2_backing_chain_is_read_as_the_guest_sees_it() {
     env.restore("latest", &out_q, &["--format", "qcow2"]);
     assert!(sh("qemu-img", &["info", out_q.to_str().unwrap()]).contains("file format: qcow2"));
     sh("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", out_q.to_str().unwrap(), expected.to_str().unwrap()]);
-    // No qemu-nbd is left running.
-    assert!(!sh("ps", &["-eo", "comm"]).lines().any(|l| l.trim() == "qemu-nbd"), "qemu-nbd left running");
+    // No qemu-nbd is left running for this image (other tests run theirs meanwhile).
+    let top_arg = top.display().to_string();
+    let left = sh("ps", &["-eo", "args"]).lines().any(|l| l.starts_with("qemu-nbd") && l.contains(&top_arg));
+    assert!(!left, "qemu-nbd left running for {top_arg}");
 }
 
 #[test]

@@ -241,3 +241,103 @@ volumes = []
     let line = env.rime(&["backup", "--job", bad.to_str().unwrap()]).fails();
     assert!(line.contains("before_snaphot"), "a misspelt stage is an error: {line}");
 }
+
+/// A job file with two custom writers that log what they are asked to do.
+fn job_with_writers(env: &Env, vol: &Path, log: &Path, b_freeze: &str) -> PathBuf {
+    let job = env.path("writers.toml");
+    let say = |what: &str| format!("echo '{what}' $RIME_ERROR >> '{}'", log.display());
+    fs::write(
+        &job,
+        format!(
+            r#"
+[jobs.app]
+volumes = ["{vol}"]
+
+[[jobs.app.before_snapshot]]
+run = "{hook_before}"
+
+[[jobs.app.after_snapshot]]
+run = "{hook_after}"
+
+[[jobs.app.after_backup]]
+run = "{hook_backup}"
+
+[[jobs.app.writers]]
+name = "a"
+freeze = "{a_freeze}"
+thaw = "{a_thaw}"
+complete = "{a_complete}"
+
+[[jobs.app.writers]]
+name = "b"
+freeze = "{b_freeze}"
+thaw = "{b_thaw}"
+complete = "{b_complete}"
+timeout = 5
+"#,
+            vol = vol.display(),
+            hook_before = say("hook before-snapshot"),
+            hook_after = say("hook after-snapshot"),
+            hook_backup = say("hook after-backup"),
+            a_freeze = say("freeze a"),
+            a_thaw = say("thaw a"),
+            a_complete = say("complete a"),
+            b_freeze = b_freeze.replace("SAY", &say("freeze b")),
+            b_thaw = say("thaw b"),
+            b_complete = say("complete b"),
+        ),
+    )
+    .unwrap();
+    job
+}
+
+fn log_lines(log: &Path) -> Vec<String> {
+    fs::read_to_string(log).unwrap_or_default().lines().map(str::to_string).collect()
+}
+
+#[test]
+fn custom_writers_freeze_thaw_and_complete_in_order() {
+    let env = Env::new();
+    let (_src, vol) = ext4_with_files(&env, "vol", 13, 16, 128 * 1024);
+    let log = env.path("writers.log");
+    let job = job_with_writers(&env, &vol, &log, "SAY");
+    env.backup_json(&["--job", job.to_str().unwrap()]);
+    assert_eq!(
+        log_lines(&log),
+        [
+            "hook before-snapshot 0",
+            "freeze a 0",
+            "freeze b 0",
+            "thaw b 0",
+            "thaw a 0",
+            "hook after-snapshot 0",
+            "complete a 0",
+            "complete b 0",
+            "hook after-backup 0"
+        ]
+    );
+}
+
+#[test]
+fn a_writer_that_cannot_freeze_is_thawed_with_the_others_and_nothing_completes() {
+    let env = Env::new();
+    let (_src, vol) = ext4_with_files(&env, "vol", 14, 16, 128 * 1024);
+    let log = env.path("writers.log");
+    let job = job_with_writers(&env, &vol, &log, "SAY; exit 5");
+    let run = env.rime(&["backup", "--job", job.to_str().unwrap()]);
+    assert_eq!(run.code, Some(8), "{run:?}");
+    assert!(run.fails().contains("writer b"));
+    assert_eq!(
+        log_lines(&log),
+        [
+            "hook before-snapshot 0",
+            "freeze a 0",
+            "freeze b 0",
+            "thaw b 8",
+            "thaw a 8",
+            "hook after-snapshot 8",
+            "hook after-backup 8"
+        ]
+    );
+    assert!(env.snapshot_ids().is_empty());
+}
