@@ -34,9 +34,10 @@ pub fn check(path: &Path) -> Usage {
             ));
         }
     }
-    if let Some(loopdev) = loop_device_backed_by(path) {
-        if device_claimed(Path::new(&loopdev)) {
-            return Usage::InUse(format!("{} is attached to {loopdev}, which is mounted or claimed", path.display()));
+    for loopdev in rime_os::mounts::loop_devices_backed_by(path) {
+        if device_claimed(&loopdev) {
+            let dev = loopdev.display();
+            return Usage::InUse(format!("{} is attached to {dev}, which is mounted or claimed", path.display()));
         }
     }
     if let Some(pid) = writer_of(meta.dev(), meta.ino()) {
@@ -50,22 +51,6 @@ fn device_claimed(dev: &Path) -> bool {
         Ok(_) => false,
         Err(e) => e.raw_os_error() == Some(libc::EBUSY),
     }
-}
-
-fn loop_device_backed_by(path: &Path) -> Option<String> {
-    let canonical = std::fs::canonicalize(path).ok()?;
-    for entry in std::fs::read_dir("/sys/block").ok()?.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
-            continue;
-        }
-        if let Ok(backing) = std::fs::read_to_string(entry.path().join("loop/backing_file")) {
-            if Path::new(backing.trim()) == canonical {
-                return Some(format!("/dev/{name}"));
-            }
-        }
-    }
-    None
 }
 
 /// The first process (other than this one) holding the file open with write access.
