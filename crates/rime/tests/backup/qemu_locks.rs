@@ -4,9 +4,6 @@
 //! block layer does, locks included.
 
 use crate::common::*;
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 #[test]
 fn an_image_qemu_writes_is_in_use_and_a_backup_keeps_qemu_from_writing() {
@@ -15,19 +12,12 @@ fn an_image_qemu_writes_is_in_use_and_a_backup_keeps_qemu_from_writing() {
     let (_src, image) = ext4_with_files(&env, "vm-disk", 11, 16, 128 * 1024);
 
     // A "VM" with the image open read-write: the offline backup is refused, naming QEMU.
-    let mut vm = Command::new("qemu-io")
-        .args(["-f", "raw", image.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let vm = rime_testkit::peers::QemuHolding::open(&image);
     let run = env.rime(&["backup", "--mode", "offline", image.to_str().unwrap()]);
     assert_eq!(run.code, Some(6), "{run:?}");
     let line = run.fails();
     assert!(line.contains("open for writing by QEMU"), "{line}");
-    let _ = vm.stdin.take().unwrap().write_all(b"quit\n");
-    vm.wait().unwrap();
+    vm.quit();
 
     // During an offline backup (after its volumes are opened, when after-snapshot hooks run),
     // a QEMU cannot get write access; afterwards it can again.

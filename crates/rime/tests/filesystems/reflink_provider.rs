@@ -4,9 +4,6 @@
 
 use crate::common::*;
 use crate::crash_support::ReflinkHost;
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::Duration;
 
 fn clones_in(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -32,13 +29,7 @@ fn an_image_in_use_on_xfs_is_backed_up_from_a_reflink_clone() {
     std::fs::write(&live, b"x").unwrap();
 
     // A "VM" holds the image open for writing.
-    let mut vm = Command::new("qemu-io")
-        .args(["-f", "raw", image.to_str().unwrap()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let vm = rime_testkit::peers::QemuHolding::open(&image);
     let offline = env.rime(&["backup", "--mode", "offline", image.to_str().unwrap()]);
     assert_eq!(offline.code, Some(6), "offline still refuses an image in use: {offline:?}");
 
@@ -51,8 +42,7 @@ fn an_image_in_use_on_xfs_is_backed_up_from_a_reflink_clone() {
     assert_eq!(vol["source"], image.display().to_string(), "named after the image, not the clone");
     assert!(vol["map"].as_str().unwrap().contains("reflink clone"), "{vol}");
     assert_eq!(vol["filesystem"], "ext4");
-    let _ = vm.stdin.take().unwrap().write_all(b"quit\n");
-    vm.wait().unwrap();
+    vm.quit();
 
     let left = clones_in(&host.dir);
     assert_eq!(left, [live.file_name().unwrap().to_string_lossy().into_owned()], "only the live process's clone stays");
