@@ -1,6 +1,8 @@
 //! The SQLite writer: a database file (WAL or rollback journal) held consistent for the
 //! snapshot by checkpointing its WAL and then holding its write lock (`BEGIN IMMEDIATE`) on one
 //! connection until the thaw; readers go on, writers wait (their busy timeout) or fail busy.
+//! If a commit slips in between the checkpoint and the lock, the lock is let go and the pair
+//! retried, so the snapshot normally holds an empty WAL.
 //!
 //! Run through the `sqlite3` tool (`-bail`, so a lock it cannot get is an error, not a silent
 //! go-ahead), with its connection held open over a pipe. The lock is released by `ROLLBACK`
@@ -15,6 +17,15 @@ use std::time::Duration;
 /// How long getting the write lock may take (other writers finish their transactions).
 pub const LOCK_TIMEOUT: Duration = Duration::from_secs(30);
 const HOLDING: &str = "rime-holding-the-write-lock";
+/// Checkpoint-then-lock tries before the lock is kept over a non-empty WAL.
+const CHECKPOINT_ATTEMPTS: u32 = 50;
+
+/// `<db>-wal`, where SQLite keeps a WAL-mode database's log.
+fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_os_string();
+    name.push("-wal");
+    PathBuf::from(name)
+}
 
 pub struct SqliteWriter {
     pub db: PathBuf,
@@ -41,11 +52,19 @@ impl SqliteWriter {
             .spawn()
             .map_err(|e| format!("{}: cannot run sqlite3: {e}", self.name()))?;
         let mut stdin = child.stdin.take().expect("piped");
-        let script = format!(
-            ".timeout {}\nPRAGMA wal_checkpoint(TRUNCATE);\nBEGIN IMMEDIATE;\nSELECT '{HOLDING}';\n",
-            LOCK_TIMEOUT.as_millis()
-        );
-        stdin.write_all(script.as_bytes()).map_err(|e| format!("{}: {e}", self.name()))?;
+        let timeout_ms = LOCK_TIMEOUT.as_millis();
+        let fail = |child: &mut Child, what: &str| {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            let _ = child.wait();
+            format!("{}: {what}: {}", self.name(), err.trim())
+        };
+        if let Err(e) = stdin.write_all(format!(".timeout {timeout_ms}\n").as_bytes()) {
+            return Err(fail(&mut child, &e.to_string()));
+        }
         let (tx, rx) = mpsc::channel();
         let stdout = child.stdout.take().expect("piped");
         std::thread::spawn(move || {
@@ -55,21 +74,33 @@ impl SqliteWriter {
                 }
             }
         });
-        match rx.recv_timeout(LOCK_TIMEOUT + Duration::from_secs(5)) {
-            Ok(()) => {
-                self.held = Some((child, stdin));
-                Ok(())
+        // Checkpoint, then lock. Another writer may commit between the two (or readers may keep
+        // the checkpoint from finishing): then the WAL is not empty under the lock, so let go and
+        // try again, a bounded number of times; after that the lock is kept anyway (a database
+        // and its WAL are consistent under the lock, only not checkpointed).
+        let wal = wal_path(&self.db);
+        for attempt in 1..=CHECKPOINT_ATTEMPTS {
+            let step = format!("PRAGMA wal_checkpoint(TRUNCATE);\nBEGIN IMMEDIATE;\nSELECT '{HOLDING}';\n");
+            if let Err(e) = stdin.write_all(step.as_bytes()) {
+                return Err(fail(&mut child, &e.to_string()));
             }
-            Err(_) => {
-                let _ = child.kill();
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            if rx.recv_timeout(LOCK_TIMEOUT + Duration::from_secs(5)).is_err() {
+                return Err(fail(&mut child, "could not hold its write lock"));
+            }
+            let empty = std::fs::metadata(&wal).map_or(true, |m| m.len() == 0);
+            if empty || attempt == CHECKPOINT_ATTEMPTS {
+                if !empty {
+                    tracing::info!("{}: its WAL is held un-checkpointed (writers kept committing)", self.name());
                 }
-                let _ = child.wait();
-                Err(format!("{}: could not hold its write lock: {}", self.name(), err.trim()))
+                break;
             }
+            if let Err(e) = stdin.write_all(b"ROLLBACK;\n") {
+                return Err(fail(&mut child, &e.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
         }
+        self.held = Some((child, stdin));
+        Ok(())
     }
 
     /// Releases the write lock.
