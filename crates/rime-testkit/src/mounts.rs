@@ -72,9 +72,13 @@ impl Mount {
         Mount { dir: dir.to_path_buf(), mounted: true }
     }
 
+    /// Unmounts now, retrying for up to 5 s while the kernel still calls it busy (a writer
+    /// thread's last close, say); panics if it cannot.
     #[track_caller]
     pub fn unmount(mut self) {
-        run("umount", &[s(&self.dir)]);
+        if !retry("umount", &[self.dir.as_path()]) {
+            run("umount", &[s(&self.dir)]); // once more, for the error message (Drop then detaches)
+        }
         self.mounted = false;
     }
 }
