@@ -127,10 +127,13 @@ impl Mounted {
         out.lines().nth(1).and_then(|l| l.trim().parse().ok()).expect("df prints the used bytes")
     }
 
-    /// Unmounts now (and waits for a FUSE daemon to close its image); panics if it cannot.
+    /// Unmounts now, retrying for up to 5 s while the kernel calls it busy (as [`Mount::unmount`]
+    /// does), and waits for a FUSE daemon to close its image; panics if it cannot.
     #[track_caller]
     pub fn unmount(mut self) {
-        run("umount", &[s(&self.0)]);
+        if !retry("umount", &[self.0.as_path()]) {
+            run("umount", &[s(&self.0)]); // once more, for the error message (Drop then detaches)
+        }
         if let Some(image) = self.1.take() {
             assert!(wait_until_closed(&image), "{} is still open 10 s after umount", image.display());
         }
