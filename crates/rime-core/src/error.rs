@@ -20,6 +20,9 @@ pub enum CommandError {
     /// Writes reached a protected volume while its writers were frozen.
     #[error("{0}")]
     WritesNotSuspended(String),
+    /// A snapshot provider failed, or the volumes could not be held at one instant.
+    #[error("{0}")]
+    SnapshotFailed(String),
 }
 
 /// Exit codes: one per kind of failure a script (or a hook's `RIME_ERROR`) may act on.
@@ -75,7 +78,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 CommandError::Damaged(_) => DAMAGED,
                 CommandError::PathNotFound(_) => NOT_FOUND,
                 CommandError::HookFailed(_) => HOOK_FAILED,
-                CommandError::WritesNotSuspended(_) => SNAPSHOT_FAILED,
+                CommandError::WritesNotSuspended(_) | CommandError::SnapshotFailed(_) => SNAPSHOT_FAILED,
             };
         }
         // A snapshot view's read failure reaches here wrapped in an I/O error.

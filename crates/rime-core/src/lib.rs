@@ -4,6 +4,8 @@
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod btrfs_snapshot;
+pub mod capture;
 pub mod commands;
 pub mod error;
 pub mod exclusions;

@@ -40,15 +40,13 @@ pub struct OnlineVolume {
     reuse: Option<Reuse>,
 }
 
-/// Takes a snapshot through `control`; the returned volume reads the snapshot view.
-pub fn open(control: &Path) -> Result<(Volume, Arc<SnapshotSource>)> {
-    let source = Arc::new(SnapshotSource::begin(control, None, None, None)?);
+/// The volume that reads a snapshot's view (named after the served volume).
+pub fn volume_of(source: &Arc<SnapshotSource>) -> Volume {
     let kind = match std::fs::metadata(&source.volume) {
         Ok(m) if m.file_type().is_block_device() => VolumeKind::BlockDevice,
         _ => VolumeKind::File,
     };
-    let volume = Volume::from_source(source.volume.clone(), kind, source.size, source.clone());
-    Ok((volume, source))
+    Volume::from_source(source.volume.clone(), kind, source.size, source.clone())
 }
 
 /// After the layout and exclusions are known: replaces the map with its materialised copy,

@@ -94,6 +94,7 @@ mod tests {
             volumes: vec![serde_json::from_value(volume).unwrap()],
             duration: 0.0,
             rime_version: "test".into(),
+            consistency: None,
         }
     }
 

@@ -25,7 +25,7 @@ pub use error::RepoError;
 pub use id::{ChunkId, PackId, SnapshotId};
 pub use index::{ChunkIndex, ChunkLocation};
 pub use repo::Repository;
-pub use snapshot::{Manifest, VolumeEntry};
+pub use snapshot::{Consistency, Manifest, VolumeEntry, WriterRecord};
 
 /// Version of the on-disk format written by this build. Readers refuse newer versions.
 pub const FORMAT_VERSION: u32 = 1;

@@ -15,6 +15,44 @@ pub struct Manifest {
     /// Seconds the backup took.
     pub duration: f64,
     pub rime_version: String,
+    /// How the volumes were captured: providers, the freeze window, the writers held.
+    /// Absent in snapshots made before Rime recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
+}
+
+/// How one backup's volumes were captured (docs/CONSISTENCY.md).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Consistency {
+    /// Every volume was captured at one instant (or not written at all).
+    pub coherent: bool,
+    /// Why, or why not, in words.
+    pub instant: String,
+    /// Milliseconds from the first freeze (hook or writer) to the last thaw; absent when
+    /// nothing was frozen.
+    #[serde(default)]
+    pub freeze_window_ms: Option<f64>,
+    /// Milliseconds the write gates of the `rime serve` volumes were closed (from the first
+    /// closing to the last reopening); absent when no served volume was snapshotted.
+    #[serde(default)]
+    pub gate_closed_ms: Option<f64>,
+    /// Milliseconds taking every volume's snapshot took.
+    #[serde(default)]
+    pub capture_ms: f64,
+    /// The writers held for the snapshot, with what each reported.
+    #[serde(default)]
+    pub writers: Vec<WriterRecord>,
+}
+
+/// One writer held for a snapshot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct WriterRecord {
+    /// "fsfreeze", "sqlite", "postgresql", "custom".
+    pub kind: String,
+    pub name: String,
+    /// What the writer reported (for PostgreSQL: its data directory, version, checkpoint).
+    #[serde(default)]
+    pub details: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -25,6 +63,13 @@ pub struct VolumeEntry {
     pub source: String,
     /// "block-device" or "file".
     pub kind: String,
+    /// The snapshot provider that captured it ("rime-serve", "reflink", "btrfs-snapshot",
+    /// "offline"); absent in snapshots made before Rime recorded it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// Seconds since the Unix epoch of its snapshot instant (absent for offline volumes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub captured_at: Option<f64>,
     pub size: u64,
     pub chunk_size: u32,
     /// Filesystem found on the volume ("ext4", ...), or null when none was recognised.

@@ -7,7 +7,7 @@
 //! early under store pressure are returned from the local spill file exactly once.
 
 use crate::protocol::{encode, ErrorKind, Reply, Request, WireBitmap, PROTOCOL_VERSION};
-use rime_snapshot::engine::{SnapshotInfo, Status};
+use rime_snapshot::engine::{GateRelease, SnapshotInfo, Status};
 use rime_snapshot::Bitmap;
 use std::collections::HashMap;
 use std::fs::File;
@@ -157,19 +157,31 @@ struct Early {
 const PRESSURE: f64 = 0.5;
 
 impl SnapshotSource {
-    /// Takes a snapshot through the server's control socket.
+    /// Takes a snapshot through the server's control socket (its default limits).
     pub fn begin(
         socket: &Path,
         wip: Option<Duration>,
         limit: Option<Duration>,
         drain: Option<Duration>,
     ) -> anyhow::Result<SnapshotSource> {
+        SnapshotSource::begin_with(socket, wip, limit, drain, None)
+    }
+
+    /// Takes a snapshot and, with `hold`, leaves the server's write gate closed after its
+    /// instant until [`SnapshotSource::release_gate`] (at most `hold`).
+    pub fn begin_with(
+        socket: &Path,
+        wip: Option<Duration>,
+        limit: Option<Duration>,
+        drain: Option<Duration>,
+        hold: Option<Duration>,
+    ) -> anyhow::Result<SnapshotSource> {
         use anyhow::Context;
         let mut c = ControlClient::connect(socket)?;
         let before = c.status()?;
         let (volume, writes_before) = (before.volume, before.status.writes);
         let ms = |d: Option<Duration>| d.map(|d| d.as_millis() as u64);
-        let req = Request::Begin { wip_ms: ms(wip), limit_ms: ms(limit), drain_ms: ms(drain) };
+        let req = Request::Begin { wip_ms: ms(wip), limit_ms: ms(limit), drain_ms: ms(drain), hold_ms: ms(hold) };
         let info = match c.call(&req).with_context(|| format!("taking a snapshot of {}", volume.display()))? {
             Reply::Snapshot { snapshot } => snapshot,
             other => return Err(unexpected(&other).into()),
@@ -216,6 +228,15 @@ impl SnapshotSource {
     /// reached the volume around the snapshot).
     pub fn writes_now(&self) -> Result<u64> {
         Ok(self.client.lock().unwrap().status()?.status.writes)
+    }
+
+    /// Opens the write gate this held snapshot keeps closed. An error means the gate had
+    /// opened already (the hold limit passed and the server aborted the snapshot).
+    pub fn release_gate(&self) -> Result<GateRelease> {
+        match self.client.lock().unwrap().call(&Request::Release { id: self.id })? {
+            Reply::Released { release } => Ok(release),
+            other => Err(unexpected(&other)),
+        }
     }
 
     pub fn blocks(&self) -> u64 {

@@ -25,6 +25,10 @@ pub struct ControlServer {
 /// Default for [`ControlServer::backup_timeout`]: many pings (every 2 s) missed in a row.
 pub const DEFAULT_BACKUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Longest a backup may hold the write gate closed (writers of the volume wait meanwhile),
+/// whatever it asks.
+pub const MAX_HOLD_MS: u64 = 60_000;
+
 impl ControlServer {
     pub fn new(engine: Arc<Engine>, defaults: SnapshotLimits, fuse_file: Option<PathBuf>) -> Arc<ControlServer> {
         Arc::new(ControlServer { engine, defaults, fuse_file, backup_timeout: DEFAULT_BACKUP_TIMEOUT })
@@ -49,9 +53,15 @@ impl ControlServer {
         // Only root (and the socket's owner) may take snapshots and read the volume.
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let (engine, timeout) = (self.engine.clone(), self.backup_timeout);
-        std::thread::Builder::new().name("backup-watchdog".into()).spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(500));
-            engine.abort_if_idle(timeout);
+        // Held gates are checked often (writers wait behind them), silent backups less so.
+        std::thread::Builder::new().name("backup-watchdog".into()).spawn(move || {
+            for tick in 0u64.. {
+                std::thread::sleep(Duration::from_millis(50));
+                engine.expire_held_gate();
+                if tick % 10 == 0 {
+                    engine.abort_if_idle(timeout);
+                }
+            }
         })?;
         let me = self.clone();
         std::thread::Builder::new().name("control-accept".into()).spawn(move || {
@@ -109,17 +119,23 @@ impl ControlServer {
                 fuse_file: self.fuse_file.clone(),
                 pid: std::process::id(),
             }),
-            Request::Begin { wip_ms, limit_ms, drain_ms } => {
+            Request::Begin { wip_ms, limit_ms, drain_ms, hold_ms } => {
                 let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
                 let limits = SnapshotLimits {
                     wip: ms(wip_ms, self.defaults.wip),
                     limit: ms(limit_ms, self.defaults.limit),
                     drain: ms(drain_ms, self.defaults.drain),
                 };
-                let snapshot = self.engine.begin_snapshot(limits)?;
+                let snapshot = match hold_ms {
+                    Some(hold) => {
+                        self.engine.begin_snapshot_held(limits, Duration::from_millis(hold.min(MAX_HOLD_MS)))?
+                    }
+                    None => self.engine.begin_snapshot(limits)?,
+                };
                 owned.push(snapshot.id);
                 Ok(Reply::Snapshot { snapshot })
             }
+            Request::Release { id } => Ok(Reply::Released { release: self.engine.release_gate(id)? }),
             Request::Read { id, offset, len, archive } => {
                 if len > MAX_READ {
                     return Err(Failure::bad(format!("read of {len} bytes is larger than {MAX_READ}")));

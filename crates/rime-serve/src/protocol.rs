@@ -12,13 +12,13 @@
 //! the backup timeout (it hangs), it is aborted too. The backup pings every 2 s.
 
 use rime_snapshot::cbt::CbtOrigin;
-use rime_snapshot::engine::{SnapshotInfo, Status};
+use rime_snapshot::engine::{GateRelease, SnapshotInfo, Status};
 use rime_snapshot::{Bitmap, SnapshotError};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 /// Bumped on any change a peer of the other version would misread.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest single `read`; larger reads are split by the client.
 pub const MAX_READ: u64 = 64 << 20;
@@ -29,11 +29,19 @@ pub enum Request {
     /// Who serves what; replies [`Reply::Status`].
     Status,
     /// Take a snapshot (limits in milliseconds; the server's defaults where absent); replies
-    /// [`Reply::Snapshot`].
+    /// [`Reply::Snapshot`]. With `hold_ms`, the write gate stays closed after the snapshot
+    /// instant until [`Request::Release`] (for one coherent instant across several servers), at
+    /// most that long: past it the gate opens and the snapshot is aborted.
     Begin {
         wip_ms: Option<u64>,
         limit_ms: Option<u64>,
         drain_ms: Option<u64>,
+        #[serde(default)]
+        hold_ms: Option<u64>,
+    },
+    /// Opens the write gate a held snapshot keeps closed; replies [`Reply::Released`].
+    Release {
+        id: u64,
     },
     /// Read the snapshot view; with `archive`, what is read leaves the protection area.
     /// Replies [`Reply::Read`] and the bytes.
@@ -88,6 +96,7 @@ pub enum Reply {
     Status { protocol: u32, status: Status, volume: PathBuf, fuse_file: Option<PathBuf>, pid: u32 },
     Snapshot { snapshot: SnapshotInfo },
     Read { len: u64, store_bytes: u64, store_cap: u64 },
+    Released { release: GateRelease },
     Buffered { blocks: Vec<u64> },
     Changes { base: Option<String>, changed: WireBitmap, used: Option<WireBitmap> },
     Cbt { base: Option<String>, changed_blocks: u64, origin: CbtOrigin, changed: WireBitmap },
@@ -119,7 +128,7 @@ impl ErrorKind {
             SnapshotError::Busy => ErrorKind::Busy,
             SnapshotError::NoQuietPeriod { .. } | SnapshotError::DrainTimeout(_) => ErrorKind::NotQuiet,
             SnapshotError::Aborted(_) => ErrorKind::Aborted,
-            SnapshotError::NotActive(_) => ErrorKind::NotActive,
+            SnapshotError::NotActive(_) | SnapshotError::NotHeld(_) => ErrorKind::NotActive,
             SnapshotError::WrongSize { .. } | SnapshotError::OutOfRange { .. } => ErrorKind::BadRequest,
             SnapshotError::Io(_) | SnapshotError::ChangedBlockMap(_) => ErrorKind::Io,
         }
@@ -167,7 +176,7 @@ mod tests {
         assert_eq!(line, "{\"op\":\"read\",\"id\":3,\"offset\":4096,\"len\":65536,\"archive\":true}\n");
         assert_eq!(serde_json::from_str::<Request>(line.trim()).unwrap(), r);
         let begin: Request = serde_json::from_str(r#"{"op":"begin","wip_ms":50}"#).unwrap();
-        assert_eq!(begin, Request::Begin { wip_ms: Some(50), limit_ms: None, drain_ms: None });
+        assert_eq!(begin, Request::Begin { wip_ms: Some(50), limit_ms: None, drain_ms: None, hold_ms: None });
     }
 
     #[test]

@@ -16,6 +16,14 @@
 //! the drain limit; the snapshot instant is while the gate is closed. Writers wait at the gate
 //! for at most the drain limit; they never wait for the difference store: at its cap the
 //! snapshot is aborted and the write goes ahead.
+//!
+//! A *held* snapshot ([`Engine::begin_snapshot_held`]) leaves the gate closed after its instant,
+//! so that a backup of several volumes (several engines, several processes) can take every
+//! snapshot while all their gates are closed: then no write that depends on a write left out of
+//! one snapshot is in another (docs/CONSISTENCY.md has the argument). The gate opens at
+//! [`Engine::release_gate`], when the snapshot ends or is aborted, or when the hold limit
+//! passes ([`Engine::expire_held_gate`]); in that last case the snapshot is aborted, since it
+//! can no longer be coherent with the others.
 
 use crate::bitmap::Bitmap;
 use crate::cbt::Cbt;
@@ -81,6 +89,15 @@ pub struct SnapshotInfo {
     pub drained_ms: u64,
     /// Copy of the volume at the snapshot instant (test aid), if configured.
     pub dump: Option<PathBuf>,
+    /// Seconds since the Unix epoch when the write gate closed (before the drain).
+    #[serde(default)]
+    pub gate_closed_at: f64,
+    /// The gate is still closed: a held snapshot, released by [`Engine::release_gate`].
+    #[serde(default)]
+    pub gate_held: bool,
+    /// Milliseconds the gate was closed (for a held snapshot: until the instant, so far).
+    #[serde(default)]
+    pub gate_closed_ms: f64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -124,6 +141,27 @@ pub struct Status {
 struct Gate {
     closed: bool,
     inflight: u32,
+    /// A held snapshot keeping the gate closed after its instant.
+    held: Option<HeldGate>,
+}
+
+struct HeldGate {
+    snapshot: u64,
+    closed_since: Instant,
+    limit: Duration,
+}
+
+/// How long a held gate was closed, from [`Engine::release_gate`].
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct GateRelease {
+    /// From the gate's closing (before the drain) to its reopening.
+    pub closed_ms: f64,
+    /// Seconds since the Unix epoch when it reopened.
+    pub opened_at: f64,
+}
+
+fn epoch_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 struct Snap {
@@ -201,7 +239,7 @@ impl Engine {
             size,
             bs,
             cfg,
-            gate: Mutex::new(Gate { closed: false, inflight: 0 }),
+            gate: Mutex::new(Gate { closed: false, inflight: 0, held: None }),
             gate_cv: Condvar::new(),
             started: Instant::now(),
             last_write: AtomicU64::new(0),
@@ -414,6 +452,17 @@ impl Engine {
     /// Takes a snapshot: waits for a write-inactivity period of `limits.wip` (within
     /// `limits.limit`), then drains in-flight writes (within `limits.drain`).
     pub fn begin_snapshot(&self, limits: SnapshotLimits) -> Result<SnapshotInfo> {
+        self.begin(limits, None)
+    }
+
+    /// Like [`Engine::begin_snapshot`], but the write gate stays closed after the snapshot
+    /// instant until [`Engine::release_gate`] (or for at most `hold`, after which the gate opens
+    /// and the snapshot is aborted).
+    pub fn begin_snapshot_held(&self, limits: SnapshotLimits, hold: Duration) -> Result<SnapshotInfo> {
+        self.begin(limits, Some(hold))
+    }
+
+    fn begin(&self, limits: SnapshotLimits, hold: Option<Duration>) -> Result<SnapshotInfo> {
         {
             let mut st = self.snap.lock().unwrap();
             match &*st {
@@ -421,7 +470,7 @@ impl Engine {
                 _ => *st = SnapState::Waiting,
             }
         }
-        let result = self.take_snapshot(limits);
+        let result = self.take_snapshot(limits, hold);
         if result.is_err() {
             let mut st = self.snap.lock().unwrap();
             if matches!(*st, SnapState::Waiting) {
@@ -431,7 +480,7 @@ impl Engine {
         result
     }
 
-    fn take_snapshot(&self, limits: SnapshotLimits) -> Result<SnapshotInfo> {
+    fn take_snapshot(&self, limits: SnapshotLimits, hold: Option<Duration>) -> Result<SnapshotInfo> {
         let begin = Instant::now();
         let wip_ns = limits.wip.as_nanos() as u64;
         loop {
@@ -454,6 +503,7 @@ impl Engine {
         }
         // Close the gate and drain.
         let drain_start = Instant::now();
+        let gate_closed_at = epoch_now();
         let mut g = self.gate.lock().unwrap();
         g.closed = true;
         let (mut g, timeout) = self.gate_cv.wait_timeout_while(g, limits.drain, |g| g.inflight > 0).unwrap();
@@ -473,14 +523,20 @@ impl Engine {
             delta: self.cbt.changed.take(),
             touched: Instant::now(),
         };
-        let taken_at = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let taken_at = epoch_now();
         let dump = self.cfg.dump_dir.as_ref().map(|d| d.join(format!("snapshot-{id}.img")));
         let dump_result = dump.as_ref().map(|p| self.dump(p)).transpose();
         *self.snap.lock().unwrap() = SnapState::Active(Box::new(snap));
         self.active.store(true, Ordering::Release);
-        g.closed = false;
-        self.gate_cv.notify_all();
+        match hold {
+            Some(limit) => g.held = Some(HeldGate { snapshot: id, closed_since: drain_start, limit }),
+            None => {
+                g.closed = false;
+                self.gate_cv.notify_all();
+            }
+        }
         drop(g);
+        let gate_closed_ms = drain_start.elapsed().as_secs_f64() * 1000.0;
         if let Err(e) = dump_result {
             tracing::warn!("could not dump the snapshot: {e:#}");
         }
@@ -493,7 +549,49 @@ impl Engine {
             waited_ms: waited.as_millis() as u64,
             drained_ms: drained.as_millis() as u64,
             dump,
+            gate_closed_at,
+            gate_held: hold.is_some(),
+            gate_closed_ms,
         })
+    }
+
+    /// Opens the gate that snapshot `id` holds. Fails if it holds none: the hold limit passed
+    /// (the snapshot was aborted, its reason says so) or the snapshot is not active.
+    pub fn release_gate(&self, id: u64) -> Result<GateRelease> {
+        if let Some(closed) = self.open_held_gate(id) {
+            return Ok(GateRelease { closed_ms: closed.as_secs_f64() * 1000.0, opened_at: epoch_now() });
+        }
+        self.with_snap(id, |_| Err(SnapshotError::NotHeld(id)))
+    }
+
+    /// Opens the gate if snapshot `id` holds it; how long it was closed.
+    fn open_held_gate(&self, id: u64) -> Option<Duration> {
+        let mut g = self.gate.lock().unwrap();
+        let held = g.held.take_if(|h| h.snapshot == id)?;
+        g.closed = false;
+        self.gate_cv.notify_all();
+        Some(held.closed_since.elapsed())
+    }
+
+    /// Opens a gate held past its limit, and aborts its snapshot (writes went through, so it
+    /// is no longer coherent with the other volumes of its backup). Called by the watchdog.
+    pub fn expire_held_gate(&self) -> Option<u64> {
+        let (id, limit) = {
+            let g = self.gate.lock().unwrap();
+            let h = g.held.as_ref().filter(|h| h.closed_since.elapsed() >= h.limit)?;
+            (h.snapshot, h.limit)
+        };
+        self.open_held_gate(id)?;
+        let reason = format!(
+            "its write gate was held for the other volumes of the backup for more than the hold limit of {} s, so writes were let through",
+            limit.as_secs_f64()
+        );
+        tracing::warn!("snapshot {id} aborted: {reason}");
+        let mut st = self.snap.lock().unwrap();
+        if matches!(&*st, SnapState::Active(s) if s.id == id) {
+            self.abort_locked(&mut st, reason);
+        }
+        Some(id)
     }
 
     fn dump(&self, to: &Path) -> std::io::Result<()> {
@@ -610,6 +708,7 @@ impl Engine {
     /// Ends a snapshot. On success, the changed-block map becomes relative to `backup`
     /// (whose imaged blocks are `used`); otherwise the snapshot's changes are merged back.
     pub fn end_snapshot(&self, id: u64, success: Option<(String, Option<Bitmap>)>) -> Result<()> {
+        self.open_held_gate(id);
         let mut st = self.snap.lock().unwrap();
         match std::mem::replace(&mut *st, SnapState::Idle) {
             SnapState::Active(snap) if snap.id == id => {
@@ -650,11 +749,14 @@ impl Engine {
         let reason = format!("the backup made no request for {} s", limit.as_secs_f64());
         tracing::warn!("snapshot {id} aborted: {reason}");
         self.abort_locked(&mut st, reason);
+        drop(st);
+        self.open_held_gate(id);
         Some(id)
     }
 
     /// Aborts snapshot `id` (the backup failed or went away).
     pub fn abort_snapshot(&self, id: u64, reason: &str) {
+        self.open_held_gate(id);
         let mut st = self.snap.lock().unwrap();
         match &*st {
             SnapState::Active(s) if s.id == id => {

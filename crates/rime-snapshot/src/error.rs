@@ -19,6 +19,8 @@ pub enum SnapshotError {
     Aborted(String),
     #[error("snapshot {0} is not active")]
     NotActive(u64),
+    #[error("snapshot {0} holds no write gate")]
+    NotHeld(u64),
     #[error("{what} of {got} blocks for a volume of {want}")]
     WrongSize { what: &'static str, got: u64, want: u64 },
     #[error("range {offset}+{len} is outside the volume")]

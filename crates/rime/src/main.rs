@@ -87,9 +87,9 @@ enum Command {
         /// crash-consistent snapshot.
         #[arg(long, default_value = "auto", value_parser = ["auto", "never"])]
         freeze: String,
-        /// The snapshot provider every volume must use: rime-serve, reflink or offline (default
-        /// auto: the best available for each).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "rime-serve", "reflink", "offline"])]
+        /// The snapshot provider every volume must use: btrfs-snapshot, reflink, rime-serve or
+        /// offline (default auto: the best available for each).
+        #[arg(long, default_value = "auto", value_parser = ["auto", "btrfs-snapshot", "reflink", "rime-serve", "offline"])]
         provider: String,
         /// Hold this SQLite database consistent for the snapshot (WAL checkpoint, then its write
         /// lock until the thaw); repeatable.
@@ -217,12 +217,23 @@ fn chunk_size(s: &str) -> Result<u32, String> {
 }
 
 fn main() {
+    let cli = Cli::parse();
+    // `rime serve` is a daemon: its log says what it did (snapshots taken, aborted, gates let
+    // go). Commands report through their own output and log only errors unless RIME_LOG asks.
+    let default = match cli.command {
+        Command::Serve(_) => tracing_subscriber::filter::LevelFilter::INFO,
+        _ => tracing_subscriber::filter::LevelFilter::ERROR,
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RIME_LOG"))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::builder()
+                .with_default_directive(default.into())
+                .with_env_var("RIME_LOG")
+                .from_env_lossy(),
+        )
         .with_writer(std::io::stderr)
         .without_time()
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve_cmd::run(args).map(|()| 0),
         command => run(Cli { command, ..cli }),
@@ -318,7 +329,7 @@ fn run(cli: Cli) -> Result<i32> {
             let mode = backup::Mode::parse(mode.as_deref().unwrap_or("auto"))?;
             let provider = rime_core::providers::Provider::parse(&provider)?;
             if dry_run {
-                let choices: Vec<_> = volumes.iter().map(|v| rime_core::providers::choose(v, mode, provider)).collect();
+                let choices = rime_core::providers::plan(&volumes, mode, provider);
                 output::providers(&choices, cli.json);
                 return Ok(if choices.iter().all(|c| c.provider.is_some()) { 0 } else { 6 });
             }

@@ -9,8 +9,8 @@
 //! new objects, so a backup that fails or is killed leaves every existing snapshot as it was.
 
 use crate::archive::{archive_volume, ArchiveInput, PackSink};
+use crate::capture::{capture, Capture, OpenVolume};
 use crate::error::CommandError;
-use crate::inuse::{self, Usage};
 use crate::progress::Progress;
 use crate::providers::Provider;
 use anyhow::{bail, Context, Result};
@@ -23,10 +23,10 @@ use rime_repo::pack::{index_path, pack_path, FinishedPack};
 use rime_repo::snapshot::volume_index_path;
 use rime_repo::snapshot::PartitionEntry;
 use rime_repo::volume_index::VolumeIndexWriter;
-use rime_repo::{Compression, Manifest, Repository, SnapshotId, VolumeEntry};
-use rime_volume::{layout, Volume};
+use rime_repo::{Compression, Consistency, Manifest, Repository, SnapshotId, VolumeEntry, WriterRecord};
+use rime_volume::layout;
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,11 +133,11 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
 /// snapshot was asked for and its instant: the engine counts them. A write there means a writer
 /// was not held (a filesystem not found, or the volume written directly), so the snapshot is
 /// dropped rather than passed off as application-consistent.
-fn writes_stayed_suspended(writers: &[FsFreezeWriter], volumes: Vec<OpenVolume>) -> Result<Vec<OpenVolume>> {
+fn writes_stayed_suspended(writers: &[FsFreezeWriter], capture: Capture) -> Result<Capture> {
     if writers.is_empty() {
-        return Ok(volumes);
+        return Ok(capture);
     }
-    for ov in &volumes {
+    for ov in &capture.volumes {
         let Some(source) = &ov.online else { continue };
         let during = source.writes_now()?.saturating_sub(source.writes_before);
         if during > 0 {
@@ -148,13 +148,13 @@ fn writes_stayed_suspended(writers: &[FsFreezeWriter], volumes: Vec<OpenVolume>)
             .into());
         }
     }
-    Ok(volumes)
+    Ok(capture)
 }
 
 /// Which snapshot providers the volumes will use, for `RIME_PROVIDER`.
 fn providers(volumes: &[PathBuf], mode: Mode, forced: Option<Provider>) -> String {
     let mut names: Vec<&str> =
-        volumes.iter().filter_map(|v| crate::providers::choose(v, mode, forced).provider.map(Provider::name)).collect();
+        crate::providers::plan(volumes, mode, forced).iter().filter_map(|c| c.provider.map(Provider::name)).collect();
     names.sort_unstable();
     names.dedup();
     names.join(" ")
@@ -194,6 +194,11 @@ fn backup_with_hooks(
     //    thaw before the after-snapshot hooks, so applications flush first and resume last.
     let mut writers = if opts.freeze { super::writers::freeze_targets(&opts.volumes) } else { Vec::new() };
     let mut databases: Vec<SqliteWriter> = opts.sqlite.iter().map(|db| SqliteWriter::new(db)).collect();
+    let something_frozen = !(opts.hooks.before_snapshot.is_empty()
+        && writers.is_empty()
+        && databases.is_empty()
+        && opts.custom_writers.is_empty());
+    let freeze_started = Instant::now();
     let before = hooks::run_stage(&opts.hooks, Stage::BeforeSnapshot, ctx, true);
     let mut failure = before.into_iter().next().map(|f| CommandError::HookFailed(f.to_string()));
     // Applications first (their data flushed and held), then the filesystems under them.
@@ -225,12 +230,10 @@ fn backup_with_hooks(
     }
     let opened = match failure {
         Some(f) => Err(anyhow::Error::new(f)),
-        None => {
-            open_volumes(&opts.volumes, opts.mode, opts.provider).and_then(|v| writes_stayed_suspended(&writers, v))
-        }
+        None => capture(&opts.volumes, opts.mode, opts.provider).and_then(|c| writes_stayed_suspended(&writers, c)),
     };
     // Thaws and after-snapshot hooks learn how the snapshot went.
-    ctx.snapshot_active = opened.as_ref().is_ok_and(|v| v.iter().any(|ov| ov.online.is_some()));
+    ctx.snapshot_active = opened.as_ref().is_ok_and(|c| c.volumes.iter().any(|ov| ov.provider.is_snapshot()));
     ctx.error = opened.as_ref().err().map_or(0, crate::error::exit_code);
     for w in writers.iter_mut() {
         if let Err(e) = w.thaw() {
@@ -251,12 +254,29 @@ fn backup_with_hooks(
     for f in hooks::run_stage(&opts.hooks, Stage::AfterSnapshot, ctx, false) {
         warn(format!("{f} (the backup goes on)"));
     }
+    let freeze_window_ms = something_frozen.then(|| freeze_started.elapsed().as_secs_f64() * 1000.0);
+    let mut held: Vec<WriterRecord> = writers
+        .iter()
+        .map(|w| WriterRecord { kind: "fsfreeze".into(), name: w.name(), details: Default::default() })
+        .collect();
+    held.extend(databases.iter().map(|d| WriterRecord {
+        kind: "sqlite".into(),
+        name: d.name(),
+        details: Default::default(),
+    }));
+    held.extend(opts.custom_writers[..tried_custom].iter().map(|w| WriterRecord {
+        kind: "custom".into(),
+        name: w.name.clone(),
+        details: Default::default(),
+    }));
     if !writers.is_empty() {
         let names: Vec<String> = writers.iter().map(|w| w.name()).collect();
         tracing::info!("froze and thawed: {}", names.join(", "));
     }
     // If the snapshot failed, no data is read.
-    let volumes = opened?;
+    let Capture { volumes, coherent, instant, gate_closed_ms, capture_ms } = opened?;
+    tracing::info!("captured in {capture_ms:.0} ms: {instant}");
+    let consistency = Consistency { coherent, instant, freeze_window_ms, gate_closed_ms, capture_ms, writers: held };
     // 4. Read: decide the maps.
     let mut layouts = Vec::new();
     for ov in &volumes {
@@ -314,6 +334,7 @@ fn backup_with_hooks(
         volumes: entries,
         duration: started.elapsed().as_secs_f64(),
         rime_version: env!("CARGO_PKG_VERSION").to_string(),
+        consistency: Some(consistency),
     };
     if let Err(e) = repo.save_manifest(&manifest) {
         let published = sink.abandon();
@@ -332,125 +353,11 @@ fn backup_with_hooks(
     Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten: Vec::new(), pruned: None, warnings })
 }
 
-struct OpenVolume {
-    volume: Volume,
-    name: String,
-    /// A protected volume's snapshot (`rime serve`), which `volume` reads.
-    online: Option<Arc<rime_serve::SnapshotSource>>,
-    /// For an image file: the open file holding QEMU's "write not shared" lock until the backup
-    /// ends.
-    _qemu_guard: Option<std::fs::File>,
-    /// An image file read through its reflink clone (removed when this is dropped).
-    reflink: Option<crate::reflink::Clone>,
-}
-
 /// A volume with its map decided.
 struct Planned {
     volume: OpenVolume,
     layout: layout::Layout,
     excluded: Vec<rime_repo::snapshot::ExcludedFile>,
-}
-
-fn open_volumes(paths: &[PathBuf], mode: Mode, forced: Option<Provider>) -> Result<Vec<OpenVolume>> {
-    let mut out: Vec<OpenVolume> = Vec::new();
-    for path in paths {
-        if let Some(p) = forced {
-            let c = crate::providers::choose(path, mode, forced);
-            if c.provider != Some(p) {
-                return Err(CommandError::VolumeInUse(format!(
-                    "{}: --provider {} cannot take it: {}",
-                    path.display(),
-                    p.name(),
-                    c.reason
-                ))
-                .into());
-            }
-        }
-        if let Some(control) = crate::online::protected(path) {
-            if mode == Mode::Offline {
-                return Err(CommandError::VolumeInUse(format!(
-                    "{} is protected by rime serve and may be written at any moment; --mode offline backs up only volumes not in use",
-                    path.display()
-                ))
-                .into());
-            }
-            let (volume, source) = crate::online::open(&control)?;
-            let name = unique_name(&out, &volume.path);
-            out.push(OpenVolume { volume, name, online: Some(source), _qemu_guard: None, reflink: None });
-            continue;
-        }
-        // Checked before anything else touches the file: a lock or an open-file scan here says
-        // nothing of writers on the host that serves it.
-        if let Some(fs) = rime_volume::remote::network_filesystem(path) {
-            return Err(rime_volume::VolumeError::RemoteFilesystem { path: path.to_path_buf(), fs }.into());
-        }
-        // Storage-native snapshot: an image file in use, on XFS (reflink) or btrfs, is cloned in
-        // an instant and the clone is read; the clone goes when the backup ends.
-        let usage = inuse::check(path);
-        let wants_snapshot =
-            matches!(usage, Usage::InUse(_)) || mode == Mode::Online || forced == Some(Provider::Reflink);
-        if wants_snapshot
-            && mode != Mode::Offline
-            && forced != Some(Provider::Offline)
-            && std::fs::metadata(path).is_ok_and(|m| m.is_file())
-        {
-            if let Some(clone) = crate::reflink::clone(path)? {
-                let mut volume = Volume::open(&clone.path, false)?;
-                volume.path = path.to_path_buf();
-                let name = unique_name(&out, path);
-                out.push(OpenVolume { volume, name, online: None, _qemu_guard: None, reflink: Some(clone) });
-                continue;
-            }
-        }
-        match usage {
-            Usage::Idle => {}
-            Usage::InUse(why) => {
-                return Err(CommandError::VolumeInUse(match mode {
-                    Mode::Offline => format!("{why}; --mode offline backs up only volumes not in use"),
-                    Mode::Auto | Mode::Online => format!(
-                        "{why}, and no snapshot provider can take a consistent image of it; \
-                         stop its users, or protect it with `rime serve`"
-                    ),
-                })
-                .into())
-            }
-        }
-        if mode == Mode::Online {
-            return Err(CommandError::VolumeInUse(format!(
-                "--mode online needs a snapshot provider for {}; none is available for it (rime serve, or a reflink clone on XFS or btrfs)",
-                path.display()
-            ))
-            .into());
-        }
-        // An image file: hold QEMU's "write is not shared" lock for the whole backup, so no VM
-        // starts writing it meanwhile (a QEMU that got there first fails this).
-        let qemu_guard = match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => {
-                let f = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
-                rime_os::qemu_locks::refuse_qemu_writers(&f).map_err(|e| {
-                    CommandError::VolumeInUse(format!("{} is being opened for writing by QEMU ({e})", path.display()))
-                })?;
-                Some(f)
-            }
-            _ => None,
-        };
-        // Exclusive open: the kernel refuses it if someone mounts the device meanwhile.
-        let volume = Volume::open(path, true)?;
-        let name = unique_name(&out, path);
-        out.push(OpenVolume { volume, name, online: None, _qemu_guard: qemu_guard, reflink: None });
-    }
-    Ok(out)
-}
-
-fn unique_name(existing: &[OpenVolume], path: &Path) -> String {
-    let base = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "volume".into());
-    let mut name = base.clone();
-    let mut n = 2;
-    while existing.iter().any(|v| v.name == name) {
-        name = format!("{base}-{n}");
-        n += 1;
-    }
-    name
 }
 
 fn archive_all(
@@ -508,6 +415,8 @@ fn archive_all(
             name: ov.name.clone(),
             source: volume.path.display().to_string(),
             kind: volume.kind.as_str(),
+            provider: Some(ov.provider.name().to_string()),
+            captured_at: ov.captured_at,
             size: volume.size,
             chunk_size,
             filesystem,

@@ -11,6 +11,7 @@ mod explorer_util;
 #[path = "../hot_support/mod.rs"]
 mod hot_support;
 
+mod coherent;
 mod hot_failures;
 mod hot_freeze;
 mod hot_fsync;
