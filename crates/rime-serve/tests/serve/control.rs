@@ -87,7 +87,7 @@ fn a_backup_that_goes_away_aborts_its_snapshot() {
 
 #[test]
 fn a_server_of_another_protocol_version_is_refused() {
-    use rime_serve::protocol::{encode, Reply};
+    use rime_serve::protocol::{encode, Reply, PROTOCOL_VERSION};
     use std::io::{BufRead, Write};
     // Only this build's server can run here, so a stand-in socket answers `status` as a server
     // of protocol version 2 would (with a real engine's status).
@@ -100,11 +100,21 @@ fn a_server_of_another_protocol_version_is_refused() {
         let (s, _) = listener.accept().unwrap();
         let mut line = String::new();
         std::io::BufReader::new(s.try_clone().unwrap()).read_line(&mut line).unwrap();
-        let reply = Reply::Status { protocol: 2, status, volume: "/dev/other".into(), fuse_file: None, pid: 1 };
+        let reply = Reply::Status {
+            protocol: PROTOCOL_VERSION + 1,
+            status,
+            volume: "/dev/other".into(),
+            fuse_file: None,
+            pid: 1,
+        };
         (&s).write_all(&encode(&reply)).unwrap();
     });
     let err = SnapshotSource::begin(&sock, None, None, None).err().expect("another version must be refused");
     let msg = format!("{err:#}");
-    assert!(msg.contains("protocol version 2") && msg.contains("version 1"), "{msg}");
+    assert!(
+        msg.contains(&format!("protocol version {}", PROTOCOL_VERSION + 1))
+            && msg.contains(&format!("version {PROTOCOL_VERSION}")),
+        "{msg}"
+    );
     assert_eq!(engine.status().state, EngineState::Idle, "no snapshot was taken");
 }

@@ -35,6 +35,17 @@ impl ReflinkHost {
         ReflinkHost { dir, mount: Some(mount), _lo: lo }
     }
 
+    /// A btrfs loop mount instead (reflink clones and subvolume snapshots).
+    pub fn btrfs(env: &Env, size_mib: u64) -> ReflinkHost {
+        let img = env.path("btrfs-host.img");
+        std::fs::File::create(&img).unwrap().set_len(size_mib * MIB).unwrap();
+        sh("mkfs.btrfs", &["-q", img.to_str().unwrap()]);
+        let lo = LoopDev::attach(&img);
+        let dir = env.path("host");
+        let mount = Mount::new(&lo.dev, &dir, &[]);
+        ReflinkHost { dir, mount: Some(mount), _lo: lo }
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }

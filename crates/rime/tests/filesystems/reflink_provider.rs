@@ -75,3 +75,52 @@ fn providers_can_be_forced_and_are_explained() {
     assert!(run.fails().contains("--provider rime-serve cannot take it: not protected by rime serve"));
     assert_eq!(env.snapshot_ids().len(), 1);
 }
+
+#[test]
+fn images_in_one_btrfs_subvolume_are_taken_by_one_read_only_snapshot() {
+    rime_testkit::require(&["qemu-io", "mkfs.btrfs", "btrfs"]);
+    let env = Env::new();
+    let host = ReflinkHost::btrfs(&env, 512);
+    let mut sources = Vec::new();
+    let mut images = Vec::new();
+    for (i, name) in ["web", "db"].iter().enumerate() {
+        let (src, built) = ext4_with_files(&env, name, 30 + i as u64, 24, MIB);
+        let image = host.path(&format!("{name}.img"));
+        std::fs::copy(&built, &image).unwrap();
+        sources.push(src);
+        images.push(image);
+    }
+    // Left by a killed backup (no process 999999): deleted by the next one.
+    let dead = host.path(".rime-snapshot-999999-0badc0de");
+    sh("btrfs", &["subvolume", "snapshot", "-r", host.dir.to_str().unwrap(), dead.to_str().unwrap()]);
+    // Two "VMs", one per image: both in use, both need a snapshot.
+    let vms: Vec<_> = images.iter().map(|i| rime_testkit::peers::QemuHolding::open(i)).collect();
+    let args: Vec<&str> = images.iter().map(|p| p.to_str().unwrap()).collect();
+    let mut dry_args = vec!["backup", "--dry-run", "--json"];
+    dry_args.extend(&args);
+    let dry = env.rime(&dry_args).ok().json();
+    for v in dry["volumes"].as_array().unwrap() {
+        assert_eq!(v["provider"], "btrfs-snapshot", "{dry}");
+        assert!(v["reason"].as_str().unwrap().contains("one read-only subvolume snapshot"), "{dry}");
+    }
+    let v = env.backup_json(&args);
+    vms.into_iter().for_each(|vm| vm.quit());
+    let c = &v["manifest"]["consistency"];
+    assert_eq!(c["coherent"], true, "{c}");
+    let vols = v["manifest"]["volumes"].as_array().unwrap();
+    assert!(vols.iter().all(|x| x["provider"] == "btrfs-snapshot"), "{vols:?}");
+    assert_eq!(vols[0]["captured_at"], vols[1]["captured_at"], "one instant for both");
+    let left: Vec<String> = std::fs::read_dir(&host.dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".rime-snapshot-"))
+        .collect();
+    assert!(left.is_empty(), "snapshots left behind: {left:?}");
+    for (i, name) in ["web.img", "db.img"].iter().enumerate() {
+        let restored = env.path(&format!("restored-{name}"));
+        env.restore(v["snapshot"].as_str().unwrap(), &restored, &["--volume", name]);
+        assert_fsck_clean(&restored);
+        assert_same_files(&restored, &sources[i], &env.path(&format!("scratch-{i}")));
+    }
+}
