@@ -22,11 +22,12 @@ use crate::error::CommandError;
 use crate::providers::{self, Provider};
 use anyhow::{Context, Result};
 use rime_serve::SnapshotSource;
+use rime_snapshot::engine::epoch_now;
 use rime_volume::Volume;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// Longest a served volume's write gate stays closed while the other volumes are captured.
 pub const GATE_HOLD_LIMIT: Duration = Duration::from_secs(10);
@@ -61,10 +62,6 @@ pub struct Capture {
     pub gate_closed_ms: Option<f64>,
     /// Milliseconds taking every snapshot took.
     pub capture_ms: f64,
-}
-
-fn epoch_now() -> f64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
 /// Captures `paths` under `mode` (and `--provider`), as [`providers::plan`] decides.

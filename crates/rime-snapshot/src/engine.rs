@@ -92,9 +92,6 @@ pub struct SnapshotInfo {
     /// Seconds since the Unix epoch when the write gate closed (before the drain).
     #[serde(default)]
     pub gate_closed_at: f64,
-    /// The gate is still closed: a held snapshot, released by [`Engine::release_gate`].
-    #[serde(default)]
-    pub gate_held: bool,
     /// Milliseconds the gate was closed (for a held snapshot: until the instant, so far).
     #[serde(default)]
     pub gate_closed_ms: f64,
@@ -151,16 +148,16 @@ struct HeldGate {
     limit: Duration,
 }
 
-/// How long a held gate was closed, from [`Engine::release_gate`].
+/// When a held gate reopened, from [`Engine::release_gate`] (with
+/// [`SnapshotInfo::gate_closed_at`]: how long it was closed).
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct GateRelease {
-    /// From the gate's closing (before the drain) to its reopening.
-    pub closed_ms: f64,
     /// Seconds since the Unix epoch when it reopened.
     pub opened_at: f64,
 }
 
-fn epoch_now() -> f64 {
+/// Now, in seconds since the Unix epoch (the unit of every instant in snapshot metadata).
+pub fn epoch_now() -> f64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs_f64()
 }
 
@@ -550,7 +547,6 @@ impl Engine {
             drained_ms: drained.as_millis() as u64,
             dump,
             gate_closed_at,
-            gate_held: hold.is_some(),
             gate_closed_ms,
         })
     }
@@ -558,19 +554,21 @@ impl Engine {
     /// Opens the gate that snapshot `id` holds. Fails if it holds none: the hold limit passed
     /// (the snapshot was aborted, its reason says so) or the snapshot is not active.
     pub fn release_gate(&self, id: u64) -> Result<GateRelease> {
-        if let Some(closed) = self.open_held_gate(id) {
-            return Ok(GateRelease { closed_ms: closed.as_secs_f64() * 1000.0, opened_at: epoch_now() });
+        if self.open_held_gate(id) {
+            return Ok(GateRelease { opened_at: epoch_now() });
         }
         self.with_snap(id, |_| Err(SnapshotError::NotHeld(id)))
     }
 
-    /// Opens the gate if snapshot `id` holds it; how long it was closed.
-    fn open_held_gate(&self, id: u64) -> Option<Duration> {
+    /// Opens the gate if snapshot `id` holds it; whether it did.
+    fn open_held_gate(&self, id: u64) -> bool {
         let mut g = self.gate.lock().unwrap();
-        let held = g.held.take_if(|h| h.snapshot == id)?;
+        if g.held.take_if(|h| h.snapshot == id).is_none() {
+            return false;
+        }
         g.closed = false;
         self.gate_cv.notify_all();
-        Some(held.closed_since.elapsed())
+        true
     }
 
     /// Opens a gate held past its limit, and aborts its snapshot (writes went through, so it
@@ -581,7 +579,9 @@ impl Engine {
             let h = g.held.as_ref().filter(|h| h.closed_since.elapsed() >= h.limit)?;
             (h.snapshot, h.limit)
         };
-        self.open_held_gate(id)?;
+        if !self.open_held_gate(id) {
+            return None;
+        }
         let reason = format!(
             "its write gate was held for the other volumes of the backup for more than the hold limit of {} s, so writes were let through",
             limit.as_secs_f64()

@@ -151,7 +151,8 @@ fn writes_stayed_suspended(writers: &[FsFreezeWriter], capture: Capture) -> Resu
     Ok(capture)
 }
 
-/// Which snapshot providers the volumes will use, for `RIME_PROVIDER`.
+/// Which snapshot providers the volumes will use, for `RIME_PROVIDER`. The capture plans again
+/// after the before-snapshot hooks, which may change what is in use (a hook that stops a VM).
 fn providers(volumes: &[PathBuf], mode: Mode, forced: Option<Provider>) -> String {
     let mut names: Vec<&str> =
         crate::providers::plan(volumes, mode, forced).iter().filter_map(|c| c.provider.map(Provider::name)).collect();
