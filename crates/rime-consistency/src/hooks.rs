@@ -174,8 +174,6 @@ pub fn run_stage(hooks: &Hooks, stage: Stage, ctx: &HookContext, stop_at_failure
 
 /// Runs one hook to completion or timeout.
 pub fn run_hook(hook: &Hook, stage: Stage, ctx: &HookContext) -> Result<(), HookError> {
-    let started = Instant::now();
-    let described = hook.describe();
     let mut cmd = match &hook.command {
         HookCommand::Shell(s) => {
             let mut c = Command::new("/bin/sh");
@@ -188,7 +186,21 @@ pub fn run_hook(hook: &Hook, stage: Stage, ctx: &HookContext) -> Result<(), Hook
             c
         }
     };
-    cmd.envs(ctx.env(stage)).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    cmd.envs(ctx.env(stage));
+    run_command(cmd, &hook.describe(), stage, hook.timeout).map(drop)
+}
+
+/// Runs `cmd` (a hook, or a writer's own command) to completion or `timeout`, its output to the
+/// log; returns its last lines (stdout and stderr interleaved) on success.
+pub fn run_command(
+    mut cmd: Command,
+    described: &str,
+    stage: Stage,
+    timeout: Duration,
+) -> Result<Vec<String>, HookError> {
+    let started = Instant::now();
+    let described = described.to_string();
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
     let spawn_err = |source| HookError::Spawn { stage: stage.name(), command: described.clone(), source };
     let mut child = cmd.spawn().map_err(spawn_err)?;
     // Both streams go to the log, and the last lines are kept for an error message.
@@ -216,7 +228,7 @@ pub fn run_hook(hook: &Hook, stage: Stage, ctx: &HookContext) -> Result<(), Hook
     let status = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
-            Ok(None) if started.elapsed() >= hook.timeout => break None,
+            Ok(None) if started.elapsed() >= timeout => break None,
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(_) => break None,
         }
@@ -225,12 +237,12 @@ pub fn run_hook(hook: &Hook, stage: Stage, ctx: &HookContext) -> Result<(), Hook
         kill_group(&mut child);
         drain(readers);
         let tail = tail.lock().unwrap().clone();
-        return Err(HookError::TimedOut { stage: stage.name(), command: described, timeout: hook.timeout, tail });
+        return Err(HookError::TimedOut { stage: stage.name(), command: described, timeout, tail });
     };
     drain(readers);
     tracing::debug!("{} hook `{described}` took {:.3} s", stage.name(), started.elapsed().as_secs_f64());
     if status.success() {
-        return Ok(());
+        return Ok(tail.lock().unwrap().clone());
     }
     let tail = tail.lock().unwrap().clone();
     Err(HookError::Failed { stage: stage.name(), command: described, status: status.to_string(), tail })

@@ -23,6 +23,10 @@ pub enum CommandError {
     /// A snapshot provider failed, or the volumes could not be held at one instant.
     #[error("{0}")]
     SnapshotFailed(String),
+    /// A writer's data is only partly on the backup's volumes (a database's data directory
+    /// without its WAL volume): nothing was frozen or read.
+    #[error("{0}")]
+    WriterSplit(String),
 }
 
 /// Exit codes: one per kind of failure a script (or a hook's `RIME_ERROR`) may act on.
@@ -41,8 +45,10 @@ pub mod codes {
     pub const IN_USE: i32 = 6;
     /// The snapshot provider refused, failed or could not be reached.
     pub const SNAPSHOT_FAILED: i32 = 7;
-    /// A before-snapshot hook failed or timed out.
+    /// A before-snapshot hook or a writer's freeze failed or timed out.
     pub const HOOK_FAILED: i32 = 8;
+    /// A writer's data is only partly on the backup's volumes.
+    pub const WRITER_SPLIT: i32 = 9;
 }
 
 /// The exit code for `e`, read from the typed errors in its chain.
@@ -78,6 +84,7 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 CommandError::Damaged(_) => DAMAGED,
                 CommandError::PathNotFound(_) => NOT_FOUND,
                 CommandError::HookFailed(_) => HOOK_FAILED,
+                CommandError::WriterSplit(_) => WRITER_SPLIT,
                 CommandError::WritesNotSuspended(_) | CommandError::SnapshotFailed(_) => SNAPSHOT_FAILED,
             };
         }

@@ -70,23 +70,35 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
-/// The filesystem type (`ext4`, `nfs4`, `fuse.sshfs`, ...) of the mount that holds `path`: the
-/// longest mount point in `/proc/self/mountinfo` that is a prefix of its canonical path.
+/// The filesystem type (`ext4`, `nfs4`, `fuse.sshfs`, ...) of the mount that holds `path`.
 pub fn filesystem_type_of(path: &Path) -> Option<String> {
+    mount_of(path).map(|(_, fstype)| fstype)
+}
+
+/// The mount point of the mount that holds `path`.
+pub fn mount_point_of(path: &Path) -> Option<PathBuf> {
+    mount_of(path).map(|(mount_point, _)| mount_point)
+}
+
+/// (mount point, filesystem type) of the mount that holds `path`: the longest mount point in
+/// `/proc/self/mountinfo` that is a prefix of its canonical path (the last one listed when a
+/// mount point is mounted over).
+fn mount_of(path: &Path) -> Option<(PathBuf, String)> {
     let canonical = path.canonicalize().ok()?;
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut best: Option<(usize, String)> = None;
+    let mut best: Option<(PathBuf, String)> = None;
     for line in info.lines() {
         // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
         let mut fields = line.split(' ');
         let Some(mount_point) = fields.nth(4).map(unescape_mountinfo) else { continue };
         let Some(fstype) = line.split(" - ").nth(1).and_then(|rest| rest.split(' ').next()) else { continue };
-        let mp = Path::new(std::ffi::OsStr::from_bytes(&mount_point));
-        if canonical.starts_with(mp) && best.as_ref().is_none_or(|(len, _)| mount_point.len() >= *len) {
-            best = Some((mount_point.len(), fstype.to_string()));
+        let mp = PathBuf::from(std::ffi::OsStr::from_bytes(&mount_point));
+        let longer = best.as_ref().is_none_or(|(b, _)| mp.as_os_str().len() >= b.as_os_str().len());
+        if canonical.starts_with(&mp) && longer {
+            best = Some((mp, fstype.to_string()));
         }
     }
-    best.map(|(_, t)| t)
+    best
 }
 
 /// The mounts of block device `device`: (mount point, filesystem type), from

@@ -272,7 +272,15 @@ pub fn writers(r: &rime_core::commands::writers::WriterReport, json: bool) {
         return;
     }
     for w in &r.writers {
-        println!("{}  {} on {} (volume {})", w.name, w.filesystem, w.device, w.volume);
+        match (&w.filesystem, &w.device) {
+            (Some(fs), Some(dev)) => println!("{}  {fs} on {dev} (volume {})", w.name, w.volumes.join(", ")),
+            _ => println!("{}  on {}", w.name, w.volumes.join(", ")),
+        }
+        for p in &w.paths {
+            let on = p.volume.as_deref().map_or("not on these volumes".to_string(), |v| format!("on {v}"));
+            println!("  {}: {} ({on})", p.role, p.path);
+        }
+        println!("  freeze: {}", w.freeze);
     }
 }
 

@@ -96,12 +96,13 @@ pub struct BackupSummary {
 /// volume, after-snapshot always (its failures are warnings), then the data is imaged only if
 /// the snapshot succeeded, and after-backup runs with the outcome.
 pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupSummary> {
+    let plan = crate::providers::plan(&opts.volumes, opts.mode, opts.provider);
     let mut ctx = HookContext {
         volumes: opts.volumes.iter().map(|v| v.display().to_string()).collect(),
-        provider: providers(&opts.volumes, opts.mode, opts.provider),
+        provider: provider_names(&plan),
         ..HookContext::default()
     };
-    let mut result = backup_with_hooks(repo, opts, progress, &mut ctx);
+    let mut result = backup_with_hooks(repo, opts, &plan, progress, &mut ctx);
     ctx.error = result.as_ref().err().map_or(0, crate::error::exit_code);
     // Writers hear the outcome; only a success lets them run their completion action.
     if let Ok(summary) = result.as_mut() {
@@ -153,9 +154,8 @@ fn writes_stayed_suspended(writers: &[FsFreezeWriter], capture: Capture) -> Resu
 
 /// Which snapshot providers the volumes will use, for `RIME_PROVIDER`. The capture plans again
 /// after the before-snapshot hooks, which may change what is in use (a hook that stops a VM).
-fn providers(volumes: &[PathBuf], mode: Mode, forced: Option<Provider>) -> String {
-    let mut names: Vec<&str> =
-        crate::providers::plan(volumes, mode, forced).iter().filter_map(|c| c.provider.map(Provider::name)).collect();
+fn provider_names(plan: &[crate::providers::Choice]) -> String {
+    let mut names: Vec<&str> = plan.iter().filter_map(|c| c.provider.map(Provider::name)).collect();
     names.sort_unstable();
     names.dedup();
     names.join(" ")
@@ -164,6 +164,7 @@ fn providers(volumes: &[PathBuf], mode: Mode, forced: Option<Provider>) -> Strin
 fn backup_with_hooks(
     repo: &Repository,
     opts: &BackupOptions,
+    plan: &[crate::providers::Choice],
     progress: &dyn Progress,
     ctx: &mut HookContext,
 ) -> Result<BackupSummary> {
@@ -191,9 +192,12 @@ fn backup_with_hooks(
     let index = Arc::new(index);
     // 3. Snapshot, between the hooks: before-snapshot (freeze), open every volume (snapshots of
     //    protected ones), after-snapshot (thaw) whatever happened.
-    //    Writers (the filesystems mounted from protected volumes) freeze after the hooks and
-    //    thaw before the after-snapshot hooks, so applications flush first and resume last.
-    let mut writers = if opts.freeze { super::writers::freeze_targets(&opts.volumes) } else { Vec::new() };
+    //    Writers (the filesystems mounted from the volumes taken by snapshot) freeze after the
+    //    hooks and thaw before the after-snapshot hooks, so applications flush first and resume
+    //    last. A PostgreSQL cluster only partly on the volumes fails the backup here, before
+    //    anything is frozen.
+    let mut writers = if opts.freeze { super::writers::freeze_targets(plan) } else { Vec::new() };
+    let mut clusters = if opts.freeze { super::writers::postgres_writers(&writers)? } else { Vec::new() };
     let mut databases: Vec<SqliteWriter> = opts.sqlite.iter().map(|db| SqliteWriter::new(db)).collect();
     let something_frozen = !(opts.hooks.before_snapshot.is_empty()
         && writers.is_empty()
@@ -218,6 +222,15 @@ fn backup_with_hooks(
             break;
         }
         if let Err(e) = d.freeze() {
+            failure = Some(CommandError::HookFailed(e));
+        }
+    }
+    // A database server writes its dirty buffers out; the freeze of its filesystems holds it.
+    for c in clusters.iter_mut() {
+        if failure.is_some() {
+            break;
+        }
+        if let Err(e) = c.checkpoint() {
             failure = Some(CommandError::HookFailed(e));
         }
     }
@@ -260,6 +273,11 @@ fn backup_with_hooks(
         .iter()
         .map(|w| WriterRecord { kind: "fsfreeze".into(), name: w.name(), details: Default::default() })
         .collect();
+    held.extend(clusters.iter().map(|c| WriterRecord {
+        kind: "postgresql".into(),
+        name: c.name(),
+        details: c.details.clone(),
+    }));
     held.extend(databases.iter().map(|d| WriterRecord {
         kind: "sqlite".into(),
         name: d.name(),

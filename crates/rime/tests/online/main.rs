@@ -18,4 +18,5 @@ mod hot_fsync;
 mod hot_fuse_ext4;
 mod hot_incremental;
 mod hot_nbd;
+mod postgres;
 mod sqlite;
