@@ -1,17 +1,16 @@
 //! Writers: what holds data on a backup's volumes and can be held still for the snapshot.
 //!
-//! Built in so far: `fsfreeze`, for every filesystem mounted from the volumes (directly, or
-//! through a loop device on the image file or on `rime serve`'s FUSE file). Freezing flushes
-//! the filesystem and blocks new writes (FIFREEZE); thawing lets them go (FITHAW). A frozen
-//! filesystem is always thawed: explicitly after the snapshot, and by `Drop` on any other path
-//! (an error, a panic), so a backup never leaves one frozen.
+//! `fsfreeze`, for every filesystem mounted from the volumes (directly, or through a loop
+//! device on the image file or on `rime serve`'s FUSE file). Freezing flushes the filesystem and
+//! blocks new writes (FIFREEZE); thawing lets them go (FITHAW); both by ioctl
+//! ([`rime_os::freeze`]). A frozen filesystem is always thawed: explicitly after the snapshot,
+//! and by `Drop` on any other path (an error, a panic), so a backup never leaves one frozen.
 
-use crate::hooks::{run_hook, Hook, HookCommand, HookContext, HookError, Stage};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// How long a freeze or thaw may take.
+/// How long a freeze (the filesystem's flush) may take.
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A mounted filesystem on one of the backup's volumes.
@@ -32,37 +31,63 @@ impl FsFreezeWriter {
         format!("fsfreeze {}", self.mount_point.display())
     }
 
-    fn fsfreeze(&self, flag: &str) -> Result<(), HookError> {
-        // The C locale keeps fsfreeze's messages (read below) stable.
-        let mut argv: Vec<String> = ["env", "LC_ALL=C", "fsfreeze", flag].into_iter().map(String::from).collect();
-        argv.push(self.mount_point.display().to_string());
-        let hook = Hook { command: HookCommand::Argv(argv), timeout: FREEZE_TIMEOUT };
-        let stage = if flag == "--freeze" { Stage::BeforeSnapshot } else { Stage::AfterSnapshot };
-        run_hook(&hook, stage, &HookContext::default())
-    }
-
-    /// Freezes the filesystem. One that is frozen already (by an administrator, or a hook) stays
-    /// as it is: it is held still, but not ours to thaw.
-    pub fn freeze(&mut self) -> Result<(), HookError> {
-        match self.fsfreeze("--freeze") {
-            Ok(()) => {
+    /// Freezes the filesystem, waiting at most [`FREEZE_TIMEOUT`] for its flush. One that is
+    /// frozen already (by an administrator, or a hook) stays as it is: it is held still, but not
+    /// ours to thaw. A freeze that finishes after the timeout is thawed at once by the thread
+    /// that waited for it, so a slow flush never leaves the filesystem frozen.
+    pub fn freeze(&mut self) -> Result<(), String> {
+        use rime_os::freeze::Frozen;
+        use std::sync::{Arc, Condvar, Mutex};
+        /// The flush's outcome, or that the caller stopped waiting; one lock decides which
+        /// side thaws a freeze that ends late.
+        #[derive(Default)]
+        struct Waiting {
+            done: Option<std::io::Result<Frozen>>,
+            abandoned: bool,
+        }
+        let shared = Arc::new((Mutex::new(Waiting::default()), Condvar::new()));
+        let (mount_point, theirs) = (self.mount_point.clone(), shared.clone());
+        std::thread::spawn(move || {
+            let result = rime_os::freeze::freeze(&mount_point);
+            let mut w = theirs.0.lock().unwrap();
+            if w.abandoned {
+                if matches!(result, Ok(Frozen::Now)) {
+                    let _ = rime_os::freeze::thaw(&mount_point);
+                }
+            } else {
+                w.done = Some(result);
+                theirs.1.notify_all();
+            }
+        });
+        let (lock, cv) = &*shared;
+        let (mut w, _) = cv.wait_timeout_while(lock.lock().unwrap(), FREEZE_TIMEOUT, |w| w.done.is_none()).unwrap();
+        let Some(result) = w.done.take() else {
+            w.abandoned = true;
+            return Err(format!(
+                "{}: the filesystem did not flush within {} s (it is thawed when the flush ends)",
+                self.name(),
+                FREEZE_TIMEOUT.as_secs()
+            ));
+        };
+        match result {
+            Ok(Frozen::Now) => {
                 self.frozen = true;
                 Ok(())
             }
-            Err(HookError::Failed { tail, .. }) if tail.iter().any(|l| l.contains("Device or resource busy")) => {
+            Ok(Frozen::Already) => {
                 tracing::info!("{} is frozen already; left for its owner to thaw", self.mount_point.display());
                 Ok(())
             }
-            Err(e) => Err(e),
+            Err(e) => Err(format!("{}: {e}", self.name())),
         }
     }
 
-    pub fn thaw(&mut self) -> Result<(), HookError> {
+    pub fn thaw(&mut self) -> Result<(), String> {
         if !self.frozen {
             return Ok(());
         }
         self.frozen = false;
-        self.fsfreeze("--unfreeze")
+        rime_os::freeze::thaw(&self.mount_point).map_err(|e| format!("thawing {}: {e}", self.mount_point.display()))
     }
 }
 

@@ -17,7 +17,6 @@
 //! volumes are of one instant.
 
 use crate::btrfs_snapshot::{self, SubvolumeSnapshot};
-use crate::commands::backup::Mode;
 use crate::error::CommandError;
 use crate::providers::{self, Provider};
 use anyhow::{Context, Result};
@@ -64,10 +63,17 @@ pub struct Capture {
     pub capture_ms: f64,
 }
 
-/// Captures `paths` under `mode` (and `--provider`), as [`providers::plan`] decides.
-pub fn capture(paths: &[PathBuf], mode: Mode, forced: Option<Provider>) -> Result<Capture> {
+/// How long a served volume whose every filesystem is frozen must be quiet before its gate
+/// closes: the freeze already stopped and flushed its writes (FIFREEZE returns after the flush),
+/// and the engine's write count proves afterwards that none came, so the usual write-inactivity
+/// period only lengthens the freeze window.
+pub const FROZEN_WIP: Duration = Duration::from_millis(10);
+
+/// Captures `paths` as `plan` ([`providers::plan`] of them) decides. `frozen`: the volumes whose
+/// every mounted filesystem the backup froze (their wait is [`FROZEN_WIP`]).
+pub fn capture(paths: &[PathBuf], plan: &[providers::Choice], frozen: &[PathBuf]) -> Result<Capture> {
     let started = Instant::now();
-    let plan = providers::plan(paths, mode, forced);
+    assert_eq!(plan.len(), paths.len(), "one choice per volume");
     if let Some(refusal) = plan.iter().find_map(|c| c.refusal()) {
         return Err(refusal);
     }
@@ -83,12 +89,15 @@ pub fn capture(paths: &[PathBuf], mode: Mode, forced: Option<Provider>) -> Resul
     }
     // Gates are held only when there is something else to capture at the same instant.
     let hold = (!served.is_empty() && served.len() + storage.len() >= 2).then_some(GATE_HOLD_LIMIT);
-    let controls: Vec<PathBuf> = served
+    let controls: Vec<(PathBuf, Option<Duration>)> = served
         .iter()
-        .map(|&i| crate::online::protected(&paths[i]).context("the rime serve process went away"))
+        .map(|&i| {
+            let control = crate::online::protected(&paths[i]).context("the rime serve process went away")?;
+            Ok((control, frozen.contains(&paths[i]).then_some(FROZEN_WIP)))
+        })
         .collect::<Result<_>>()?;
     let sources = begin_all(&controls, hold)?;
-    let storage_result = capture_storage(paths, &plan, &storage, &mut slots);
+    let storage_result = capture_storage(paths, plan, &storage, &mut slots);
     let mut gate_closed_ms = None;
     if !sources.is_empty() {
         let first_closed = sources.iter().map(|s| s.info.gate_closed_at).fold(f64::INFINITY, f64::min);
@@ -125,7 +134,7 @@ pub fn capture(paths: &[PathBuf], mode: Mode, forced: Option<Provider>) -> Resul
     }
 
     let reflinks = of(Provider::Reflink).len();
-    let (coherent, instant) = describe_instant(offline.len(), served.len(), storage.len(), reflinks, &plan);
+    let (coherent, instant) = describe_instant(offline.len(), served.len(), storage.len(), reflinks, plan);
     let mut volumes: Vec<OpenVolume> = Vec::new();
     for slot in slots {
         let mut v = slot.expect("every planned volume is opened");
@@ -137,11 +146,12 @@ pub fn capture(paths: &[PathBuf], mode: Mode, forced: Option<Provider>) -> Resul
 
 /// Takes the snapshots of all served volumes in parallel; on any failure, every one taken is
 /// dropped again (which reopens its gate and aborts it).
-fn begin_all(controls: &[PathBuf], hold: Option<Duration>) -> Result<Vec<SnapshotSource>> {
+/// Each control socket comes with its write-inactivity period (None: the server's default).
+fn begin_all(controls: &[(PathBuf, Option<Duration>)], hold: Option<Duration>) -> Result<Vec<SnapshotSource>> {
     let results: Vec<Result<SnapshotSource>> = std::thread::scope(|scope| {
         let handles: Vec<_> = controls
             .iter()
-            .map(|c| scope.spawn(move || SnapshotSource::begin_with(c, None, None, None, hold)))
+            .map(|(c, wip)| scope.spawn(move || SnapshotSource::begin_with(c, *wip, None, None, hold)))
             .collect();
         handles
             .into_iter()

@@ -1,10 +1,11 @@
 //! Operating-system glue, kept out of the command library and the engines: every system call
 //! Rime makes outside plain `std` goes through here, through `rustix` and `nix`, so that the
-//! other crates need no `unsafe`. The one `unsafe` block here (an ioctl no safe wrapper offers)
-//! is allowed where it stands and says why it is sound.
+//! other crates need no `unsafe`. The `unsafe` blocks here (ioctls no safe wrapper offers) are
+//! allowed where they stand and say why they are sound.
 //!
 //! - [`signals`]: taking SIGINT/SIGTERM/... synchronously in one thread (`rime serve`, `rime mount`);
 //! - [`mounts`]: mount-point checks and unmounting;
+//! - [`freeze`]: FIFREEZE/FITHAW of a mounted filesystem;
 //! - [`process`]: whether a process is alive;
 //! - [`dirfd`]: file operations relative to an open directory, for writing a restored tree;
 //! - [`flock`]: whole-file locks the kernel drops when their holder dies;
@@ -16,6 +17,7 @@
 pub mod dirfd;
 pub mod files;
 pub mod flock;
+pub mod freeze;
 pub mod mounts;
 pub mod process;
 pub mod qemu_locks;

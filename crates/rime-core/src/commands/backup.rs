@@ -26,7 +26,7 @@ use rime_repo::volume_index::VolumeIndexWriter;
 use rime_repo::{Compression, Consistency, Manifest, Repository, SnapshotId, VolumeEntry, WriterRecord};
 use rime_volume::layout;
 use serde::Serialize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,6 +152,12 @@ fn writes_stayed_suspended(writers: &[FsFreezeWriter], capture: Capture) -> Resu
     Ok(capture)
 }
 
+/// The volumes all of whose mounted filesystems are frozen (every writer froze, or the backup
+/// would have stopped before the capture).
+fn fully_frozen(volumes: &[PathBuf], writers: &[FsFreezeWriter]) -> Vec<PathBuf> {
+    volumes.iter().filter(|v| writers.iter().any(|w| Path::new(&w.volume) == v.as_path())).cloned().collect()
+}
+
 /// Which snapshot providers the volumes will use, for `RIME_PROVIDER`. The capture plans again
 /// after the before-snapshot hooks, which may change what is in use (a hook that stops a VM).
 fn provider_names(plan: &[crate::providers::Choice]) -> String {
@@ -234,17 +240,28 @@ fn backup_with_hooks(
             failure = Some(CommandError::HookFailed(e));
         }
     }
+    // The plan made before the hooks holds unless a hook or custom writer ran, which may have
+    // changed what is in use (a VM stopped); planning again now keeps it out of the filesystems'
+    // freeze.
+    let replanned;
+    let plan = if opts.hooks.before_snapshot.is_empty() && opts.custom_writers.is_empty() {
+        plan
+    } else {
+        replanned = crate::providers::plan(&opts.volumes, opts.mode, opts.provider);
+        &replanned[..]
+    };
     for w in writers.iter_mut() {
         if failure.is_some() {
             break;
         }
         if let Err(e) = w.freeze() {
-            failure = Some(CommandError::HookFailed(format!("freezing {}: {e}", w.mount_point.display())));
+            failure = Some(CommandError::HookFailed(format!("freezing {e}")));
         }
     }
     let opened = match failure {
         Some(f) => Err(anyhow::Error::new(f)),
-        None => capture(&opts.volumes, opts.mode, opts.provider).and_then(|c| writes_stayed_suspended(&writers, c)),
+        None => capture(&opts.volumes, plan, &fully_frozen(&opts.volumes, &writers))
+            .and_then(|c| writes_stayed_suspended(&writers, c)),
     };
     // Thaws and after-snapshot hooks learn how the snapshot went.
     ctx.snapshot_active = opened.as_ref().is_ok_and(|c| c.volumes.iter().any(|ov| ov.provider.is_snapshot()));
