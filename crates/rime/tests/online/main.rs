@@ -18,5 +18,6 @@ mod hot_fsync;
 mod hot_fuse_ext4;
 mod hot_incremental;
 mod hot_nbd;
+mod mixed_providers;
 mod postgres;
 mod sqlite;
