@@ -67,7 +67,8 @@ impl Hook {
         Hook { command: HookCommand::Shell(command.to_string()), timeout }
     }
 
-    fn describe(&self) -> String {
+    /// The command as written (shell string, or argv joined by spaces).
+    pub fn describe(&self) -> String {
         match &self.command {
             HookCommand::Shell(s) => s.clone(),
             HookCommand::Argv(a) => a.join(" "),

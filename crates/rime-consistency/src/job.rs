@@ -21,6 +21,7 @@
 //!
 //! [[jobs.nightly.writers]]                   # an application's own freeze, thaw and completion
 //! name = "app"
+//! paths = ["/srv/app/data"]                  # optional: where its data is (default: everywhere)
 //! freeze = "app-ctl suspend"
 //! thaw = "app-ctl resume"
 //! complete = "app-ctl truncate-log"          # optional: only after a successful backup
@@ -65,6 +66,8 @@ struct RawJob {
 #[serde(deny_unknown_fields)]
 struct RawWriter {
     name: String,
+    #[serde(default)]
+    paths: Vec<PathBuf>,
     freeze: HookCommand,
     thaw: HookCommand,
     complete: Option<HookCommand>,
@@ -93,10 +96,13 @@ pub struct Job {
 
 /// A custom writer of a job file: `freeze` runs after the before-snapshot hooks, `thaw` before
 /// the after-snapshot ones (always, when its freeze was tried), `complete` only after a
-/// successful backup.
+/// successful backup. A backup holds it when its `paths` are on the backup's volumes (or when
+/// it declares none).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CustomWriter {
     pub name: String,
+    /// Where its data lives: files or directories on the job's filesystems, or volumes.
+    pub paths: Vec<PathBuf>,
     pub freeze: Hook,
     pub thaw: Hook,
     pub complete: Option<Hook>,
@@ -157,6 +163,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Vec<Job>> {
                 thaw: hook(w.thaw, "thaw")?,
                 complete: w.complete.map(|c| hook(c, "complete")).transpose()?,
                 name: w.name,
+                paths: w.paths,
             });
         }
         jobs.push(Job { name, volumes: raw.volumes, mode: raw.mode, hooks, sqlite: raw.sqlite, writers });
@@ -191,6 +198,7 @@ mod tests {
         let j = &jobs[0];
         assert_eq!(j.name, "nightly");
         assert_eq!(j.volumes.len(), 2);
+        assert_eq!(j.writers[0].paths, [PathBuf::from("/srv/app/data")]);
         assert_eq!(j.hooks.before_snapshot[0].timeout, Duration::from_secs(30));
         assert_eq!(j.hooks.after_snapshot[0].timeout, Duration::from_secs(60), "the job's default");
         assert_eq!(

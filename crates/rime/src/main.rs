@@ -142,9 +142,17 @@ enum Command {
     },
     /// Delete data that no snapshot references.
     Prune,
-    /// The writers whose data is on the volumes (default: every volume `rime serve` protects):
-    /// what a backup freezes for its snapshot.
-    Writers { volumes: Vec<PathBuf> },
+    /// The writers whose data is on the volumes (default: the job's volumes, else every volume
+    /// `rime serve` protects): what a backup freezes for its snapshot.
+    Writers {
+        volumes: Vec<PathBuf>,
+        /// Also list this job file's SQLite databases and custom writers.
+        #[arg(long, value_name = "FILE")]
+        job: Option<PathBuf>,
+        /// The job to use when the file holds several.
+        #[arg(long, value_name = "NAME", requires = "job")]
+        job_name: Option<String>,
+    },
     /// List a folder inside a backed-up volume (image explorer).
     Ls {
         snapshot: String,
@@ -444,8 +452,9 @@ fn run(cli: Cli) -> Result<i32> {
             let summary = mount::mount(repo, &opts, &|s| output::mounted(s, json))?;
             output::unmounted(&summary, cli.json);
         }
-        Command::Writers { volumes } => {
-            output::writers(&rime_core::commands::writers::writers(&volumes)?, cli.json);
+        Command::Writers { volumes, job, job_name } => {
+            let job = job.map(|f| rime_consistency::job::load(&f, job_name.as_deref())).transpose()?;
+            output::writers(&rime_core::commands::writers::writers(&volumes, job.as_ref())?, cli.json);
         }
         Command::Prune => {
             let repo = Repository::open(&location)?;

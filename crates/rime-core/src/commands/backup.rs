@@ -16,7 +16,6 @@ use crate::providers::Provider;
 use anyhow::{bail, Context, Result};
 use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
 use rime_consistency::job::CustomWriter;
-use rime_consistency::sqlite::SqliteWriter;
 use rime_consistency::writers::FsFreezeWriter;
 use rime_repo::lock::LockMode;
 use rime_repo::pack::{index_path, pack_path, FinishedPack};
@@ -102,11 +101,17 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         provider: provider_names(&plan),
         ..HookContext::default()
     };
-    let mut result = backup_with_hooks(repo, opts, &plan, progress, &mut ctx);
+    // A writer only partly on the volumes fails the backup here, before anything is frozen.
+    let chosen = super::writers::choose(&opts.volumes, &plan, opts.freeze, &opts.sqlite, &opts.custom_writers);
+    let custom: Vec<CustomWriter> = chosen.as_ref().map(|c| c.custom.clone()).unwrap_or_default();
+    let mut result = match chosen {
+        Ok(mut chosen) => backup_with_hooks(repo, opts, &plan, &mut chosen, progress, &mut ctx),
+        Err(e) => Err(e.into()),
+    };
     ctx.error = result.as_ref().err().map_or(0, crate::error::exit_code);
     // Writers hear the outcome; only a success lets them run their completion action.
     if let Ok(summary) = result.as_mut() {
-        for w in &opts.custom_writers {
+        for w in &custom {
             let Some(complete) = &w.complete else { continue };
             if let Err(e) = hooks::run_hook(complete, Stage::AfterBackup, &ctx) {
                 let warning = format!("writer {}: {e}", w.name);
@@ -171,6 +176,7 @@ fn backup_with_hooks(
     repo: &Repository,
     opts: &BackupOptions,
     plan: &[crate::providers::Choice],
+    chosen: &mut super::writers::Chosen,
     progress: &dyn Progress,
     ctx: &mut HookContext,
 ) -> Result<BackupSummary> {
@@ -200,21 +206,20 @@ fn backup_with_hooks(
     //    protected ones), after-snapshot (thaw) whatever happened.
     //    Writers (the filesystems mounted from the volumes taken by snapshot) freeze after the
     //    hooks and thaw before the after-snapshot hooks, so applications flush first and resume
-    //    last. A PostgreSQL cluster only partly on the volumes fails the backup here, before
-    //    anything is frozen.
-    let mut writers = if opts.freeze { super::writers::freeze_targets(plan) } else { Vec::new() };
-    let mut clusters = if opts.freeze { super::writers::postgres_writers(&writers)? } else { Vec::new() };
-    let mut databases: Vec<SqliteWriter> = opts.sqlite.iter().map(|db| SqliteWriter::new(db)).collect();
+    //    last.
+    std::mem::take(&mut chosen.skipped).into_iter().for_each(&mut warn);
+    let super::writers::Chosen { custom, sqlite: databases, postgres: clusters, filesystems: writers, .. } = chosen;
     let something_frozen = !(opts.hooks.before_snapshot.is_empty()
         && writers.is_empty()
         && databases.is_empty()
-        && opts.custom_writers.is_empty());
+        && clusters.is_empty()
+        && custom.is_empty());
     let freeze_started = Instant::now();
     let before = hooks::run_stage(&opts.hooks, Stage::BeforeSnapshot, ctx, true);
     let mut failure = before.into_iter().next().map(|f| CommandError::HookFailed(f.to_string()));
     // Applications first (their data flushed and held), then the filesystems under them.
     let mut tried_custom = 0;
-    for w in &opts.custom_writers {
+    for w in custom.iter() {
         if failure.is_some() {
             break;
         }
@@ -244,19 +249,23 @@ fn backup_with_hooks(
     // changed what is in use (a VM stopped); planning again now keeps it out of the filesystems'
     // freeze.
     let replanned;
-    let plan = if opts.hooks.before_snapshot.is_empty() && opts.custom_writers.is_empty() {
+    let plan = if opts.hooks.before_snapshot.is_empty() && custom.is_empty() {
         plan
     } else {
         replanned = crate::providers::plan(&opts.volumes, opts.mode, opts.provider);
         &replanned[..]
     };
-    for w in writers.iter_mut() {
-        if failure.is_some() {
-            break;
-        }
-        if let Err(e) = w.freeze() {
-            failure = Some(CommandError::HookFailed(format!("freezing {e}")));
-        }
+    // The filesystems freeze together: each FIFREEZE waits for its own flush, so one after
+    // another would add their flushes up inside the window.
+    if failure.is_none() {
+        let errors: Vec<String> = std::thread::scope(|scope| {
+            let freezing: Vec<_> = writers.iter_mut().map(|w| scope.spawn(move || w.freeze())).collect();
+            freezing
+                .into_iter()
+                .filter_map(|h| h.join().unwrap_or_else(|_| Err("a freeze panicked".into())).err())
+                .collect()
+        });
+        failure = errors.into_iter().next().map(|e| CommandError::HookFailed(format!("freezing {e}")));
     }
     let opened = match failure {
         Some(f) => Err(anyhow::Error::new(f)),
@@ -277,7 +286,7 @@ fn backup_with_hooks(
         }
     }
     // Every custom writer whose freeze was tried is thawed, last frozen first.
-    for w in opts.custom_writers[..tried_custom].iter().rev() {
+    for w in custom[..tried_custom].iter().rev() {
         if let Err(e) = hooks::run_hook(&w.thaw, Stage::AfterSnapshot, ctx) {
             warn(format!("writer {}: {e} (the backup goes on)", w.name));
         }
@@ -300,7 +309,7 @@ fn backup_with_hooks(
         name: d.name(),
         details: Default::default(),
     }));
-    held.extend(opts.custom_writers[..tried_custom].iter().map(|w| WriterRecord {
+    held.extend(custom[..tried_custom].iter().map(|w| WriterRecord {
         kind: "custom".into(),
         name: w.name.clone(),
         details: Default::default(),

@@ -1,16 +1,21 @@
-//! `rime writers [VOLUME...]`: the writers whose data is on the volumes (the writer metadata a
-//! backup uses): the filesystems mounted from them, which a backup freezes (`fsfreeze`), and the
-//! running PostgreSQL clusters whose files are on those filesystems, which it checkpoints first.
-//! Without volumes: every volume `rime serve` protects on this machine.
+//! `rime writers [VOLUME...] [--job FILE]`: the writers whose data is on the volumes (the writer
+//! metadata a backup uses): the filesystems mounted from them, which a backup freezes
+//! (`fsfreeze`); the running PostgreSQL clusters whose files are on those filesystems, which it
+//! checkpoints first; and a job's SQLite databases and custom writers, with the volume holding
+//! each of their paths. Without volumes: the job's, or every volume `rime serve` protects.
 //!
-//! A backup asks the same two questions ([`freeze_targets`], [`postgres_writers`]), so what
-//! `rime writers` lists is what a backup holds.
+//! A backup chooses its writers with the same code ([`choose`]), so what `rime writers` lists is
+//! what a backup holds. The rule for every writer that declares where its data is: all of it on
+//! the backup's volumes, held; none of it, not this backup's writer; part of it, the backup is
+//! refused (exit code 9), since the snapshot would hold half an application.
 
 use crate::commands::backup::Mode;
 use crate::error::CommandError;
 use crate::providers::{self, Provider};
 use anyhow::Result;
-use rime_consistency::postgres::{self, Cluster, Coverage, PostgresWriter};
+use rime_consistency::job::{CustomWriter, Job};
+use rime_consistency::postgres::{self, Cluster, ClusterPath, Coverage, PostgresWriter};
+use rime_consistency::sqlite::SqliteWriter;
 use rime_consistency::writers::{devices_of, fsfreeze_writers, FsFreezeWriter};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -97,10 +102,92 @@ fn postgres_entry(c: &Cluster, frozen: &[FsFreezeWriter]) -> WriterEntry {
     }
 }
 
-/// The volume whose frozen filesystem holds `path`.
-fn volume_holding<'a>(path: &Path, frozen: &'a [FsFreezeWriter]) -> Option<&'a str> {
+/// The volume whose mounted filesystem (one of `mounted`) holds `path`.
+fn volume_holding<'a>(path: &Path, mounted: &'a [FsFreezeWriter]) -> Option<&'a str> {
     let mount_point = rime_os::mounts::mount_point_of(path)?;
-    frozen.iter().find(|w| w.mount_point == mount_point).map(|w| w.volume.as_str())
+    mounted.iter().find(|w| w.mount_point == mount_point).map(|w| w.volume.as_str())
+}
+
+/// The backup's volume that holds a writer's declared `path`: a filesystem mounted from one of
+/// them, or one of the volumes itself (a writer may declare a raw volume or image file).
+fn volume_of_path(path: &Path, mounted: &[FsFreezeWriter], volumes: &[PathBuf]) -> Option<String> {
+    let canonical = path.canonicalize().ok();
+    let named = volumes.iter().find(|v| v.as_path() == path || v.canonicalize().ok() == canonical);
+    named.map(|v| v.display().to_string()).or_else(|| volume_holding(path, mounted).map(str::to_string))
+}
+
+/// The coverage rule for a writer's declared paths (see the module comment).
+fn coverage_of(paths: &[PathBuf], mounted: &[FsFreezeWriter], volumes: &[PathBuf]) -> Coverage {
+    let outside: Vec<ClusterPath> = paths
+        .iter()
+        .filter(|p| volume_of_path(p, mounted, volumes).is_none())
+        .map(|p| ClusterPath { role: "path".into(), path: p.clone() })
+        .collect();
+    match outside.len() {
+        0 => Coverage::Whole,
+        n if n == paths.len() => Coverage::Outside,
+        _ => Coverage::Partial { outside },
+    }
+}
+
+/// The writers one backup holds, in the order they freeze.
+pub struct Chosen {
+    pub custom: Vec<CustomWriter>,
+    pub sqlite: Vec<SqliteWriter>,
+    pub postgres: Vec<PostgresWriter>,
+    /// The filesystems to freeze (empty with `--freeze never`).
+    pub filesystems: Vec<FsFreezeWriter>,
+    /// Declared writers left out, and why (the backup reports them as warnings).
+    pub skipped: Vec<String>,
+}
+
+/// Chooses the writers of a backup of `volumes` (planned as `plan`): the declared ones whose data
+/// is on its volumes, the PostgreSQL clusters found there and, with `freeze`, the filesystems.
+pub fn choose(
+    volumes: &[PathBuf],
+    plan: &[providers::Choice],
+    freeze: bool,
+    sqlite: &[PathBuf],
+    custom: &[CustomWriter],
+) -> Result<Chosen, CommandError> {
+    let mounted = freeze_targets(plan);
+    let mut chosen = Chosen {
+        custom: Vec::new(),
+        sqlite: Vec::new(),
+        postgres: Vec::new(),
+        filesystems: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for w in custom {
+        match coverage_of(&w.paths, &mounted, volumes) {
+            _ if w.paths.is_empty() => chosen.custom.push(w.clone()),
+            Coverage::Whole => chosen.custom.push(w.clone()),
+            Coverage::Outside => chosen
+                .skipped
+                .push(format!("writer {}: its paths are not on the volumes of this backup; not held", w.name)),
+            Coverage::Partial { outside } => {
+                let elsewhere: Vec<String> = outside.iter().map(|p| p.path.display().to_string()).collect();
+                return Err(CommandError::WriterSplit(format!(
+                    "writer {} is only partly on the volumes of this backup: {} not; back up all of its volumes together",
+                    w.name,
+                    elsewhere.join(", ")
+                )));
+            }
+        }
+    }
+    for db in sqlite {
+        match volume_of_path(db, &mounted, volumes) {
+            Some(_) => chosen.sqlite.push(SqliteWriter::new(db)),
+            None => {
+                chosen.skipped.push(format!("sqlite {}: not on the volumes of this backup; not held", db.display()))
+            }
+        }
+    }
+    if freeze {
+        chosen.postgres = postgres_writers(&mounted)?;
+        chosen.filesystems = mounted;
+    }
+    Ok(chosen)
 }
 
 /// The filesystems mounted from the volumes that a backup takes by snapshot (`plan`): through
@@ -147,18 +234,80 @@ pub fn postgres_writers(frozen: &[FsFreezeWriter]) -> Result<Vec<PostgresWriter>
     Ok(out)
 }
 
-pub fn writers(volumes: &[PathBuf]) -> Result<WriterReport> {
-    let asked: Vec<PathBuf> = if volumes.is_empty() {
-        rime_serve::registry::registrations().into_iter().map(|r| r.volume).collect()
-    } else {
-        volumes.to_vec()
-    };
-    let frozen = freeze_targets(&providers::plan(&asked, Mode::Auto, None));
-    let mut entries: Vec<WriterEntry> = postgres::running_clusters()
+/// A job's declared writer (SQLite or custom), with the volume of each of its paths.
+fn declared_entry(
+    name: String,
+    kind: &'static str,
+    paths: &[PathBuf],
+    mounted: &[FsFreezeWriter],
+    volumes: &[PathBuf],
+    freeze: String,
+    thaw: &'static str,
+) -> WriterEntry {
+    let paths: Vec<WriterPath> = paths
         .iter()
-        .filter(|c| c.coverage(|p| volume_holding(p, &frozen).is_some()) != Coverage::Outside)
-        .map(|c| postgres_entry(c, &frozen))
+        .map(|p| WriterPath {
+            role: "path".into(),
+            path: p.display().to_string(),
+            volume: volume_of_path(p, mounted, volumes),
+        })
         .collect();
-    entries.extend(frozen.iter().map(fsfreeze_entry));
+    let mut on: Vec<String> = paths.iter().filter_map(|p| p.volume.clone()).collect();
+    if paths.is_empty() {
+        on = volumes.iter().map(|v| v.display().to_string()).collect();
+    }
+    on.dedup();
+    let freeze = match (paths.is_empty(), paths.iter().filter(|p| p.volume.is_none()).count()) {
+        (false, n) if n == paths.len() => "none: not on these volumes".to_string(),
+        (false, n) if n > 0 => "none: a backup refuses it, only part of it is on these volumes".to_string(),
+        _ => freeze,
+    };
+    WriterEntry { name, kind, volumes: on, device: None, mount_point: None, filesystem: None, paths, freeze, thaw }
+}
+
+/// The report of `rime writers`: `volumes` (default: `job`'s, else every protected volume) and
+/// the writers of `job`, if given.
+pub fn writers(volumes: &[PathBuf], job: Option<&Job>) -> Result<WriterReport> {
+    let asked: Vec<PathBuf> = match (volumes.is_empty(), job) {
+        (false, _) => volumes.to_vec(),
+        (true, Some(j)) => j.volumes.clone(),
+        (true, None) => rime_serve::registry::registrations().into_iter().map(|r| r.volume).collect(),
+    };
+    let mounted = freeze_targets(&providers::plan(&asked, Mode::Auto, None));
+    let mut entries = Vec::new();
+    if let Some(job) = job {
+        for w in &job.writers {
+            let freeze = format!("`{}` after the before-snapshot hooks", w.freeze.describe());
+            entries.push(declared_entry(
+                w.name.clone(),
+                "custom",
+                &w.paths,
+                &mounted,
+                &asked,
+                freeze,
+                "its thaw command, always",
+            ));
+        }
+        for db in &job.sqlite {
+            let name = SqliteWriter::new(db).name();
+            let freeze = "WAL checkpoint, then its write lock (BEGIN IMMEDIATE) held".to_string();
+            entries.push(declared_entry(
+                name,
+                "sqlite",
+                std::slice::from_ref(db),
+                &mounted,
+                &asked,
+                freeze,
+                "ROLLBACK, always",
+            ));
+        }
+    }
+    entries.extend(
+        postgres::running_clusters()
+            .iter()
+            .filter(|c| c.coverage(|p| volume_holding(p, &mounted).is_some()) != Coverage::Outside)
+            .map(|c| postgres_entry(c, &mounted)),
+    );
+    entries.extend(mounted.iter().map(fsfreeze_entry));
     Ok(WriterReport { volumes: asked.iter().map(|v| v.display().to_string()).collect(), writers: entries })
 }

@@ -341,3 +341,80 @@ fn a_writer_that_cannot_freeze_is_thawed_with_the_others_and_nothing_completes()
     );
     assert!(env.snapshot_ids().is_empty());
 }
+
+#[test]
+fn writers_are_held_only_where_their_paths_are_and_a_split_one_is_refused() {
+    let env = Env::new();
+    let (_src, vol) = ext4_with_files(&env, "vol", 15, 16, 128 * 1024);
+    let elsewhere = env.path("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    let log = env.path("writers.log");
+    let say = |what: &str| format!("echo '{what}' >> '{}'", log.display());
+    let job = env.path("placed.toml");
+    let write_job = |extra_paths: &str| {
+        fs::write(
+            &job,
+            format!(
+                r#"
+[jobs.app]
+volumes = ["{vol}"]
+sqlite = ["{db}"]
+
+[[jobs.app.writers]]
+name = "on-volume"
+paths = ["{vol}"]
+freeze = "{fa}"
+thaw = "{ta}"
+
+[[jobs.app.writers]]
+name = "elsewhere"
+paths = [{extra_paths}]
+freeze = "{fb}"
+thaw = "{tb}"
+"#,
+                vol = vol.display(),
+                db = elsewhere.join("app.db").display(),
+                fa = say("freeze on-volume"),
+                ta = say("thaw on-volume"),
+                fb = say("freeze elsewhere"),
+                tb = say("thaw elsewhere"),
+            ),
+        )
+        .unwrap();
+    };
+    write_job(&format!("\"{}\"", elsewhere.display()));
+
+    // `rime writers --job` says where each declared writer's data is.
+    let r = env.rime(&["writers", "--json", "--job", job.to_str().unwrap()]).ok().json();
+    let find = |name: &str| r["writers"].as_array().unwrap().iter().find(|w| w["name"] == name).cloned().unwrap();
+    assert_eq!(find("on-volume")["paths"][0]["volume"], vol.display().to_string(), "{r}");
+    assert_eq!(find("elsewhere")["paths"][0]["volume"], serde_json::Value::Null, "{r}");
+    assert!(find("elsewhere")["freeze"].as_str().unwrap().starts_with("none"), "{r}");
+    let db = r["writers"].as_array().unwrap().iter().find(|w| w["kind"] == "sqlite").unwrap();
+    assert_eq!(db["paths"][0]["volume"], serde_json::Value::Null, "{r}");
+
+    // A backup holds the writer whose data is on its volume, and says why it left the others out.
+    let b = env.backup_json(&["--job", job.to_str().unwrap()]);
+    assert_eq!(log_lines(&log), ["freeze on-volume", "thaw on-volume"]);
+    let warnings = b["warnings"].to_string();
+    assert!(warnings.contains("writer elsewhere: its paths are not on the volumes"), "{warnings}");
+    assert!(warnings.contains("app.db: not on the volumes of this backup"), "{warnings}");
+    let held: Vec<&str> = b["manifest"]["consistency"]["writers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(held, ["on-volume"], "{b}");
+
+    // A writer with data both on and off the backup's volumes: refused, nothing frozen.
+    fs::remove_file(&log).unwrap();
+    write_job(&format!("\"{}\", \"{}\"", vol.display(), elsewhere.display()));
+    let run = env.rime(&["backup", "--job", job.to_str().unwrap()]);
+    let code = run.code;
+    let line = run.fails();
+    assert_eq!(code, Some(9), "{line}");
+    assert!(line.contains("writer elsewhere is only partly on the volumes"), "{line}");
+    assert!(log_lines(&log).is_empty(), "nothing was frozen: {:?}", log_lines(&log));
+    assert_eq!(env.snapshot_ids().len(), 1, "no new snapshot");
+}
