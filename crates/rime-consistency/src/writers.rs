@@ -24,6 +24,9 @@ pub struct FsFreezeWriter {
     pub filesystem: String,
     #[serde(skip)]
     frozen: bool,
+    /// Held still by the last freeze (by us, or by whoever froze it before).
+    #[serde(skip)]
+    held: bool,
 }
 
 impl FsFreezeWriter {
@@ -72,14 +75,21 @@ impl FsFreezeWriter {
         match result {
             Ok(Frozen::Now) => {
                 self.frozen = true;
+                self.held = true;
                 Ok(())
             }
             Ok(Frozen::Already) => {
+                self.held = true;
                 tracing::info!("{} is frozen already; left for its owner to thaw", self.mount_point.display());
                 Ok(())
             }
             Err(e) => Err(format!("{}: {e}", self.name())),
         }
+    }
+
+    /// The last freeze held it still (its thaw does not change that record).
+    pub fn was_held(&self) -> bool {
+        self.held
     }
 
     pub fn thaw(&mut self) -> Result<(), String> {
@@ -113,6 +123,7 @@ pub fn fsfreeze_writers(devices: &[(String, PathBuf)]) -> Vec<FsFreezeWriter> {
                 mount_point,
                 filesystem,
                 frozen: false,
+                held: false,
             });
         }
     }

@@ -42,6 +42,10 @@ pub struct Consistency {
     /// The writers held for the snapshot, with what each reported.
     #[serde(default)]
     pub writers: Vec<WriterRecord>,
+    /// With `--freeze try`: the writers that could not be held, and why; the data they hold
+    /// is only crash-consistent in this snapshot. Empty: every writer found was held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_held: Vec<String>,
 }
 
 /// One writer held for a snapshot.

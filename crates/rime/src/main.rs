@@ -82,10 +82,11 @@ enum Command {
         /// Run after the backup with its outcome in RIME_ERROR; repeatable.
         #[arg(long = "after-backup", value_name = "CMD")]
         after_backup: Vec<String>,
-        /// Freeze the filesystems mounted from volumes protected by `rime serve` for the
-        /// snapshot (fsfreeze), so their images need no journal replay. never: a
-        /// crash-consistent snapshot.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "never"])]
+        /// Hold the writers found on the volumes for the snapshot: the filesystems mounted from
+        /// them (fsfreeze) and the PostgreSQL clusters there (CHECKPOINT first). auto: one that
+        /// cannot be held fails the backup; try: go on, its data crash-consistent (recorded and
+        /// warned); never: a crash-consistent snapshot.
+        #[arg(long, default_value = "auto", value_parser = ["auto", "try", "never"])]
         freeze: String,
         /// The snapshot provider every volume must use: btrfs-snapshot, reflink, rime-serve or
         /// offline (default auto: the best available for each).
@@ -360,7 +361,7 @@ fn run(cli: Cli) -> Result<i32> {
                 host: rime_core::hostname(),
                 map_options: MapOptions { cross_check: CrossCheck::parse(&cross_check)? },
                 hooks,
-                freeze: freeze == "auto",
+                freeze: rime_core::commands::backup::Freeze::parse(&freeze)?,
                 provider,
                 sqlite: job_sqlite.into_iter().chain(sqlite).collect(),
                 custom_writers,

@@ -51,6 +51,30 @@ impl Mode {
     }
 }
 
+/// What a backup does with the writers it finds (`--freeze`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Freeze {
+    /// Hold every writer; one that cannot be held fails the backup (exit code 8).
+    #[default]
+    Required,
+    /// Hold every writer that can be; for one that cannot, go on with a crash-consistent image
+    /// of its data, recorded in the snapshot (`consistency.not_held`) and warned about.
+    Try,
+    /// Hold none: a crash-consistent snapshot (hooks still run).
+    Never,
+}
+
+impl Freeze {
+    pub fn parse(s: &str) -> Result<Freeze> {
+        match s {
+            "auto" => Ok(Freeze::Required),
+            "try" => Ok(Freeze::Try),
+            "never" => Ok(Freeze::Never),
+            other => bail!("unknown --freeze '{other}' (expected auto, try or never)"),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct BackupOptions {
     pub volumes: Vec<PathBuf>,
@@ -66,8 +90,8 @@ pub struct BackupOptions {
     pub map_options: rime_volume::fs::MapOptions,
     /// Commands run around the snapshot.
     pub hooks: Hooks,
-    /// Freeze the filesystems mounted from protected volumes for the snapshot (`fsfreeze`).
-    pub freeze: bool,
+    /// Which writers are held for the snapshot, and what a failure to hold one means.
+    pub freeze: Freeze,
     /// `--provider`: the snapshot provider every volume must use (None: the best available).
     pub provider: Option<crate::providers::Provider>,
     /// SQLite databases to hold consistent (write lock) for the snapshot.
@@ -102,7 +126,8 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
         ..HookContext::default()
     };
     // A writer only partly on the volumes fails the backup here, before anything is frozen.
-    let chosen = super::writers::choose(&opts.volumes, &plan, opts.freeze, &opts.sqlite, &opts.custom_writers);
+    let chosen =
+        super::writers::choose(&opts.volumes, &plan, opts.freeze != Freeze::Never, &opts.sqlite, &opts.custom_writers);
     let custom: Vec<CustomWriter> = chosen.as_ref().map(|c| c.custom.clone()).unwrap_or_default();
     let mut result = match chosen {
         Ok(mut chosen) => backup_with_hooks(repo, opts, &plan, &mut chosen, progress, &mut ctx),
@@ -111,7 +136,10 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     ctx.error = result.as_ref().err().map_or(0, crate::error::exit_code);
     // Writers hear the outcome; only a success lets them run their completion action.
     if let Ok(summary) = result.as_mut() {
-        for w in &custom {
+        // Only the writers that were held (under --freeze try, one may not have been).
+        let held: Vec<String> =
+            summary.manifest.consistency.iter().flat_map(|c| &c.writers).map(|w| w.name.clone()).collect();
+        for w in custom.iter().filter(|w| held.contains(&w.name)) {
             let Some(complete) = &w.complete else { continue };
             if let Err(e) = hooks::run_hook(complete, Stage::AfterBackup, &ctx) {
                 let warning = format!("writer {}: {e}", w.name);
@@ -139,28 +167,44 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
 /// snapshot was asked for and its instant: the engine counts them. A write there means a writer
 /// was not held (a filesystem not found, or the volume written directly), so the snapshot is
 /// dropped rather than passed off as application-consistent.
-fn writes_stayed_suspended(writers: &[FsFreezeWriter], capture: Capture) -> Result<Capture> {
-    if writers.is_empty() {
-        return Ok(capture);
+fn writes_during_freeze(writers: &[FsFreezeWriter], capture: &Capture) -> Result<Option<String>> {
+    if !writers.iter().any(FsFreezeWriter::was_held) {
+        return Ok(None);
     }
     for ov in &capture.volumes {
         let Some(source) = &ov.online else { continue };
         let during = source.writes_now()?.saturating_sub(source.writes_before);
         if during > 0 {
-            return Err(CommandError::WritesNotSuspended(format!(
-                "{during} writes reached {} while its filesystems were frozen for the snapshot; the snapshot was dropped",
+            return Ok(Some(format!(
+                "{during} writes reached {} while its filesystems were frozen for the snapshot",
                 ov.volume.path.display()
-            ))
-            .into());
+            )));
         }
     }
-    Ok(capture)
+    Ok(None)
 }
 
-/// The volumes all of whose mounted filesystems are frozen (every writer froze, or the backup
-/// would have stopped before the capture).
+/// A writer that could not be held: under `--freeze try` the backup goes on (its data only
+/// crash-consistent, recorded), else it fails the backup like a failed freeze.
+fn writer_failed(mode: Freeze, error: String, failure: &mut Option<CommandError>, not_held: &mut Vec<String>) {
+    if mode == Freeze::Try {
+        tracing::warn!("{error}; going on crash-consistent for its data (--freeze try)");
+        not_held.push(error);
+    } else if failure.is_none() {
+        *failure = Some(CommandError::HookFailed(error));
+    }
+}
+
+/// The volumes that have mounted filesystems, all of them held still.
 fn fully_frozen(volumes: &[PathBuf], writers: &[FsFreezeWriter]) -> Vec<PathBuf> {
-    volumes.iter().filter(|v| writers.iter().any(|w| Path::new(&w.volume) == v.as_path())).cloned().collect()
+    volumes
+        .iter()
+        .filter(|v| {
+            let mut on = writers.iter().filter(|w| Path::new(&w.volume) == v.as_path()).peekable();
+            on.peek().is_some() && on.all(FsFreezeWriter::was_held)
+        })
+        .cloned()
+        .collect()
 }
 
 /// Which snapshot providers the volumes will use, for `RIME_PROVIDER`. The capture plans again
@@ -216,7 +260,11 @@ fn backup_with_hooks(
         && custom.is_empty());
     let freeze_started = Instant::now();
     let before = hooks::run_stage(&opts.hooks, Stage::BeforeSnapshot, ctx, true);
+    // A failed before-snapshot hook always aborts; a writer that cannot be held aborts unless
+    // `--freeze try` (then `not_held` says which, and the backup goes on).
     let mut failure = before.into_iter().next().map(|f| CommandError::HookFailed(f.to_string()));
+    let mut not_held: Vec<String> = Vec::new();
+    let mut failed_writers: Vec<String> = Vec::new();
     // Applications first (their data flushed and held), then the filesystems under them.
     let mut tried_custom = 0;
     for w in custom.iter() {
@@ -225,7 +273,8 @@ fn backup_with_hooks(
         }
         tried_custom += 1;
         if let Err(e) = hooks::run_hook(&w.freeze, Stage::BeforeSnapshot, ctx) {
-            failure = Some(CommandError::HookFailed(format!("writer {}: {e}", w.name)));
+            failed_writers.push(w.name.clone());
+            writer_failed(opts.freeze, format!("writer {}: {e}", w.name), &mut failure, &mut not_held);
         }
     }
     for d in databases.iter_mut() {
@@ -233,7 +282,8 @@ fn backup_with_hooks(
             break;
         }
         if let Err(e) = d.freeze() {
-            failure = Some(CommandError::HookFailed(e));
+            failed_writers.push(d.name());
+            writer_failed(opts.freeze, e, &mut failure, &mut not_held);
         }
     }
     // A database server writes its dirty buffers out; the freeze of its filesystems holds it.
@@ -242,7 +292,8 @@ fn backup_with_hooks(
             break;
         }
         if let Err(e) = c.checkpoint() {
-            failure = Some(CommandError::HookFailed(e));
+            failed_writers.push(c.name());
+            writer_failed(opts.freeze, e, &mut failure, &mut not_held);
         }
     }
     // The plan made before the hooks holds unless a hook or custom writer ran, which may have
@@ -265,12 +316,24 @@ fn backup_with_hooks(
                 .filter_map(|h| h.join().unwrap_or_else(|_| Err("a freeze panicked".into())).err())
                 .collect()
         });
-        failure = errors.into_iter().next().map(|e| CommandError::HookFailed(format!("freezing {e}")));
+        for e in errors {
+            writer_failed(opts.freeze, format!("freezing {e}"), &mut failure, &mut not_held);
+        }
     }
+    failed_writers.extend(writers.iter().filter(|w| !w.was_held()).map(|w| w.name()));
     let opened = match failure {
         Some(f) => Err(anyhow::Error::new(f)),
-        None => capture(&opts.volumes, plan, &fully_frozen(&opts.volumes, &writers))
-            .and_then(|c| writes_stayed_suspended(&writers, c)),
+        None => capture(&opts.volumes, plan, &fully_frozen(&opts.volumes, writers)).and_then(|c| {
+            match writes_during_freeze(writers, &c)? {
+                None => Ok(c),
+                // A writer Rime does not know kept writing: not application-consistent.
+                Some(w) if opts.freeze == Freeze::Try => {
+                    not_held.push(format!("{w}: a writer Rime does not know was not held"));
+                    Ok(c)
+                }
+                Some(w) => Err(CommandError::WritesNotSuspended(format!("{w}; the snapshot was dropped")).into()),
+            }
+        }),
     };
     // Thaws and after-snapshot hooks learn how the snapshot went.
     ctx.snapshot_active = opened.as_ref().is_ok_and(|c| c.volumes.iter().any(|ov| ov.provider.is_snapshot()));
@@ -321,7 +384,12 @@ fn backup_with_hooks(
     // If the snapshot failed, no data is read.
     let Capture { volumes, coherent, instant, gate_closed_ms, capture_ms } = opened?;
     tracing::info!("captured in {capture_ms:.0} ms: {instant}");
-    let consistency = Consistency { coherent, instant, freeze_window_ms, gate_closed_ms, capture_ms, writers: held };
+    held.retain(|r| !failed_writers.contains(&r.name));
+    for n in &not_held {
+        warn(format!("{n}; its data is only crash-consistent in this snapshot (--freeze try)"));
+    }
+    let consistency =
+        Consistency { coherent, instant, freeze_window_ms, gate_closed_ms, capture_ms, writers: held, not_held };
     // 4. Read: decide the maps.
     let mut layouts = Vec::new();
     for ov in &volumes {

@@ -418,3 +418,33 @@ thaw = "{tb}"
     assert!(log_lines(&log).is_empty(), "nothing was frozen: {:?}", log_lines(&log));
     assert_eq!(env.snapshot_ids().len(), 1, "no new snapshot");
 }
+
+#[test]
+fn with_freeze_try_a_writer_that_cannot_freeze_leaves_a_recorded_crash_consistent_backup() {
+    let env = Env::new();
+    let (_src, vol) = ext4_with_files(&env, "vol", 16, 16, 128 * 1024);
+    let log = env.path("writers.log");
+    let job = job_with_writers(&env, &vol, &log, "SAY; exit 5");
+    let b = env.backup_json(&["--job", job.to_str().unwrap(), "--freeze", "try"]);
+    // b's freeze was tried, so it is thawed; it is not held, so it does not complete.
+    assert_eq!(
+        log_lines(&log),
+        [
+            "hook before-snapshot 0",
+            "freeze a 0",
+            "freeze b 0",
+            "thaw b 0",
+            "thaw a 0",
+            "hook after-snapshot 0",
+            "complete a 0",
+            "hook after-backup 0"
+        ]
+    );
+    let c = &b["manifest"]["consistency"];
+    let held: Vec<&str> = c["writers"].as_array().unwrap().iter().map(|w| w["name"].as_str().unwrap()).collect();
+    assert_eq!(held, ["a"], "{c}");
+    let not_held = c["not_held"].as_array().unwrap_or_else(|| panic!("{c}"));
+    assert!(not_held.len() == 1 && not_held[0].as_str().unwrap().contains("writer b"), "{c}");
+    assert!(b["warnings"].to_string().contains("only crash-consistent"), "{}", b["warnings"]);
+    // Without try, the same job fails (exit 8), as a_writer_that_cannot_freeze_... shows.
+}

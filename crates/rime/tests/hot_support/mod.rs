@@ -280,3 +280,9 @@ pub fn qemu_io(uri: &str, cmds: &[String]) {
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && !text.contains("error"), "qemu-io: {text}");
 }
+
+/// The names of the writers of `kind` a backup's `consistency` record says were held.
+pub fn held_writers(consistency: &Value, kind: &str) -> Vec<String> {
+    let writers = consistency["writers"].as_array().unwrap_or_else(|| panic!("no writers in {consistency}"));
+    writers.iter().filter(|w| w["kind"] == kind).map(|w| w["name"].as_str().unwrap().to_string()).collect()
+}

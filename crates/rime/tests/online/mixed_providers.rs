@@ -67,13 +67,7 @@ fn a_served_volume_and_a_reflink_image_are_frozen_and_captured_at_one_instant() 
         assert_eq!(c["coherent"], true, "{c}");
         let instant = c["instant"].as_str().unwrap();
         assert!(instant.contains("1 reflink clone taken while every gate was held"), "{instant}");
-        let frozen: Vec<&str> = c["writers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["kind"] == "fsfreeze")
-            .map(|w| w["name"].as_str().unwrap())
-            .collect();
+        let frozen = held_writers(c, "fsfreeze");
         assert_eq!(frozen.len(), 2, "the filesystems on both volumes were frozen: {c}");
         assert!(frozen.iter().any(|n| n.ends_with("vm-mnt")), "{frozen:?}");
         // The clone's instant lies inside the served volume's gate window.

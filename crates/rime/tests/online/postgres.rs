@@ -232,13 +232,7 @@ fn a_busy_postgresql_with_its_wal_on_another_volume_restores_with_every_commit_b
     assert_eq!(details["WAL directory"], wal.canonicalize().unwrap().display().to_string(), "{writer}");
     assert!(details["checkpoint_lsn"].as_str().is_some_and(|l| l.contains('/')), "{writer}");
     assert!(details["server_version"].as_str().is_some_and(|v| !v.is_empty()), "{writer}");
-    let frozen: Vec<&str> = c["writers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|w| w["kind"] == "fsfreeze")
-        .map(|w| w["name"].as_str().unwrap())
-        .collect();
+    let frozen = held_writers(c, "fsfreeze");
     assert_eq!(frozen.len(), 2, "both filesystems frozen: {c}");
     let snapshot = backup["snapshot"].as_str().unwrap().to_string();
 
