@@ -137,7 +137,7 @@ fn a_writer_rime_does_not_hold_fails_the_frozen_backup() {
             line.contains("writes reached") || line.contains("without pause"),
             "the error says what went wrong: {line}"
         );
-        assert!(written.load(Ordering::Relaxed) > 50, "the raw writer ran throughout");
+        assert!(written.load(Ordering::Relaxed) > 5, "the raw writer ran during the backup");
         assert!(env.snapshots().is_empty(), "no snapshot was kept");
         // Thawed: unfreezing a filesystem that is not frozen fails with EINVAL.
         let (ok, out) = sh_status("fsfreeze", &["--unfreeze", mnt.dir.to_str().unwrap()]);
