@@ -97,6 +97,17 @@ pub enum Coverage {
     Partial { outside: Vec<ClusterPath> },
 }
 
+impl Coverage {
+    /// The coverage of a writer with `total` paths, `outside` of them not held.
+    pub fn of(outside: Vec<ClusterPath>, total: usize) -> Coverage {
+        match outside.len() {
+            0 => Coverage::Whole,
+            n if n == total => Coverage::Outside,
+            _ => Coverage::Partial { outside },
+        }
+    }
+}
+
 impl Cluster {
     /// The cluster whose postmaster `pid` runs in `data_directory`, if its `postmaster.pid`
     /// says so.
@@ -140,11 +151,7 @@ impl Cluster {
     /// Which of its paths `held` (on a filesystem the backup freezes) covers.
     pub fn coverage(&self, held: impl Fn(&Path) -> bool) -> Coverage {
         let outside: Vec<ClusterPath> = self.paths.iter().filter(|p| !held(&p.path)).cloned().collect();
-        match outside.len() {
-            0 => Coverage::Whole,
-            n if n == self.paths.len() => Coverage::Outside,
-            _ => Coverage::Partial { outside },
-        }
+        Coverage::of(outside, self.paths.len())
     }
 
     /// `psql` connected to the cluster as its data directory's owner, in a clean environment

@@ -123,11 +123,7 @@ fn coverage_of(paths: &[PathBuf], mounted: &[FsFreezeWriter], volumes: &[PathBuf
         .filter(|p| volume_of_path(p, mounted, volumes).is_none())
         .map(|p| ClusterPath { role: "path".into(), path: p.clone() })
         .collect();
-    match outside.len() {
-        0 => Coverage::Whole,
-        n if n == paths.len() => Coverage::Outside,
-        _ => Coverage::Partial { outside },
-    }
+    Coverage::of(outside, paths.len())
 }
 
 /// The writers one backup holds, in the order they freeze.
