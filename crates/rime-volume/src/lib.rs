@@ -1,6 +1,7 @@
 //! Rime's view of volumes: block devices and image files, and the used-block maps that the
 //! filesystems on them provide.
 
+pub mod backing;
 pub mod bytes;
 pub mod checksum;
 pub mod device;
