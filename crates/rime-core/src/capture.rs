@@ -47,6 +47,28 @@ pub struct OpenVolume {
     pub reflink: Option<crate::reflink::Clone>,
     /// An image file read inside a btrfs subvolume snapshot (deleted with its last volume).
     _subvolume_snapshot: Option<Arc<SubvolumeSnapshot>>,
+    /// A VM file the backup carried into the snapshot (not a volume of the host).
+    pub carried: bool,
+}
+
+impl OpenVolume {
+    /// A VM file staged at the snapshot's instant (`read_from`), imaged under its host path.
+    pub fn carried(host_path: &Path, read_from: &Path, name: String) -> Result<OpenVolume> {
+        let file = std::fs::File::open(read_from).with_context(|| format!("open {}", read_from.display()))?;
+        let size = file.metadata()?.len();
+        let volume = Volume::from_source(host_path.to_path_buf(), rime_volume::VolumeKind::File, size, Arc::new(file));
+        Ok(OpenVolume {
+            volume,
+            name,
+            provider: Provider::Offline,
+            captured_at: None,
+            online: None,
+            _qemu_guard: None,
+            reflink: None,
+            _subvolume_snapshot: None,
+            carried: true,
+        })
+    }
 }
 
 /// Every volume of a backup, captured.
@@ -130,6 +152,7 @@ pub fn capture(paths: &[PathBuf], plan: &[providers::Choice], frozen: &[PathBuf]
             _qemu_guard: None,
             reflink: None,
             _subvolume_snapshot: None,
+            carried: false,
         });
     }
 
@@ -203,6 +226,7 @@ fn capture_storage(
             _qemu_guard: None,
             reflink,
             _subvolume_snapshot: subvolume_snapshot,
+            carried: false,
         });
     }
     Ok(())
@@ -231,6 +255,7 @@ fn open_offline(path: &Path) -> Result<OpenVolume> {
         _qemu_guard: qemu_guard,
         reflink: None,
         _subvolume_snapshot: None,
+        carried: false,
     })
 }
 

@@ -27,6 +27,14 @@ pub enum CommandError {
     /// without its WAL volume): nothing was frozen or read.
     #[error("{0}")]
     WriterSplit(String),
+    /// libvirt could not be reached, or a VM could not be stopped, started, defined or
+    /// restored; every VM Rime stopped was started again.
+    #[error("{0}")]
+    Vm(String),
+    /// A VM restore was refused before anything was written (files missing from the
+    /// snapshot, a domain or file in the way).
+    #[error("{0}")]
+    VmRefused(String),
 }
 
 /// Exit codes: one per kind of failure a script (or a hook's `RIME_ERROR`) may act on.
@@ -49,6 +57,10 @@ pub mod codes {
     pub const HOOK_FAILED: i32 = 8;
     /// A writer's data is only partly on the backup's volumes.
     pub const WRITER_SPLIT: i32 = 9;
+    /// libvirt could not be reached, or a VM could not be stopped or started again in time.
+    pub const VM_FAILED: i32 = 10;
+    /// A VM restore was refused before anything was written.
+    pub const VM_REFUSED: i32 = 11;
 }
 
 /// The exit code for `e`, read from the typed errors in its chain.
@@ -86,6 +98,19 @@ pub fn exit_code(e: &anyhow::Error) -> i32 {
                 CommandError::HookFailed(_) => HOOK_FAILED,
                 CommandError::WriterSplit(_) => WRITER_SPLIT,
                 CommandError::WritesNotSuspended(_) | CommandError::SnapshotFailed(_) => SNAPSHOT_FAILED,
+                CommandError::Vm(_) => VM_FAILED,
+                CommandError::VmRefused(_) => VM_REFUSED,
+            };
+        }
+        if let Some(v) = cause.downcast_ref::<rime_virt::VirtError>() {
+            return match v {
+                rime_virt::VirtError::NoDomain(_) => NOT_FOUND,
+                _ => VM_FAILED,
+            };
+        }
+        if let Some(n) = cause.downcast_ref::<crate::places::NameError>() {
+            return match n {
+                crate::places::NameError::NotAMountPoint(_) | crate::places::NameError::NotOnAVolume { .. } => USAGE,
             };
         }
         // A snapshot view's read failure reaches here wrapped in an I/O error.

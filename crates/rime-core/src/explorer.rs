@@ -48,13 +48,15 @@ fn partition_list(v: &VolumeEntry) -> String {
 /// Picks the volume (and partition) named by `spec`.
 pub fn select(manifest: &Manifest, spec: Option<&str>) -> Result<Selection> {
     let (volume, number) = match spec {
-        None if manifest.volumes.len() == 1 => (&manifest.volumes[0], None),
-        None => bail!(
-            "snapshot {} holds {} volumes ({}); choose one with --volume",
-            manifest.id,
-            manifest.volumes.len(),
-            volume_names(manifest)
-        ),
+        None => match manifest.data_volumes().collect::<Vec<_>>()[..] {
+            [only] => (only, None),
+            ref several => bail!(
+                "snapshot {} holds {} volumes ({}); choose one with --volume",
+                manifest.id,
+                several.len(),
+                volume_names(manifest)
+            ),
+        },
         Some(s) => match manifest.volume(s) {
             Some(v) => (v, None),
             None => {

@@ -10,8 +10,10 @@ pub mod commands;
 pub mod error;
 pub mod exclusions;
 pub mod explorer;
+pub mod interrupt;
 pub mod inuse;
 pub mod online;
+pub mod places;
 pub mod progress;
 pub mod providers;
 pub mod references;
@@ -19,6 +21,7 @@ pub mod reflink;
 pub mod retention;
 pub mod snapshot_reader;
 pub mod target;
+pub mod vms;
 
 pub use error::CommandError;
 pub use progress::{NoProgress, Progress};

@@ -95,6 +95,7 @@ mod tests {
             duration: 0.0,
             rime_version: "test".into(),
             consistency: None,
+            vms: None,
         }
     }
 

@@ -70,32 +70,66 @@ fn unescape_mountinfo(s: &str) -> Vec<u8> {
     out
 }
 
+/// One line of `/proc/self/mountinfo`, unescaped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountEntry {
+    pub mount_point: PathBuf,
+    /// The directory of the filesystem that is mounted there (`/` unless a bind mount).
+    pub root: PathBuf,
+    pub fstype: String,
+    /// The mounted device (`/dev/loop3`), or the filesystem's own word (`tmpfs`, `server:/x`).
+    pub source: String,
+}
+
+impl MountEntry {
+    /// `path` (under this mount point) as a path inside the mounted filesystem.
+    pub fn path_inside(&self, path: &Path) -> Option<PathBuf> {
+        let rest = path.strip_prefix(&self.mount_point).ok()?;
+        Some(if rest.as_os_str().is_empty() { self.root.clone() } else { self.root.join(rest) })
+    }
+}
+
+/// Every mount, in the order the kernel lists them.
+pub fn mount_table() -> Vec<MountEntry> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
+    let path = |s: &str| PathBuf::from(std::ffi::OsStr::from_bytes(&unescape_mountinfo(s)));
+    info.lines()
+        .filter_map(|line| {
+            // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
+            let mut fields = line.split(' ');
+            let root = fields.nth(3)?;
+            let mount_point = fields.next()?;
+            let mut rest = line.split(" - ").nth(1)?.split(' ');
+            let (fstype, source) = (rest.next()?, rest.next()?);
+            Some(MountEntry {
+                mount_point: path(mount_point),
+                root: path(root),
+                fstype: fstype.to_string(),
+                source: String::from_utf8_lossy(&unescape_mountinfo(source)).into_owned(),
+            })
+        })
+        .collect()
+}
+
 /// The filesystem type (`ext4`, `nfs4`, `fuse.sshfs`, ...) of the mount that holds `path`.
 pub fn filesystem_type_of(path: &Path) -> Option<String> {
-    mount_of(path).map(|(_, fstype)| fstype)
+    mount_entry_of(path).map(|m| m.fstype)
 }
 
 /// The mount point of the mount that holds `path`.
 pub fn mount_point_of(path: &Path) -> Option<PathBuf> {
-    mount_of(path).map(|(mount_point, _)| mount_point)
+    mount_entry_of(path).map(|m| m.mount_point)
 }
 
-/// (mount point, filesystem type) of the mount that holds `path`: the longest mount point in
-/// `/proc/self/mountinfo` that is a prefix of its canonical path (the last one listed when a
-/// mount point is mounted over).
-fn mount_of(path: &Path) -> Option<(PathBuf, String)> {
+/// The mount that holds `path`: the longest mount point that is a prefix of its canonical path
+/// (the last one listed when a mount point is mounted over).
+pub fn mount_entry_of(path: &Path) -> Option<MountEntry> {
     let canonical = path.canonicalize().ok()?;
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let mut best: Option<(PathBuf, String)> = None;
-    for line in info.lines() {
-        // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
-        let mut fields = line.split(' ');
-        let Some(mount_point) = fields.nth(4).map(unescape_mountinfo) else { continue };
-        let Some(fstype) = line.split(" - ").nth(1).and_then(|rest| rest.split(' ').next()) else { continue };
-        let mp = PathBuf::from(std::ffi::OsStr::from_bytes(&mount_point));
-        let longer = best.as_ref().is_none_or(|(b, _)| mp.as_os_str().len() >= b.as_os_str().len());
-        if canonical.starts_with(&mp) && longer {
-            best = Some((mp, fstype.to_string()));
+    let mut best: Option<MountEntry> = None;
+    for m in mount_table() {
+        let longer = best.as_ref().is_none_or(|b| m.mount_point.as_os_str().len() >= b.mount_point.as_os_str().len());
+        if canonical.starts_with(&m.mount_point) && longer {
+            best = Some(m);
         }
     }
     best
@@ -105,16 +139,10 @@ fn mount_of(path: &Path) -> Option<(PathBuf, String)> {
 /// `/proc/self/mountinfo`.
 pub fn mounts_of_device(device: &Path) -> Vec<(PathBuf, String)> {
     let Ok(canonical) = device.canonicalize() else { return Vec::new() };
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return Vec::new() };
-    info.lines()
-        .filter_map(|line| {
-            let mount_point = line.split(' ').nth(4).map(unescape_mountinfo)?;
-            let mut rest = line.split(" - ").nth(1)?.split(' ');
-            let (fstype, source) = (rest.next()?, rest.next()?);
-            let source = Path::new(std::ffi::OsStr::from_bytes(&unescape_mountinfo(source))).canonicalize().ok()?;
-            (source == canonical)
-                .then(|| (PathBuf::from(std::ffi::OsStr::from_bytes(&mount_point)), fstype.to_string()))
-        })
+    mount_table()
+        .into_iter()
+        .filter(|m| Path::new(&m.source).canonicalize().is_ok_and(|s| s == canonical))
+        .map(|m| (m.mount_point, m.fstype))
         .collect()
 }
 

@@ -25,7 +25,9 @@ pub use error::RepoError;
 pub use id::{ChunkId, PackId, SnapshotId};
 pub use index::{ChunkIndex, ChunkLocation};
 pub use repo::Repository;
-pub use snapshot::{Consistency, Manifest, VolumeEntry, WriterRecord};
+pub use snapshot::{
+    Consistency, FileInSnapshot, Manifest, VmFileRecord, VmRecord, VmSection, VolumeEntry, WriterRecord, VM_FILE_KIND,
+};
 
 /// Version of the on-disk format written by this build. Readers refuse newer versions.
 pub const FORMAT_VERSION: u32 = 1;

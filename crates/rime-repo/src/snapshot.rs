@@ -19,6 +19,90 @@ pub struct Manifest {
     /// Absent in snapshots made before Rime recorded it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistency: Option<Consistency>,
+    /// The virtual machines on the volumes (`--vm-aware`): their layout, their state at the
+    /// snapshot, and where each of their files is in it (docs/VMS.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<VmSection>,
+}
+
+/// `kind` of a volume entry that holds one VM file a backup carried into the snapshot (domain
+/// XML, NVRAM, managed-save image kept outside the backed-up volumes); it is listed among the
+/// volumes so that every reader (verify, prune, older versions) keeps its data.
+pub const VM_FILE_KIND: &str = "vm-file";
+
+/// The VMs of a `--vm-aware` backup.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VmSection {
+    /// "full" or "partial": which VMs the backup stopped (docs/VMS.md).
+    pub criterion: String,
+    /// CD/DVD and floppy images counted as the VMs' files.
+    pub media: bool,
+    /// "after-snapshot" or "after-backup": when the stopped VMs were started again.
+    pub resume: String,
+    /// The libvirt connection.
+    pub uri: String,
+    pub domains: Vec<VmRecord>,
+}
+
+/// One VM at backup time.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub uuid: String,
+    /// Its state when the backup found it, as docs/VMS.md names states ("running", "saved").
+    pub state: String,
+    /// Its state in the snapshot ("saved" for one the backup stopped).
+    pub state_in_snapshot: String,
+    /// "full" or "partial" coverage by the backup's volumes.
+    pub coverage: String,
+    /// Persistent (defined), rather than transient.
+    pub persistent: bool,
+    /// What the backup did with it, in words.
+    pub action: String,
+    /// Milliseconds from the save being asked for to the VM running again (for a VM the backup
+    /// stopped and started).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interruption_ms: Option<f64>,
+    /// Every file is in the snapshot: the VM can be restored from it alone.
+    pub complete: bool,
+    pub files: Vec<VmFileRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// One file of a VM, and where it is in the snapshot.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VmFileRecord {
+    /// "domain-xml", "disk", "backing", "cdrom", "floppy", "nvram", "managed-save",
+    /// "snapshot-disk", "snapshot-memory".
+    pub role: String,
+    /// Its path on the host.
+    pub path: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// The host volume holding it, and where that was mounted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_point: Option<String>,
+    /// Where the snapshot holds it (None: it is not in the snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_snapshot: Option<FileInSnapshot>,
+}
+
+/// A file inside a snapshot: a path in the filesystem of one of its volumes (or of one
+/// partition of it), or a whole volume (a device, or a file the backup carried).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct FileInSnapshot {
+    /// The snapshot's volume name.
+    pub volume: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<u32>,
+    /// The path inside its filesystem; None: the whole volume is the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// How one backup's volumes were captured (docs/CONSISTENCY.md).
@@ -139,15 +223,20 @@ impl Manifest {
         format!("snapshots/{id}.json")
     }
 
+    /// The volumes imaged from the host, without the VM files a backup carried along.
+    pub fn data_volumes(&self) -> impl Iterator<Item = &VolumeEntry> {
+        self.volumes.iter().filter(|v| v.kind != VM_FILE_KIND)
+    }
+
     /// Identity of "the same set of volumes" for cyclic backups and retention.
     pub fn group_key(&self) -> (String, Vec<String>) {
-        let mut sources: Vec<String> = self.volumes.iter().map(|v| v.source.clone()).collect();
+        let mut sources: Vec<String> = self.data_volumes().map(|v| v.source.clone()).collect();
         sources.sort();
         (self.host.clone(), sources)
     }
 
     pub fn total_size(&self) -> u64 {
-        self.volumes.iter().map(|v| v.size).sum()
+        self.data_volumes().map(|v| v.size).sum()
     }
 
     pub fn added_bytes(&self) -> u64 {

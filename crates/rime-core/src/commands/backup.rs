@@ -13,6 +13,7 @@ use crate::capture::{capture, Capture, OpenVolume};
 use crate::error::CommandError;
 use crate::progress::Progress;
 use crate::providers::Provider;
+use crate::vms::backup::{ResumeAt, VmBackup};
 use anyhow::{bail, Context, Result};
 use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
 use rime_consistency::job::CustomWriter;
@@ -98,6 +99,8 @@ pub struct BackupOptions {
     pub sqlite: Vec<PathBuf>,
     /// Custom writers (from a job file): their freeze, thaw and completion commands.
     pub custom_writers: Vec<CustomWriter>,
+    /// `--vm-aware`: stop the VMs on the volumes for the snapshot and record them.
+    pub vm: Option<crate::vms::backup::VmAwareOptions>,
 }
 
 #[derive(Debug, Serialize)]
@@ -108,6 +111,10 @@ pub struct BackupSummary {
     pub forgotten: Vec<String>,
     pub pruned: Option<super::prune::PruneSummary>,
     pub warnings: Vec<String>,
+    /// Failures after the snapshot was saved (a VM that did not start again): the snapshot is
+    /// good, but the command fails (exit code 10).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 /// Backs up `opts.volumes` into a new snapshot, in a straight line: lock, load what the backup
@@ -119,6 +126,10 @@ pub struct BackupSummary {
 /// volume, after-snapshot always (its failures are warnings), then the data is imaged only if
 /// the snapshot succeeded, and after-backup runs with the outcome.
 pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) -> Result<BackupSummary> {
+    // Volumes as the administrator named them (a mount point, a loop device of a served
+    // volume) become what is read.
+    let volumes: Vec<PathBuf> = opts.volumes.iter().map(|v| crate::places::volume_name(v)).collect::<Result<_, _>>()?;
+    let opts = &BackupOptions { volumes, ..opts.clone() };
     let plan = crate::providers::plan(&opts.volumes, opts.mode, opts.provider);
     let mut ctx = HookContext {
         volumes: opts.volumes.iter().map(|v| v.display().to_string()).collect(),
@@ -129,9 +140,14 @@ pub fn backup(repo: &Repository, opts: &BackupOptions, progress: &dyn Progress) 
     let chosen =
         super::writers::choose(&opts.volumes, &plan, opts.freeze != Freeze::Never, &opts.sqlite, &opts.custom_writers);
     let custom: Vec<CustomWriter> = chosen.as_ref().map(|c| c.custom.clone()).unwrap_or_default();
-    let mut result = match chosen {
-        Ok(mut chosen) => backup_with_hooks(repo, opts, &plan, &mut chosen, progress, &mut ctx),
-        Err(e) => Err(e.into()),
+    // The VMs on the volumes, found before anything is frozen.
+    let vms = opts.vm.clone().map(|o| crate::vms::backup::VmBackup::find(&opts.volumes, o)).transpose();
+    let mut result = match (chosen, vms) {
+        (Ok(mut chosen), Ok(mut vms)) => {
+            backup_with_hooks(repo, opts, &plan, &mut chosen, vms.as_mut(), progress, &mut ctx)
+        }
+        (Err(e), _) => Err(e.into()),
+        (_, Err(e)) => Err(e),
     };
     ctx.error = result.as_ref().err().map_or(0, crate::error::exit_code);
     // Writers hear the outcome; only a success lets them run their completion action.
@@ -221,6 +237,7 @@ fn backup_with_hooks(
     opts: &BackupOptions,
     plan: &[crate::providers::Choice],
     chosen: &mut super::writers::Chosen,
+    mut vms: Option<&mut VmBackup>,
     progress: &dyn Progress,
     ctx: &mut HookContext,
 ) -> Result<BackupSummary> {
@@ -253,7 +270,11 @@ fn backup_with_hooks(
     //    last.
     std::mem::take(&mut chosen.skipped).into_iter().for_each(&mut warn);
     let super::writers::Chosen { custom, sqlite: databases, postgres: clusters, filesystems: writers, .. } = chosen;
+    if let Some(v) = vms.as_mut() {
+        std::mem::take(&mut v.warnings).into_iter().for_each(&mut warn);
+    }
     let something_frozen = !(opts.hooks.before_snapshot.is_empty()
+        && vms.as_ref().is_none_or(|v| !v.takes_any())
         && writers.is_empty()
         && databases.is_empty()
         && clusters.is_empty()
@@ -265,6 +286,10 @@ fn backup_with_hooks(
     let mut failure = before.into_iter().next().map(|f| CommandError::HookFailed(f.to_string()));
     let mut not_held: Vec<String> = Vec::new();
     let mut failed_writers: Vec<String> = Vec::new();
+    // VMs first: their memory saved, their disks at rest, their carried files staged.
+    if let (None, Some(v)) = (&failure, vms.as_mut()) {
+        failure = v.stop().and_then(|()| v.stage()).err();
+    }
     // Applications first (their data flushed and held), then the filesystems under them.
     let mut tried_custom = 0;
     for w in custom.iter() {
@@ -300,7 +325,8 @@ fn backup_with_hooks(
     // changed what is in use (a VM stopped); planning again now keeps it out of the filesystems'
     // freeze.
     let replanned;
-    let plan = if opts.hooks.before_snapshot.is_empty() && custom.is_empty() {
+    let vms_stopped = vms.as_ref().is_some_and(|v| v.stopped_any());
+    let plan = if opts.hooks.before_snapshot.is_empty() && custom.is_empty() && !vms_stopped {
         plan
     } else {
         replanned = crate::providers::plan(&opts.volumes, opts.mode, opts.provider);
@@ -354,6 +380,10 @@ fn backup_with_hooks(
             warn(format!("writer {}: {e} (the backup goes on)", w.name));
         }
     }
+    // VMs last, right after the snapshot: their interruption does not grow with the volumes.
+    if let Some(v) = vms.as_mut().filter(|v| v.resume_at() == ResumeAt::AfterSnapshot || opened.is_err()) {
+        v.resume();
+    }
     for f in hooks::run_stage(&opts.hooks, Stage::AfterSnapshot, ctx, false) {
         warn(format!("{f} (the backup goes on)"));
     }
@@ -382,7 +412,14 @@ fn backup_with_hooks(
         tracing::info!("froze and thawed: {}", names.join(", "));
     }
     // If the snapshot failed, no data is read.
-    let Capture { volumes, coherent, instant, gate_closed_ms, capture_ms } = opened?;
+    let Capture { mut volumes, coherent, instant, gate_closed_ms, capture_ms } = opened?;
+    // The VM files the volumes do not hold go into the snapshot beside them.
+    let imaged = volumes.len();
+    if let Some(v) = vms.as_ref() {
+        for (name, host_path, read_from) in v.carried() {
+            volumes.push(OpenVolume::carried(&host_path, &read_from, name)?);
+        }
+    }
     tracing::info!("captured in {capture_ms:.0} ms: {instant}");
     held.retain(|r| !failed_writers.contains(&r.name));
     for n in &not_held {
@@ -393,7 +430,9 @@ fn backup_with_hooks(
     // 4. Read: decide the maps.
     let mut layouts = Vec::new();
     for ov in &volumes {
-        let mut layout = if opts.all_blocks {
+        let mut layout = if ov.carried {
+            layout::all_blocks("a VM file carried into the snapshot")
+        } else if opts.all_blocks {
             layout::all_blocks("all blocks (--all-blocks)")
         } else {
             layout::map_volume(&ov.volume.region(), &opts.map_options)
@@ -425,7 +464,12 @@ fn backup_with_hooks(
     ctx.snapshot_id = Some(snapshot.0.clone());
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
     let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress);
-    let entries = match result.and_then(|done| sink.flush().map(|_| done)) {
+    let result = result.and_then(|done| sink.flush().map(|_| done));
+    // With --vm-resume after-backup, the VMs run again once all data is written.
+    if let Some(v) = vms.as_mut() {
+        v.resume();
+    }
+    let entries = match result {
         Ok((entries, map_warnings)) => {
             map_warnings.into_iter().for_each(&mut warn);
             entries
@@ -438,6 +482,10 @@ fn backup_with_hooks(
         }
     };
     // 6. Publish: the manifest makes the snapshot exist.
+    let vm_record = vms.as_ref().map(|v| {
+        let names = opts.volumes.iter().zip(&entries[..imaged]);
+        v.record(&names.map(|(p, e)| (p.display().to_string(), e.name.clone())).collect())
+    });
     let manifest = Manifest {
         format_version: rime_repo::FORMAT_VERSION,
         id: snapshot.0.clone(),
@@ -448,6 +496,7 @@ fn backup_with_hooks(
         duration: started.elapsed().as_secs_f64(),
         rime_version: env!("CARGO_PKG_VERSION").to_string(),
         consistency: Some(consistency),
+        vms: vm_record,
     };
     if let Err(e) = repo.save_manifest(&manifest) {
         let published = sink.abandon();
@@ -463,7 +512,8 @@ fn backup_with_hooks(
             ));
         }
     }
-    Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten: Vec::new(), pruned: None, warnings })
+    let errors = vms.map(|v| std::mem::take(&mut v.resume_errors)).unwrap_or_default();
+    Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten: Vec::new(), pruned: None, warnings, errors })
 }
 
 /// A volume with its map decided.
@@ -527,7 +577,7 @@ fn archive_all(
         entries.push(VolumeEntry {
             name: ov.name.clone(),
             source: volume.path.display().to_string(),
-            kind: volume.kind.as_str(),
+            kind: if ov.carried { rime_repo::VM_FILE_KIND.to_string() } else { volume.kind.as_str() },
             provider: Some(ov.provider.name().to_string()),
             captured_at: ov.captured_at,
             size: volume.size,

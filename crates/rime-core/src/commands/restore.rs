@@ -59,13 +59,15 @@ pub fn pick_volume<'m>(manifest: &'m Manifest, name: Option<&str>) -> Result<&'m
         Some(n) => manifest
             .volume(n)
             .ok_or_else(|| anyhow!("snapshot {} has no volume '{n}' (it has: {})", manifest.id, names())),
-        None if manifest.volumes.len() == 1 => Ok(&manifest.volumes[0]),
-        None => bail!(
-            "snapshot {} holds {} volumes ({}); choose one with --volume",
-            manifest.id,
-            manifest.volumes.len(),
-            names()
-        ),
+        None => match manifest.data_volumes().collect::<Vec<_>>()[..] {
+            [only] => Ok(only),
+            ref several => bail!(
+                "snapshot {} holds {} volumes ({}); choose one with --volume",
+                manifest.id,
+                several.len(),
+                names()
+            ),
+        },
     }
 }
 

@@ -1,0 +1,7 @@
+//! Virtual machines on the volumes Rime backs up (docs/VMS.md): the host's VM layout and each
+//! VM's coverage by a set of volumes ([`layout`]), the VM part of a `--vm-aware` backup
+//! ([`backup`]), and putting a VM back from a snapshot ([`restore`]).
+
+pub mod backup;
+pub mod layout;
+pub mod restore;
