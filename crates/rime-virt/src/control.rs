@@ -161,19 +161,7 @@ pub fn stop(lv: &Libvirt, targets: &[Target], max_wait: Duration, note: &dyn Fn(
         if Instant::now() >= deadline {
             for (t, step) in steps.iter_mut() {
                 match std::mem::replace(step, Step::Done) {
-                    Step::Saving { mut save, .. } => {
-                        // The save is stopped where it is: the domain goes on as it was.
-                        let _ =
-                            lv.run(&format!("aborting the save of {}", t.name), ["domjobabort", "--domain", &t.uuid]);
-                        save.kill();
-                        let now = domains::state(lv, &t.uuid)
-                            .map(|s| s.label().to_string())
-                            .unwrap_or_else(|e| e.to_string());
-                        out.failed.push(failed(
-                            t,
-                            format!("not saved within {} s; its save was aborted and it is {now}", max_wait.as_secs()),
-                        ));
-                    }
+                    Step::Saving { save, was, asked } => late_save(lv, t, save, was, asked, max_wait, &mut out),
                     Step::Waiting(s) => out
                         .failed
                         .push(failed(t, format!("still {} after {} s; not stopped", s.label(), max_wait.as_secs()))),
@@ -199,6 +187,47 @@ pub fn stop(lv: &Libvirt, targets: &[Target], max_wait: Duration, note: &dyn Fn(
         }
     }
     out
+}
+
+/// Longest wait for a save to end once it has been asked to abort.
+const ABORT_GRACE: Duration = Duration::from_secs(60);
+
+/// A save still under way at the deadline: asked to abort (the domain then goes on as it was),
+/// and followed to its end, since it may finish anyway. A domain that ended up saved is listed
+/// as stopped (so a resume puts it back) and the lateness is still a failure.
+fn late_save(
+    lv: &Libvirt,
+    t: &Target,
+    mut save: Running,
+    was: String,
+    asked: Instant,
+    max_wait: Duration,
+    out: &mut StopOutcome,
+) {
+    let _ = lv.run(&format!("aborting the save of {}", t.name), ["domjobabort", "--domain", &t.uuid]);
+    let grace = Instant::now() + ABORT_GRACE;
+    while save.poll().is_none() {
+        if Instant::now() >= grace {
+            save.kill();
+            break;
+        }
+        std::thread::sleep(TICK);
+    }
+    let late = format!("not saved within {} s", max_wait.as_secs());
+    match domains::state(lv, &t.uuid) {
+        Ok(s) if s.saved => {
+            out.stopped.push(Stopped {
+                name: t.name.clone(),
+                uuid: t.uuid.clone(),
+                was,
+                save_ms: asked.elapsed().as_secs_f64() * 1000.0,
+                asked_at: Some(asked),
+            });
+            out.failed.push(failed(t, format!("{late}; its save ended after the deadline, so it is saved")));
+        }
+        Ok(s) => out.failed.push(failed(t, format!("{late}; its save was aborted and it is {}", s.label()))),
+        Err(e) => out.failed.push(failed(t, format!("{late}; {e}"))),
+    }
 }
 
 fn failed(t: &Target, error: String) -> Failed {

@@ -7,6 +7,7 @@ mod output;
 mod progress_bar;
 mod sample;
 mod serve_cmd;
+mod vm_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -48,7 +49,7 @@ enum Command {
     },
     /// Back up volumes into a new snapshot. With no volume, backs up a sample ext4 volume.
     Backup {
-        /// Block devices or image files.
+        /// Block devices, image files, mount points, or loop devices of served volumes.
         volumes: Vec<PathBuf>,
         #[arg(long = "tag")]
         tags: Vec<String>,
@@ -108,15 +109,43 @@ enum Command {
         /// The job to run from --job (needed when the file holds several).
         #[arg(long, value_name = "NAME", requires = "job")]
         job_name: Option<String>,
+        /// Find the VMs on the volumes, managed-save the running ones for the snapshot, start
+        /// them again right after it, and record them (docs/VMS.md).
+        #[arg(long)]
+        vm_aware: bool,
+        /// full: take only VMs whose files are all on the volumes; partial: also VMs partly there.
+        #[arg(long, default_value = "full", value_parser = ["full", "partial"], requires = "vm_aware")]
+        vm_criterion: String,
+        /// Leave CD/DVD and floppy images out of the VMs' coverage.
+        #[arg(long, requires = "vm_aware")]
+        vm_no_media: bool,
+        /// When stopped VMs start again: after-snapshot (default) or after-backup.
+        #[arg(long, default_value = "after-snapshot", value_parser = ["after-snapshot", "after-backup"], requires = "vm_aware")]
+        vm_resume: String,
+        /// Longest wait for the VMs' saves (and starts), in seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECONDS", requires = "vm_aware")]
+        vm_max_wait: u64,
     },
     /// List snapshots.
     Snapshots,
-    /// Write a volume back, bit-exact, to a device or file.
+    /// Write a volume back, bit-exact, to a device or file; or, with --vm, put a VM back.
     Restore {
         snapshot: String,
-        target: PathBuf,
+        /// The device or file to write (not with --vm).
+        #[arg(required_unless_present = "vm", conflicts_with = "vm")]
+        target: Option<PathBuf>,
         #[arg(long)]
         volume: Option<String>,
+        /// Put this VM back from a --vm-aware snapshot: its files, its definition, its saved
+        /// state (docs/VMS.md).
+        #[arg(long, value_name = "NAME", conflicts_with = "volume")]
+        vm: Option<String>,
+        /// With --vm: put every file into DIR (paths in the domain XML rewritten).
+        #[arg(long, value_name = "DIR", requires = "vm")]
+        to: Option<PathBuf>,
+        /// With --vm: replace a defined (shut off) domain of that name and files in the way.
+        #[arg(long, requires = "vm")]
+        replace: bool,
         /// Write a raw image/device, or a new qcow2 image file.
         #[arg(long, default_value = "raw", value_parser = ["raw", "qcow2"])]
         format: String,
@@ -200,6 +229,11 @@ enum Command {
         /// Chunk cache size in MiB (default 64).
         #[arg(long, value_name = "MIB")]
         cache_size: Option<u64>,
+    },
+    /// Virtual machines (libvirt): layout and coverage, stop and resume around a snapshot.
+    Vm {
+        #[command(subcommand)]
+        command: vm_cmd::VmCommand,
     },
     /// Protect a volume: serve it over NBD and/or FUSE through the copy-on-write engine, with
     /// changed-block tracking, so that `rime backup --mode online` can image it while in use.
@@ -302,6 +336,11 @@ fn run(cli: Cli) -> Result<i32> {
             provider,
             dry_run,
             sqlite,
+            vm_aware,
+            vm_criterion,
+            vm_no_media,
+            vm_resume,
+            vm_max_wait,
         } => {
             let mut volumes = volumes;
             let mut hooks = Hooks::default();
@@ -365,6 +404,16 @@ fn run(cli: Cli) -> Result<i32> {
                 provider,
                 sqlite: job_sqlite.into_iter().chain(sqlite).collect(),
                 custom_writers,
+                vm: if vm_aware {
+                    Some(rime_core::vms::backup::VmAwareOptions {
+                        criterion: rime_core::vms::layout::Criterion::parse(&vm_criterion)?,
+                        media: !vm_no_media,
+                        resume: rime_core::vms::backup::ResumeAt::parse(&vm_resume)?,
+                        max_wait: Duration::from_secs(vm_max_wait),
+                    })
+                } else {
+                    None
+                },
             };
             let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
             if let Some(n) = keep_last {
@@ -383,12 +432,26 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
             output::backup(&summary, cli.json);
+            if let Some(e) = summary.errors.first() {
+                // The snapshot is saved; a VM it stopped did not start again.
+                for other in &summary.errors[1..] {
+                    eprintln!("rime: {other}");
+                }
+                bail!(rime_core::CommandError::Vm(format!("snapshot {} saved, but {e}", &summary.snapshot[..8])));
+            }
         }
         Command::Snapshots => {
             let repo = Repository::open(&location)?;
             output::snapshots(&snapshots::list(&repo)?, cli.json);
         }
-        Command::Restore { snapshot, target, volume, format } => {
+        Command::Restore { snapshot, target, volume, format, vm: Some(name), to, replace } => {
+            let repo = Repository::open(&location)?;
+            let _ = (target, volume, format);
+            let opts = rime_core::vms::restore::VmRestoreOptions { snapshot, name, to, replace, threads };
+            output::restore_vm(&rime_core::vms::restore::restore_vm(&repo, &opts, progress.as_ref())?, cli.json);
+        }
+        Command::Restore { snapshot, target, volume, format, .. } => {
+            let target = target.context("name the device or file to restore to")?;
             let repo = Repository::open(&location)?;
             let format = if format == "qcow2" { restore::TargetFormat::Qcow2 } else { restore::TargetFormat::Raw };
             let opts = restore::RestoreOptions { snapshot, target, volume, threads, format };
@@ -461,6 +524,7 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = Repository::open(&location)?;
             output::prune(&prune::prune(&repo, progress.as_ref(), lock_wait)?, None, cli.json);
         }
+        Command::Vm { command } => return vm_cmd::run(command, || Ok(Repository::open(&location)?), cli.json),
         Command::Serve(_) => unreachable!("handled in main"),
     }
     Ok(0)

@@ -101,6 +101,31 @@ pub fn restore(s: &RestoreSummary, json: bool) {
     }
 }
 
+pub fn restore_vm(s: &rime_core::vms::restore::VmRestoreSummary, json: bool) {
+    for w in &s.warnings {
+        eprintln!("rime: warning: {w}");
+    }
+    if json {
+        print_json(&serde_json::to_value(s).expect("summary serialises"));
+        return;
+    }
+    let verb = if s.replaced { "replaced" } else { "restored" };
+    println!(
+        "{verb} VM {} from snapshot {}: {} at backup, {} now",
+        serde_json::to_string(&s.name).expect("strings serialise"),
+        &s.snapshot[..8],
+        s.state_at_backup,
+        s.state
+    );
+    for f in &s.files {
+        if f.from == f.to {
+            println!("  {:<16} {}", f.role, f.to);
+        } else {
+            println!("  {:<16} {} (was {})", f.role, f.to, f.from);
+        }
+    }
+}
+
 pub fn verify(r: &VerifyReport, json: bool) {
     if json {
         let mut v = serde_json::to_value(r).expect("report serialises");

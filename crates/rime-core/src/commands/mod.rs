@@ -10,4 +10,5 @@ pub mod prune;
 pub mod restore;
 pub mod snapshots;
 pub mod verify;
+pub mod vm;
 pub mod writers;

@@ -1,0 +1,309 @@
+//! `rime vm layout|stop|resume`: arguments and output; the work is in
+//! `rime_core::commands::vm`.
+
+use crate::output::size;
+use anyhow::{Context, Result};
+use clap::{ArgGroup, Subcommand};
+use rime_core::commands::vm::{self, ResumeSelection, StopOptions, StopReport, StopSelection};
+use rime_core::vms::layout::{Criterion, HostLayout, VmLayout};
+use rime_repo::{Repository, VmSection};
+use rime_virt::control::StartOutcome;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Subcommand)]
+pub enum VmCommand {
+    /// Every libvirt domain (and domain XML left behind) with its state and files, and the
+    /// volume holding each file; with --volumes, each VM's coverage by them.
+    #[command(group(ArgGroup::new("source").args(["volumes", "snapshot"])))]
+    Layout {
+        /// Volumes: block devices, image files, mount points, or loop devices of served volumes.
+        #[arg(long, num_args = 1.., value_name = "VOLUME")]
+        volumes: Vec<PathBuf>,
+        /// Leave CD/DVD and floppy images out of coverage.
+        #[arg(long)]
+        no_media: bool,
+        /// The VMs as a snapshot recorded them (needs the repository).
+        #[arg(long, value_name = "ID")]
+        snapshot: Option<String>,
+        /// One line per VM.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Managed-save the selected running or paused domains, all at once, and wait until each is
+    /// saved. Prints exactly the domains it stopped (for `rime vm resume --from`).
+    #[command(group(ArgGroup::new("which").required(true).args(["all", "volumes", "names"])))]
+    Stop {
+        #[arg(long)]
+        all: bool,
+        /// The domains on these volumes (see --criterion).
+        #[arg(long, num_args = 1.., value_name = "VOLUME")]
+        volumes: Vec<PathBuf>,
+        #[arg(long, num_args = 1.., value_name = "NAME")]
+        names: Vec<String>,
+        /// full: only domains whose files are all on the volumes; partial: also domains with
+        /// some of their files there.
+        #[arg(long, default_value = "full", value_parser = ["full", "partial"])]
+        criterion: String,
+        /// Count CD/DVD and floppy images as the domains' files (the default).
+        #[arg(long, overrides_with = "no_media")]
+        media: bool,
+        #[arg(long, overrides_with = "media")]
+        no_media: bool,
+        /// Longest wait for the saves, in seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+        max_wait: u64,
+        /// Say what happens as it happens (on stderr).
+        #[arg(long, short)]
+        verbose: bool,
+        /// Print only the domains stopped.
+        #[arg(long, short, conflicts_with = "verbose")]
+        quiet: bool,
+    },
+    /// Start saved domains again from their saved state.
+    #[command(group(ArgGroup::new("which").required(true).args(["all", "names", "from"])))]
+    Resume {
+        /// Every domain that has a managed-save image.
+        #[arg(long)]
+        all: bool,
+        #[arg(long, num_args = 1.., value_name = "NAME")]
+        names: Vec<String>,
+        /// The domains a `rime vm stop` printed (its text or JSON), from FILE or - (stdin).
+        #[arg(long, value_name = "FILE")]
+        from: Option<PathBuf>,
+        /// Wait until each domain runs (the default).
+        #[arg(long, overrides_with = "no_wait")]
+        wait: bool,
+        /// Return once libvirt has been asked.
+        #[arg(long, overrides_with = "wait")]
+        no_wait: bool,
+        /// Longest wait, in seconds.
+        #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+        max_wait: u64,
+        /// Print only the domains started.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+pub fn run(command: VmCommand, repo: impl FnOnce() -> Result<Repository>, json: bool) -> Result<i32> {
+    match command {
+        VmCommand::Layout { volumes, no_media, snapshot, quiet } => {
+            if let Some(id) = snapshot {
+                let (id, vms) = vm::layout_of_snapshot(&repo()?, &id)?;
+                print_snapshot_layout(&id, &vms, quiet, json);
+            } else {
+                print_layout(&vm::layout(&volumes, !no_media)?, quiet, json);
+            }
+        }
+        VmCommand::Stop { all, volumes, names, criterion, no_media, max_wait, verbose, quiet, .. } => {
+            let select = if all {
+                StopSelection::All
+            } else if !volumes.is_empty() {
+                StopSelection::Volumes(volumes)
+            } else {
+                StopSelection::Names(names)
+            };
+            let opts = StopOptions {
+                select,
+                criterion: Criterion::parse(&criterion)?,
+                media: !no_media,
+                max_wait: Duration::from_secs(max_wait),
+            };
+            let note = |n: &str| {
+                if verbose {
+                    eprintln!("rime: {n}");
+                }
+            };
+            let report = vm::stop(&opts, &note)?;
+            print_stop(&report, quiet, json);
+            if let Some(e) = vm::stop_failure(&report) {
+                return Err(e);
+            }
+        }
+        VmCommand::Resume { all, names, from, no_wait, max_wait, quiet, .. } => {
+            let select = if all {
+                ResumeSelection::All
+            } else if let Some(file) = from {
+                let mut text = String::new();
+                if file.as_os_str() == "-" {
+                    std::io::stdin().read_to_string(&mut text).context("reading the stop's output from stdin")?;
+                } else {
+                    text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+                }
+                ResumeSelection::From(text)
+            } else {
+                ResumeSelection::Names(names)
+            };
+            let outcome = vm::resume(&select, !no_wait, Duration::from_secs(max_wait))?;
+            print_resume(&outcome, quiet, json);
+            if let Some(e) = vm::resume_failure(&outcome) {
+                return Err(e);
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn print_json(v: &impl serde::Serialize) {
+    println!("{}", serde_json::to_string_pretty(v).expect("serialises"));
+}
+
+/// A name as the stop output writes it: a JSON string (quotes and anything else escaped).
+fn quoted(name: &str) -> String {
+    serde_json::to_string(name).expect("strings serialise")
+}
+
+fn print_layout(l: &HostLayout, quiet: bool, json: bool) {
+    if json {
+        return print_json(l);
+    }
+    if l.domains.is_empty() {
+        println!("no domains on {}", l.uri);
+        return;
+    }
+    for vm in &l.domains {
+        let coverage = vm.coverage.map(|c| c.label()).unwrap_or("");
+        if quiet {
+            println!("{:<14} {:<13} {}", vm.state, coverage, quoted(&vm.name));
+            continue;
+        }
+        print_vm_header(vm, coverage);
+        for f in &vm.files {
+            let what = match &f.file.target {
+                Some(t) => format!("{} {t}", f.file.role.label()),
+                None => f.file.role.label().to_string(),
+            };
+            let size = f.file.size.map(|s| format!(" ({})", size(s))).unwrap_or_default();
+            let missing = if f.file.exists { "" } else { " MISSING" };
+            println!("  {what:<20} {}{size}{missing}", f.file.path);
+            let place = match (&f.place.volume, &f.place.not_on_a_volume) {
+                (Some(v), _) => {
+                    let mut s = format!("on {}", v.display());
+                    if let Some(d) = f.place.device.as_ref().filter(|d| *d != v) {
+                        s.push_str(&format!(" (device {})", d.display()));
+                    }
+                    if let Some(m) = &f.place.mount_point {
+                        s.push_str(&format!(", mounted at {}", m.display()));
+                    }
+                    s
+                }
+                (None, Some(why)) => why.clone(),
+                (None, None) => "a network disk: on no local volume".to_string(),
+            };
+            let covered = match (&f.covered_by, l.volumes.is_empty(), f.file.role.is_carried()) {
+                (Some(v), _, _) => format!("; covered by {v}"),
+                (None, false, true) => "; carried into the snapshot by a backup".into(),
+                (None, false, false) => "; NOT on the volumes".into(),
+                _ => String::new(),
+            };
+            println!("  {:<20} {place}{covered}", "");
+        }
+        for p in &vm.problems {
+            println!("  problem: {p}");
+        }
+        println!();
+    }
+}
+
+fn print_vm_header(vm: &VmLayout, coverage: &str) {
+    let kind = if vm.persistent { "defined" } else { "transient" };
+    let reason = vm.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+    let coverage = if coverage.is_empty() { String::new() } else { format!("; coverage: {coverage}") };
+    println!("VM {}  {}{reason}, {kind}, uuid {}{coverage}", quoted(&vm.name), vm.state, vm.uuid);
+}
+
+fn print_snapshot_layout(id: &str, vms: &VmSection, quiet: bool, json: bool) {
+    if json {
+        return print_json(&serde_json::json!({"snapshot": id, "vms": vms}));
+    }
+    for vm in &vms.domains {
+        if quiet {
+            println!("{:<14} {:<8} {:<13} {}", vm.state, vm.state_in_snapshot, vm.coverage, quoted(&vm.name));
+            continue;
+        }
+        let pause = vm.interruption_ms.map(|ms| format!(", interrupted {:.1} s", ms / 1000.0)).unwrap_or_default();
+        println!(
+            "VM {}  {} at backup, {} in the snapshot; coverage: {}; {}{pause}",
+            quoted(&vm.name),
+            vm.state,
+            vm.state_in_snapshot,
+            vm.coverage,
+            vm.action
+        );
+        for f in &vm.files {
+            let what = match &f.target {
+                Some(t) => format!("{} {t}", f.role),
+                None => f.role.clone(),
+            };
+            let at = match &f.in_snapshot {
+                Some(s) => {
+                    let volume = match s.partition {
+                        Some(p) => format!("{}:{p}", s.volume),
+                        None => s.volume.clone(),
+                    };
+                    match &s.path {
+                        Some(p) => format!("in the snapshot: {p} on volume {volume}"),
+                        None => format!("in the snapshot: volume {volume}"),
+                    }
+                }
+                None => "NOT in the snapshot".to_string(),
+            };
+            println!("  {what:<20} {}\n  {:<20} {at}", f.path, "");
+        }
+        if !vm.complete {
+            println!("  not every file is in the snapshot: `rime restore --vm` refuses this VM");
+        }
+        println!();
+    }
+}
+
+fn print_stop(r: &StopReport, quiet: bool, json: bool) {
+    if json {
+        return print_json(r);
+    }
+    for s in &r.outcome.stopped {
+        println!(
+            "stopped {} uuid={} was={} save={:.1}s",
+            quoted(&s.name),
+            s.uuid,
+            s.was.replace(' ', "-"),
+            s.save_ms / 1000.0
+        );
+    }
+    if quiet {
+        return;
+    }
+    for u in &r.outcome.untouched {
+        eprintln!("rime: left {} as it is: {}", quoted(&u.name), u.why);
+    }
+    for l in &r.left_out {
+        eprintln!("rime: left {} as it is: {}", quoted(&l.name), l.why);
+    }
+    for f in r.outcome.failed.iter().skip(1) {
+        eprintln!("rime: {} was not stopped: {}", quoted(&f.name), f.error);
+    }
+}
+
+fn print_resume(o: &StartOutcome, quiet: bool, json: bool) {
+    if json {
+        return print_json(o);
+    }
+    for s in &o.started {
+        let how = match (&s.state, s.start_ms) {
+            (Some(state), Some(ms)) => format!(" state={} ({:.1} s)", state.replace(' ', "-"), ms / 1000.0),
+            _ => " (asked; not waited for)".to_string(),
+        };
+        println!("started {} uuid={}{how}", quoted(&s.name), s.uuid);
+    }
+    if quiet {
+        return;
+    }
+    for u in &o.untouched {
+        eprintln!("rime: left {} as it is: it {}", quoted(&u.name), u.why);
+    }
+    for f in o.failed.iter().skip(1) {
+        eprintln!("rime: {} was not started: {}", quoted(&f.name), f.error);
+    }
+}
