@@ -35,7 +35,7 @@ pub fn backup(s: &BackupSummary, json: bool) {
     }
     let m = &s.manifest;
     println!("snapshot {} saved ({:.1} s)", &m.id[..8], m.duration);
-    for v in &m.volumes {
+    for v in m.data_volumes() {
         println!(
             "  {:<16} {:>10}  {:<28} used {:>10}  read {:>10}  added {:>10}",
             v.name,
@@ -45,6 +45,18 @@ pub fn backup(s: &BackupSummary, json: bool) {
             size(v.read_bytes),
             size(v.added_bytes)
         );
+    }
+    if let Some(vms) = &m.vms {
+        let carried: Vec<&rime_repo::VolumeEntry> =
+            m.volumes.iter().filter(|v| v.kind == rime_repo::VM_FILE_KIND).collect();
+        if !carried.is_empty() {
+            let bytes = carried.iter().map(|v| v.size).sum();
+            println!("  VM files carried into the snapshot: {} ({})", carried.len(), size(bytes));
+        }
+        for d in &vms.domains {
+            let pause = d.interruption_ms.map(|ms| format!(", interrupted {:.1} s", ms / 1000.0)).unwrap_or_default();
+            println!("  VM {}: {}{pause}", serde_json::to_string(&d.name).expect("strings serialise"), d.action);
+        }
     }
     let read: u64 = m.volumes.iter().map(|v| v.read_bytes).sum();
     if m.duration > 0.0 {
@@ -69,7 +81,7 @@ pub fn snapshots(list: &[Manifest], json: bool) {
     }
     println!("{:<9} {:<20} {:<16} {:>10} {:>10}  volumes", "id", "time (UTC)", "host", "size", "added");
     for m in list {
-        let vols: Vec<&str> = m.volumes.iter().map(|v| v.name.as_str()).collect();
+        let vols: Vec<&str> = m.data_volumes().map(|v| v.name.as_str()).collect();
         let tags = if m.tags.is_empty() { String::new() } else { format!("  [{}]", m.tags.join(",")) };
         println!(
             "{:<9} {:<20} {:<16} {:>10} {:>10}  {}{}",
@@ -81,6 +93,20 @@ pub fn snapshots(list: &[Manifest], json: bool) {
             vols.join(", "),
             tags
         );
+        if let Some(vms) = &m.vms {
+            let each: Vec<String> = vms
+                .domains
+                .iter()
+                .map(|d| {
+                    let name = serde_json::to_string(&d.name).expect("strings serialise");
+                    match d.state == d.state_in_snapshot {
+                        true => format!("{name} {}", d.state),
+                        false => format!("{name} {}→{}", d.state, d.state_in_snapshot),
+                    }
+                })
+                .collect();
+            println!("{:<9} VMs: {}", "", if each.is_empty() { "none on its volumes".into() } else { each.join(", ") });
+        }
     }
 }
 
