@@ -9,8 +9,8 @@
 #![allow(dead_code)]
 
 use crate::common::{sh, Env, LoopDev, Mount};
-use crate::hot_support::Served;
 use crate::hot_support::require;
+use crate::hot_support::Served;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -44,7 +44,11 @@ pub fn virsh_status(args: &[&str]) -> (bool, String, String) {
         .env("LC_ALL", "C")
         .output()
         .expect("run virsh");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[track_caller]
@@ -265,11 +269,16 @@ impl Drop for TestDomain {
     }
 }
 
+/// The first virtio disk of a domain, for [`write_in_guest_disk`] (its block backend sits on
+/// the device's virtio-backend child).
+pub const VDA: &str = "-d /machine/peripheral/virtio-disk0/virtio-backend";
+
 /// Writes `pattern` (a byte) over the first `kib` KiB of a running domain's disk `drive`
 /// (through QEMU itself: there is no guest OS to do it).
 pub fn write_in_guest_disk(d: &TestDomain, drive: &str, pattern: u8, kib: u64) {
     let out = d.hmp(&format!("qemu-io {drive} \"write -P {pattern} 0 {kib}k\""));
-    assert!(!out.to_lowercase().contains("error"), "qemu-io in {:?}: {out}", d.name);
+    let lower = out.to_lowercase();
+    assert!(!lower.contains("error") && !lower.contains("conflict"), "qemu-io in {:?}: {out}", d.name);
 }
 
 /// Whether the first `kib` KiB of an image (read as the guest sees it, sharing its locks) are

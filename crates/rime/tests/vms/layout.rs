@@ -18,7 +18,12 @@ fn domain<'a>(layout: &'a Value, name: &str) -> &'a Value {
 
 fn file<'a>(d: &'a Value, path: &Path) -> &'a Value {
     let p = path.to_str().unwrap();
-    d["files"].as_array().unwrap().iter().find(|f| f["path"] == p).unwrap_or_else(|| panic!("{p} not among the files of {d:#}"))
+    d["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == p)
+        .unwrap_or_else(|| panic!("{p} not among the files of {d:#}"))
 }
 
 fn layout(args: &[&str]) -> Value {
@@ -61,7 +66,10 @@ fn every_domain_file_and_state_with_its_volume_and_coverage() {
     // db: its backing file on `other`, an external snapshot (memory and disk) on `store`, paused.
     qcow2(&other.path("dbbase.qcow2"), 64, None);
     qcow2(&store.path("db.qcow2"), 64, Some(&other.path("dbbase.qcow2")));
-    let db = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} db 2 $(touch x)"), &[Disk::Qcow2(&store.path("db.qcow2"))], false, ""));
+    let db = TestDomain::define(
+        env.dir.path(),
+        &domain_xml(&format!("{t} db 2 $(touch x)"), &[Disk::Qcow2(&store.path("db.qcow2"))], false, ""),
+    );
     db.start();
     let mem = store.path("db-s1.mem");
     let overlay = store.path("db-s1.qcow2");
@@ -83,16 +91,27 @@ fn every_domain_file_and_state_with_its_volume_and_coverage() {
     raw(&store.path("off.iso"), 512);
     let off = TestDomain::define(
         env.dir.path(),
-        &domain_xml(&format!("{t} off's"), &[Disk::Raw(&other.path("off.raw")), Disk::Cdrom(&store.path("off.iso"))], false, ""),
+        &domain_xml(
+            &format!("{t} off's"),
+            &[Disk::Raw(&other.path("off.raw")), Disk::Cdrom(&store.path("off.iso"))],
+            false,
+            "",
+        ),
     );
     // saved: managed-saved, on `store`.
     qcow2(&store.path("saved.qcow2"), 64, None);
-    let saved = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} saved"), &[Disk::Qcow2(&store.path("saved.qcow2"))], false, ""));
+    let saved = TestDomain::define(
+        env.dir.path(),
+        &domain_xml(&format!("{t} saved"), &[Disk::Qcow2(&store.path("saved.qcow2"))], false, ""),
+    );
     saved.start();
     saved.managed_save();
     // tmp: transient, running; crashy: transient, crashed (a guest panic through pvpanic).
     raw(&other.path("tmp.raw"), 1024);
-    let tmp = TestDomain::create(env.dir.path(), &domain_xml(&format!("{t} tmp"), &[Disk::Raw(&other.path("tmp.raw"))], false, ""));
+    let tmp = TestDomain::create(
+        env.dir.path(),
+        &domain_xml(&format!("{t} tmp"), &[Disk::Raw(&other.path("tmp.raw"))], false, ""),
+    );
     let crash_extra = "<on_crash>preserve</on_crash>";
     let crashy_xml = domain_xml(&format!("{t} crashy"), &[], false, crash_extra)
         .replace("</devices>", "<panic model='isa'><address type='isa' iobase='0x505'/></panic></devices>");
@@ -151,8 +170,14 @@ fn every_domain_file_and_state_with_its_volume_and_coverage() {
     let save = file(s, &Path::new("/var/lib/libvirt/qemu/save").join(format!("{}.save", saved.name)));
     assert_eq!((save["role"].as_str(), save["exists"].as_bool()), (Some("managed-save"), Some(true)));
     let tr = domain(&by_mount, &tmp.name);
-    assert_eq!((tr["state"].as_str(), tr["persistent"].as_bool(), tr["coverage"].as_str()), (Some("running"), Some(false), Some("not-affected")));
-    assert!(tr["files"].as_array().unwrap().iter().all(|f| f["role"] != "domain-xml"), "a transient domain has no XML file");
+    assert_eq!(
+        (tr["state"].as_str(), tr["persistent"].as_bool(), tr["coverage"].as_str()),
+        (Some("running"), Some(false), Some("not-affected"))
+    );
+    assert!(
+        tr["files"].as_array().unwrap().iter().all(|f| f["role"] != "domain-xml"),
+        "a transient domain has no XML file"
+    );
     assert_eq!(domain(&by_mount, &crashy.name)["state"], "crashed");
     let g = domain(&by_mount, &gone_name);
     assert_eq!((g["state"].as_str(), g["coverage"].as_str()), (Some("not connected"), Some("full")));

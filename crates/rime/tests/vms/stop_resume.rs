@@ -18,7 +18,11 @@ fn resume_from_stdin(input: &str) -> (Option<i32>, String, String) {
         .unwrap();
     child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A running domain `name` with one raw disk at `disk`.
@@ -44,16 +48,29 @@ fn a_stop_by_volume_and_the_resume_from_its_output_touch_exactly_the_same_domain
     let b = running(&env, &format!("{t} b $(touch oops)"), &[Disk::Raw(&vol.path("b.raw"))]);
     b.suspend();
     let p = running(&env, &format!("{t} partial"), &[Disk::Raw(&vol.path("p.raw")), Disk::Cdrom(&outside)]);
-    let c = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} off"), &[Disk::Raw(&vol.path("c.raw"))], false, ""));
+    let c = TestDomain::define(
+        env.dir.path(),
+        &domain_xml(&format!("{t} off"), &[Disk::Raw(&vol.path("c.raw"))], false, ""),
+    );
 
     let stop = rime_raw(&["vm", "stop", "--volumes", vol.mount_point()]).ok();
     let lines: Vec<&str> = stop.stdout.lines().collect();
     assert_eq!(lines.len(), 2, "exactly the running and the paused domain:\n{}", stop.stdout);
-    let line_of = |d: &TestDomain| lines.iter().find(|l| l.contains(&d.uuid)).copied().unwrap_or_else(|| panic!("{} not stopped: {lines:?}", d.name));
+    let line_of = |d: &TestDomain| {
+        lines
+            .iter()
+            .find(|l| l.contains(&d.uuid))
+            .copied()
+            .unwrap_or_else(|| panic!("{} not stopped: {lines:?}", d.name))
+    };
     assert!(line_of(&a).starts_with(&format!("stopped {} uuid=", serde_json::to_string(&a.name).unwrap())));
     assert!(line_of(&a).contains("was=running"));
     assert!(line_of(&b).contains("was=paused"));
-    assert!(stop.stderr.contains("partial") && stop.stderr.contains("outside.iso"), "the partial domain is named: {}", stop.stderr);
+    assert!(
+        stop.stderr.contains("partial") && stop.stderr.contains("outside.iso"),
+        "the partial domain is named: {}",
+        stop.stderr
+    );
     assert!(a.state().starts_with("shut off (saved)") && b.state().starts_with("shut off (saved)"));
     assert!(p.state().starts_with("running"), "a partly covered domain is left alone");
     assert!(c.state().starts_with("shut off"));

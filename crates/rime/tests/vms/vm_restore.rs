@@ -19,18 +19,27 @@ fn a_vm_restored_to_a_new_folder_runs_from_there_and_what_cannot_be_restored_is_
     raw(&store.path("p.raw"), 1024);
     let iso = env.path("outside.iso");
     raw(&iso, 256);
-    let b = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} db \"b\""), &[Disk::Qcow2(&store.path("b.qcow2"))], false, ""));
+    let b = TestDomain::define(
+        env.dir.path(),
+        &domain_xml(&format!("{t} db \"b\""), &[Disk::Qcow2(&store.path("b.qcow2"))], false, ""),
+    );
     let p = TestDomain::define(
         env.dir.path(),
         &domain_xml(&format!("{t} partial"), &[Disk::Raw(&store.path("p.raw")), Disk::Cdrom(&iso)], false, ""),
     );
     b.start();
-    write_in_guest_disk(&b, "-d virtio-disk0", 0x3c, 128);
+    write_in_guest_disk(&b, VDA, 0x3c, 128);
     b.suspend();
     // The partial criterion takes P too, though its ISO is not on the volume.
     let backup = env.backup_json(&["--vm-aware", store.mount_point(), "--vm-criterion", "partial"]);
     let id = backup["snapshot"].as_str().unwrap().to_string();
-    let rp = backup["manifest"]["vms"]["domains"].as_array().unwrap().iter().find(|d| d["name"] == p.name.as_str()).unwrap().clone();
+    let rp = backup["manifest"]["vms"]["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == p.name.as_str())
+        .unwrap()
+        .clone();
     assert_eq!((rp["coverage"].as_str(), rp["complete"].as_bool()), (Some("partial"), Some(false)), "{rp:#}");
 
     // B is defined and paused: refused, with or without --replace; nothing changes.
@@ -46,7 +55,10 @@ fn a_vm_restored_to_a_new_folder_runs_from_there_and_what_cannot_be_restored_is_
 
     // Saved, it can be replaced; into the new folder.
     virsh(&["managedsave", "--domain", &b.uuid]);
-    let done = env.rime(&["restore", "--vm", &b.name, &id, "--to", target.to_str().unwrap(), "--replace", "--json"]).ok().json();
+    let done = env
+        .rime(&["restore", "--vm", &b.name, &id, "--to", target.to_str().unwrap(), "--replace", "--json"])
+        .ok()
+        .json();
     assert_eq!(done["state"], "saved");
     assert_eq!(done["replaced"], true);
     let new_disk = target.join("b.qcow2");
