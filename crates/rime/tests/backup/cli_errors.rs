@@ -75,11 +75,11 @@ fn errors_exit_non_zero_with_one_line() {
     assert!(line.contains("volume.img"), "the error should name the missing volume: {line}");
     // ...also when it comes after a good volume: the whole backup fails.
     env.rime(&["backup", image.to_str().unwrap(), nowhere.to_str().unwrap()]).fails();
-    // A directory is not a volume.
+    // A directory is not a volume (a mount point names the device mounted there).
     let run = env.rime(&["backup", env.dir.path().to_str().unwrap()]);
     assert_eq!(run.code, Some(2), "a directory is not a volume: {run:?}");
     let line = run.fails();
-    assert!(line.contains("neither a block device nor a regular file"), "{line}");
+    assert!(line.contains("is a directory but not a mount point"), "{line}");
     assert_eq!(env.snapshot_ids(), vec![id.clone()], "failed backups must not leave snapshots");
     env.assert_verify_clean();
 
