@@ -208,7 +208,21 @@ impl VmBackup {
         for &i in &self.taken {
             let vm = &self.layout.domains[i];
             if vm.domain_state.is_none() {
-                continue; // not connected: its XML file is all there is, and it is on the volumes or not
+                // Not connected: its XML file is its definition; carried unless the volumes hold it.
+                let xml = vm.files.iter().find(|f| f.file.role == Role::DomainXml);
+                if let Some(f) = xml.filter(|f| self.set.holder(&f.place).is_none() && !vm.uuid.is_empty()) {
+                    let path = PathBuf::from(&f.file.path);
+                    let (read_from, link) = stage_file(&path, staging.path(), &vm.uuid, Role::DomainXml)?;
+                    let host_path = f.file.path.clone();
+                    self.staged.push(Staged {
+                        uuid: vm.uuid.clone(),
+                        role: Role::DomainXml,
+                        host_path,
+                        read_from,
+                        link,
+                    });
+                }
+                continue;
             }
             let xml = if vm.persistent { domains::definition(&self.lv, &vm.uuid) } else { Ok(String::new()) };
             let xml = match xml {
@@ -321,23 +335,18 @@ impl VmBackup {
                     self.locate(&vm.uuid, Role::ManagedSave, &place, volume_names),
                 ));
             }
-            if let Some(x) = files.iter_mut().find(|f| f.role == "domain-xml") {
-                x.in_snapshot = Some(FileInSnapshot {
-                    volume: carried_name(&vm.uuid, Role::DomainXml),
-                    partition: None,
-                    path: None,
-                });
+            // A defined domain's definition is always carried (as libvirt would start it).
+            let carried_xml =
+                FileInSnapshot { volume: carried_name(&vm.uuid, Role::DomainXml), partition: None, path: None };
+            if let Some(x) = files.iter_mut().find(|f| f.role == "domain-xml").filter(|_| vm.domain_state.is_some()) {
+                x.in_snapshot = Some(carried_xml);
             } else if vm.domain_state.is_some() {
                 files.insert(
                     0,
                     VmFileRecord {
                         role: "domain-xml".into(),
                         path: "(transient)".into(),
-                        in_snapshot: Some(FileInSnapshot {
-                            volume: carried_name(&vm.uuid, Role::DomainXml),
-                            partition: None,
-                            path: None,
-                        }),
+                        in_snapshot: Some(carried_xml),
                         ..VmFileRecord::default()
                     },
                 );

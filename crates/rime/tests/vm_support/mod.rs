@@ -292,3 +292,26 @@ pub fn image_holds(image: &Path, pattern: u8, kib: u64) -> bool {
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     out.status.success() && !text.contains("Pattern verification failed") && text.contains("read ")
 }
+
+/// Domain XML left in libvirt's configuration folder by a domain no longer defined ("not
+/// connected"); removed, with any domain defined from it meanwhile, when dropped.
+pub struct LeftBehind {
+    pub path: PathBuf,
+    pub uuid: String,
+}
+
+impl LeftBehind {
+    pub fn write(name: &str, xml: &str) -> LeftBehind {
+        let uuid = format!("0b5e7d1c-9f1e-4a57-8d63-{:012x}", std::process::id() as u64 * 7919 + name.len() as u64);
+        let path = Path::new("/etc/libvirt/qemu").join(format!("{name}.xml"));
+        std::fs::write(&path, xml.replace("<memory", &format!("<uuid>{uuid}</uuid><memory"))).unwrap();
+        LeftBehind { path, uuid }
+    }
+}
+
+impl Drop for LeftBehind {
+    fn drop(&mut self) {
+        let _ = virsh_status(&["undefine", "--domain", &self.uuid]);
+        let _ = std::fs::remove_file(&self.path);
+    }
+}

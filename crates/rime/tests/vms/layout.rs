@@ -32,15 +32,6 @@ fn layout(args: &[&str]) -> Value {
     rime_raw(&all).ok().json()
 }
 
-/// A domain XML file libvirt no longer knows, removed afterwards.
-struct LeftBehind(std::path::PathBuf);
-
-impl Drop for LeftBehind {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[test]
 fn every_domain_file_and_state_with_its_volume_and_coverage() {
     let _lv = shared();
@@ -121,10 +112,8 @@ fn every_domain_file_and_state_with_its_volume_and_coverage() {
     // Domain XML left behind by a domain no longer defined, its disk on `store`.
     qcow2(&store.path("gone.qcow2"), 16, None);
     let gone_name = format!("{t} gone");
-    let gone_xml = domain_xml(&gone_name, &[Disk::Qcow2(&store.path("gone.qcow2"))], false, "")
-        .replace("<memory", "<uuid>0b5e7d1c-9f1e-4a57-8d63-2f0c1a2b3c4d</uuid><memory");
-    let gone = LeftBehind(Path::new("/etc/libvirt/qemu").join(format!("{gone_name}.xml")));
-    std::fs::write(&gone.0, &gone_xml).unwrap();
+    let _gone =
+        LeftBehind::write(&gone_name, &domain_xml(&gone_name, &[Disk::Qcow2(&store.path("gone.qcow2"))], false, ""));
 
     let by_mount = layout(&["--volumes", store.mount_point()]);
     let w = domain(&by_mount, &web_name);

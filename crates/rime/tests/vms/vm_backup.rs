@@ -63,6 +63,11 @@ fn vm_aware_backup_saves_the_vms_for_the_snapshot_only_records_them_and_restores
     let t = tag("backup");
     let h = host(&t);
     h.a.wait_state("running", Duration::from_secs(30));
+    // Domain XML left behind by a VM no longer defined, its disk on the volume.
+    raw(&h.store.path("gone.raw"), 512);
+    let gone_name = format!("{t} gone");
+    let gone =
+        LeftBehind::write(&gone_name, &domain_xml(&gone_name, &[Disk::Raw(&h.store.path("gone.raw"))], false, ""));
     // What the guest wrote before the backup must be in the restored disk.
     write_in_guest_disk(&h.a, VDA, 0x5a, 256);
 
@@ -80,6 +85,8 @@ fn vm_aware_backup_saves_the_vms_for_the_snapshot_only_records_them_and_restores
         assert_eq!(r["complete"], true, "every file is in the snapshot: {r:#}");
     }
     assert!(rc["interruption_ms"].is_null(), "an off VM is not stopped");
+    let rg = vm(m, &gone_name);
+    assert_eq!((rg["state"].as_str(), rg["complete"].as_bool()), (Some("not connected"), Some(true)), "{rg:#}");
     for r in [ra, rb] {
         let ms = r["interruption_ms"].as_f64().expect("interruption recorded");
         assert!(ms > 0.0 && ms < took.as_secs_f64() * 1000.0, "{ms} ms in a {took:?} backup");
@@ -139,6 +146,12 @@ fn vm_aware_backup_saves_the_vms_for_the_snapshot_only_records_them_and_restores
     assert!(h.a.state().starts_with("running (restored)"), "it resumes where it was saved: {}", h.a.state());
     assert!(image_holds(&h.store.path("a.qcow2"), 0x5a, 256), "the guest's writes are in the restored disk");
     assert!(h.a.xml().contains("/var/lib/libvirt/qemu/nvram/"), "NVRAM defined again");
+
+    // The VM that was not connected is defined again from its carried XML, off.
+    std::fs::remove_file(&gone.path).unwrap();
+    let back = h.env.rime(&["restore", "--vm", &gone_name, id, "--replace", "--json"]).ok().json();
+    assert_eq!(back["state"], "shut off");
+    assert!(virsh(&["domstate", "--domain", &gone.uuid]).starts_with("shut off"));
 }
 
 /// Waits until `d`'s state starts with `prefix`, or `within` passes.
