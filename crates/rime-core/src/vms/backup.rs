@@ -86,6 +86,8 @@ pub struct VmBackup {
     layout: HostLayout,
     /// Indices into `layout.domains` of the domains this backup takes.
     taken: Vec<usize>,
+    /// Domains only partly on the volumes that the criterion leaves alone (recorded as such).
+    left_out: Vec<usize>,
     pending: Pending,
     _interrupt: Option<Registered>,
     stopped: Vec<Stopped>,
@@ -108,7 +110,7 @@ impl VmBackup {
         let lv = Libvirt::connect().map_err(vm_error)?;
         remove_stale_links(&lv);
         let layout = layout::host_layout(&lv, volumes, opts.media)?;
-        let mut taken = Vec::new();
+        let (mut taken, mut left_out) = (Vec::new(), Vec::new());
         let mut warnings = Vec::new();
         for (i, vm) in layout.domains.iter().enumerate() {
             let coverage = vm.coverage.unwrap_or(Coverage::NotAffected);
@@ -118,6 +120,7 @@ impl VmBackup {
                 }
                 taken.push(i);
             } else if coverage == Coverage::Partial {
+                left_out.push(i);
                 let outside: Vec<&str> = vm.uncovered(opts.media).iter().map(|f| f.file.path.as_str()).collect();
                 warnings.push(format!(
                     "VM {:?} is only partly on the volumes of this backup ({} not): it is not covered by this backup and was left as it is",
@@ -132,6 +135,7 @@ impl VmBackup {
             opts,
             layout,
             taken,
+            left_out,
             pending: Arc::default(),
             _interrupt: None,
             stopped: Vec::new(),
@@ -296,7 +300,8 @@ impl VmBackup {
     /// to its name in the snapshot.
     pub fn record(&self, volume_names: &HashMap<String, String>) -> VmSection {
         let mut domains = Vec::new();
-        for &i in &self.taken {
+        let all = self.taken.iter().map(|&i| (i, true)).chain(self.left_out.iter().map(|&i| (i, false)));
+        for (i, taken) in all {
             let vm = &self.layout.domains[i];
             let stopped = self.stopped.iter().find(|s| s.uuid == vm.uuid);
             let started = self.started.iter().find(|s| s.uuid == vm.uuid);
@@ -338,9 +343,10 @@ impl VmBackup {
             // A defined domain's definition is always carried (as libvirt would start it).
             let carried_xml =
                 FileInSnapshot { volume: carried_name(&vm.uuid, Role::DomainXml), partition: None, path: None };
-            if let Some(x) = files.iter_mut().find(|f| f.role == "domain-xml").filter(|_| vm.domain_state.is_some()) {
+            let defined = taken && vm.domain_state.is_some();
+            if let Some(x) = files.iter_mut().find(|f| f.role == "domain-xml").filter(|_| defined) {
                 x.in_snapshot = Some(carried_xml);
-            } else if vm.domain_state.is_some() {
+            } else if defined {
                 files.insert(
                     0,
                     VmFileRecord {
@@ -364,6 +370,9 @@ impl VmBackup {
                     format!("saved for the snapshot, started again {}", self.opts.resume.name().replace('-', " "))
                 }
                 (Some(_), None) => "saved for the snapshot; not started again".to_string(),
+                (None, _) if !taken => {
+                    "only partly on the volumes: not covered by this backup, left as it was".to_string()
+                }
                 (None, _) if vm.state == "crashed" => "crashed: backed up as it was".to_string(),
                 (None, _) => format!("{}: backed up as it was", vm.state),
             };

@@ -201,7 +201,9 @@ impl TestDomain {
         let name = domain_name(xml);
         // Found by listing, never by passing the name where virsh could read it as an id.
         for uuid in virsh(&["list", "--all", "--uuid"]).lines().filter(|l| !l.is_empty()) {
-            if domain_name(&virsh(&["dumpxml", "--domain", uuid])) == name {
+            // Other tests' domains come and go meanwhile: one gone is simply not it.
+            let (ok, xml, _) = virsh_status(&["dumpxml", "--domain", uuid]);
+            if ok && domain_name(&xml) == name {
                 return TestDomain { name, uuid: uuid.to_string() };
             }
         }

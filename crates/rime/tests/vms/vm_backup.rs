@@ -94,7 +94,10 @@ fn vm_aware_backup_saves_the_vms_for_the_snapshot_only_records_them_and_restores
     // The partly covered VM is named, left alone and not recorded.
     let warnings = summary["warnings"].to_string();
     assert!(warnings.contains("partial p") && warnings.contains("only partly"), "{warnings}");
-    assert!(m["vms"]["domains"].as_array().unwrap().iter().all(|d| d["name"] != h.p.name.as_str()));
+    let rp = vm(m, &h.p.name);
+    assert_eq!((rp["coverage"].as_str(), rp["complete"].as_bool()), (Some("partial"), Some(false)), "{rp:#}");
+    assert!(rp["action"].as_str().unwrap().contains("not covered"), "{rp:#}");
+    assert!(rp["interruption_ms"].is_null());
     // Files the volume holds are found inside its image; the rest is carried.
     let disk = ra["files"].as_array().unwrap().iter().find(|f| f["role"] == "disk").unwrap();
     assert_eq!(disk["in_snapshot"]["path"], "/a.qcow2");
