@@ -13,7 +13,8 @@
 #
 # The volume is an ext4 image served by `rime serve` and mounted through its FUSE file, FILL_PCT %
 # full of random files, the three VMs' qcow2 disks on it; the VMs are 64 MiB guests without an OS
-# under TCG. Modes alternate within each round; the median over rounds is printed.
+# under TCG. Every run is a full backup into a new repository. Modes alternate within each round;
+# the median over rounds is printed.
 #
 #   sudo bench/vms.sh        # prints a Markdown table; figures go to docs/PERFORMANCE.md
 #
@@ -84,13 +85,13 @@ EOF
         virsh -q define "$W/vm$n.xml" >/dev/null
         virsh -q start "$PREFIX-$n" >/dev/null
     done
-    rm -rf "$W/repo"; "$RIME" --repo "$W/repo" init >/dev/null
-    "$RIME" --repo "$W/repo" backup "$MNT" >/dev/null 2>&1 # the first, full backup; the runs below are alike
 }
 
-# Prints "ms1 ms2 ms3 backup_seconds" for one run of MODE.
+# Prints "ms1 ms2 ms3 backup_seconds" for one run of MODE, into a new repository (a full backup:
+# its length is what an after-backup resume adds to each VM's interruption).
 run_mode() {
     local mode=$1
+    rm -rf "$W/repo" && "$RIME" --repo "$W/repo" init >/dev/null
     case $mode in
         after-snapshot|after-backup)
             local t0; t0=$(now)
@@ -121,8 +122,6 @@ for size in $SIZES; do
     declare -A results=()
     for r in $(seq "$ROUNDS"); do
         for mode in after-snapshot after-backup script; do
-            # Churn between runs, so each backup has data to read.
-            head -c 64M /dev/urandom >"$MNT/data/churn" && sync
             line=$(run_mode "$mode")
             log "size $size MiB round $r $mode: $line"
             results[$mode]+="$line;"

@@ -209,7 +209,12 @@ fn print_layout(l: &HostLayout, quiet: bool, json: bool) {
 
 fn print_vm_header(vm: &VmLayout, coverage: &str) {
     let kind = if vm.persistent { "defined" } else { "transient" };
-    let reason = vm.reason.as_ref().map(|r| format!(" ({r})")).unwrap_or_default();
+    let reason = vm
+        .reason
+        .as_ref()
+        .filter(|r| *r != &vm.state && *r != "unknown")
+        .map(|r| format!(" ({r})"))
+        .unwrap_or_default();
     let coverage = if coverage.is_empty() { String::new() } else { format!("; coverage: {coverage}") };
     println!("VM {}  {}{reason}, {kind}, uuid {}{coverage}", quoted(&vm.name), vm.state, vm.uuid);
 }
