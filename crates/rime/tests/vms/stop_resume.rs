@@ -129,6 +129,36 @@ fn a_save_that_cannot_finish_in_time_fails_and_loses_no_domain() {
     let (code, _, err) = resume_from_stdin(&stop.stdout);
     assert_eq!(code, Some(0), "{err}");
     d.wait_state("running", Duration::from_secs(60));
+
+    // A start that fails (its disk is gone): one line, exit 10, the domain still saved.
+    let stop = rime_raw(&["vm", "stop", "--names", &d.name]).ok();
+    let moved = vol.path("l.raw.away");
+    std::fs::rename(vol.path("l.raw"), &moved).unwrap();
+    let (code, _, err) = resume_from_stdin(&stop.stdout);
+    assert_eq!(code, Some(10), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("was not started again") && err.contains("l.raw"), "{err}");
+    let info = virsh(&["dominfo", "--domain", &d.uuid]);
+    assert!(
+        d.state().starts_with("shut off") && info.contains("Managed save:   yes"),
+        "its saved state is kept: {info}"
+    );
+    std::fs::rename(&moved, vol.path("l.raw")).unwrap();
+    let (code, _, err) = resume_from_stdin(&stop.stdout);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(d.state().starts_with("running"));
+
+    // A domain gone between the stop and the resume: one line, exit 10.
+    let gone = TestDomain::define(
+        env.dir.path(),
+        &domain_xml(&format!("{t} gone"), &[Disk::Raw(&vol.path("l.raw"))], false, ""),
+    );
+    let listed = format!("stopped {} uuid={} was=running\n", serde_json::to_string(&gone.name).unwrap(), gone.uuid);
+    virsh(&["undefine", "--domain", &gone.uuid]);
+    let (code, _, err) = resume_from_stdin(&listed);
+    assert_eq!(code, Some(10), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(&gone.name) || err.contains(&gone.uuid), "{err}");
 }
 
 #[test]
