@@ -87,6 +87,11 @@ impl FsFreezeWriter {
         }
     }
 
+    /// Frozen by this writer and not thawed yet (one frozen by someone else is theirs).
+    pub fn frozen_here(&self) -> bool {
+        self.frozen
+    }
+
     /// The last freeze held it still (its thaw does not change that record).
     pub fn was_held(&self) -> bool {
         self.held

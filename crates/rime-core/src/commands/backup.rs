@@ -347,6 +347,11 @@ fn backup_with_hooks(
         }
     }
     failed_writers.extend(writers.iter().filter(|w| !w.was_held()).map(|w| w.name()));
+    // Interrupted while they are frozen, the filesystems this backup froze are thawed first.
+    let frozen_here: Vec<PathBuf> = writers.iter().filter(|w| w.frozen_here()).map(|w| w.mount_point.clone()).collect();
+    let thaw_on_interrupt = (!frozen_here.is_empty()).then(|| {
+        crate::interrupt::on_interrupt(move || frozen_here.iter().for_each(|m| drop(rime_os::freeze::thaw(m))))
+    });
     let opened = match failure {
         Some(f) => Err(anyhow::Error::new(f)),
         None => capture(&opts.volumes, plan, &fully_frozen(&opts.volumes, writers)).and_then(|c| {
@@ -369,6 +374,7 @@ fn backup_with_hooks(
             warn(format!("{e} (the backup goes on)"));
         }
     }
+    drop(thaw_on_interrupt);
     for d in databases.iter_mut() {
         if let Err(e) = d.thaw() {
             warn(format!("{e} (the backup goes on)"));

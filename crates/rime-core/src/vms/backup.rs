@@ -286,8 +286,10 @@ impl VmBackup {
         for f in outcome.failed {
             self.resume_errors.push(format!("VM {:?} did not start again: {}", f.name, f.error));
         }
-        for u in outcome.untouched {
-            self.warnings.push(format!("VM {:?} was not started again: it {} ({})", u.name, u.why, u.state));
+        // One that runs already was started by someone else: nothing is lost. One that is off
+        // lost its saved state to someone else: the administrator must hear of it.
+        for u in outcome.untouched.into_iter().filter(|u| u.state == "shut off") {
+            self.resume_errors.push(format!("VM {:?} was not started again: it {}", u.name, u.why));
         }
         self.started.extend(outcome.started);
     }
@@ -422,11 +424,6 @@ impl VmBackup {
             partition: None,
             path: None,
         })
-    }
-
-    /// The interruption each stopped domain saw, for the summary.
-    pub fn interruptions(&self) -> Vec<(String, f64)> {
-        self.record(&HashMap::new()).domains.into_iter().filter_map(|d| Some((d.name, d.interruption_ms?))).collect()
     }
 }
 
