@@ -259,15 +259,24 @@ pub fn domain_name(xml: &str) -> String {
 impl Drop for TestDomain {
     fn drop(&mut self) {
         let _ = virsh_status(&["destroy", "--domain", &self.uuid]);
-        let _ = virsh_status(&[
-            "undefine",
-            "--domain",
-            &self.uuid,
-            "--managed-save",
-            "--nvram",
-            "--snapshots-metadata",
-            "--checkpoints-metadata",
-        ]);
+        // libvirt may still be finishing the destroy's job: try again for a while.
+        for _ in 0..50 {
+            let args = [
+                "undefine",
+                "--domain",
+                &self.uuid,
+                "--managed-save",
+                "--nvram",
+                "--snapshots-metadata",
+                "--checkpoints-metadata",
+            ];
+            let (ok, _, err) = virsh_status(&args);
+            if ok || err.contains("failed to get domain") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("warning: test domain {:?} ({}) could not be undefined", self.name, self.uuid);
     }
 }
 
