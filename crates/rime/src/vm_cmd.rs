@@ -35,11 +35,13 @@ pub enum VmCommand {
     /// saved. Prints exactly the domains it stopped (for `rime vm resume --from`).
     #[command(group(ArgGroup::new("which").required(true).args(["all", "volumes", "names"])))]
     Stop {
+        /// Every domain on the host.
         #[arg(long)]
         all: bool,
         /// The domains on these volumes (see --criterion).
         #[arg(long, num_args = 1.., value_name = "VOLUME")]
         volumes: Vec<PathBuf>,
+        /// Domains by their exact names.
         #[arg(long, num_args = 1.., value_name = "NAME")]
         names: Vec<String>,
         /// full: only domains whose files are all on the volumes; partial: also domains with
@@ -49,6 +51,7 @@ pub enum VmCommand {
         /// Count CD/DVD and floppy images as the domains' files (the default).
         #[arg(long, overrides_with = "no_media")]
         media: bool,
+        /// Leave CD/DVD and floppy images out of coverage.
         #[arg(long, overrides_with = "media")]
         no_media: bool,
         /// Longest wait for the saves, in seconds.
@@ -67,6 +70,7 @@ pub enum VmCommand {
         /// Every domain that has a managed-save image.
         #[arg(long)]
         all: bool,
+        /// Domains by their exact names.
         #[arg(long, num_args = 1.., value_name = "NAME")]
         names: Vec<String>,
         /// The domains a `rime vm stop` printed (its text or JSON), from FILE or - (stdin).
