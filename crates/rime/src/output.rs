@@ -16,8 +16,13 @@ pub fn size(bytes: u64) -> String {
     indicatif::HumanBytes(bytes).to_string()
 }
 
-fn print_json(value: &serde_json::Value) {
+pub fn print_json(value: &impl serde::Serialize) {
     println!("{}", serde_json::to_string_pretty(value).expect("JSON values serialise"));
+}
+
+/// A VM's name as Rime prints it: a JSON string, so quotes and anything else read back.
+pub fn quoted(name: &str) -> String {
+    serde_json::to_string(name).expect("strings serialise")
 }
 
 pub fn init(repo: &Repository, json: bool) {
@@ -55,7 +60,7 @@ pub fn backup(s: &BackupSummary, json: bool) {
         }
         for d in &vms.domains {
             let pause = d.interruption_ms.map(|ms| format!(", interrupted {:.1} s", ms / 1000.0)).unwrap_or_default();
-            println!("  VM {}: {}{pause}", serde_json::to_string(&d.name).expect("strings serialise"), d.action);
+            println!("  VM {}: {}{pause}", quoted(&d.name), d.action);
         }
     }
     let read: u64 = m.volumes.iter().map(|v| v.read_bytes).sum();
@@ -98,7 +103,7 @@ pub fn snapshots(list: &[Manifest], json: bool) {
                 .domains
                 .iter()
                 .map(|d| {
-                    let name = serde_json::to_string(&d.name).expect("strings serialise");
+                    let name = quoted(&d.name);
                     match d.state == d.state_in_snapshot {
                         true => format!("{name} {}", d.state),
                         false => format!("{name} {}→{}", d.state, d.state_in_snapshot),
@@ -138,7 +143,7 @@ pub fn restore_vm(s: &rime_core::vms::restore::VmRestoreSummary, json: bool) {
     let verb = if s.replaced { "replaced" } else { "restored" };
     println!(
         "{verb} VM {} from snapshot {}: {} at backup, {} now",
-        serde_json::to_string(&s.name).expect("strings serialise"),
+        quoted(&s.name),
         &s.snapshot[..8],
         s.state_at_backup,
         s.state

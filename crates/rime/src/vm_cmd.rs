@@ -1,7 +1,7 @@
 //! `rime vm layout|stop|resume`: arguments and output; the work is in
 //! `rime_core::commands::vm`.
 
-use crate::output::size;
+use crate::output::{print_json, quoted, size};
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Subcommand};
 use rime_core::commands::vm::{self, ResumeSelection, StopOptions, StopReport, StopSelection};
@@ -148,15 +148,6 @@ pub fn run(command: VmCommand, repo: impl FnOnce() -> Result<Repository>, json: 
         }
     }
     Ok(0)
-}
-
-fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).expect("serialises"));
-}
-
-/// A name as the stop output writes it: a JSON string (quotes and anything else escaped).
-fn quoted(name: &str) -> String {
-    serde_json::to_string(name).expect("strings serialise")
 }
 
 fn print_layout(l: &HostLayout, quiet: bool, json: bool) {

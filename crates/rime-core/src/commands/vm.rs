@@ -95,14 +95,11 @@ pub fn stop(opts: &StopOptions, note: &dyn Fn(&str)) -> Result<StopReport> {
                 if opts.criterion.takes(coverage) {
                     targets.push(Target { name: vm.name.clone(), uuid: vm.uuid.clone() });
                 } else if coverage == Coverage::Partial {
-                    let outside: Vec<&str> = vm.uncovered(opts.media).iter().map(|f| f.file.path.as_str()).collect();
+                    let outside = vm.uncovered(opts.media);
                     left_out.push(LeftOut {
                         name: vm.name.clone(),
                         uuid: vm.uuid.clone(),
-                        why: format!(
-                            "only partly on these volumes ({} not); --criterion partial takes it",
-                            outside.join(", ")
-                        ),
+                        why: format!("only partly on these volumes ({} not); --criterion partial takes it", outside),
                     });
                 }
             }

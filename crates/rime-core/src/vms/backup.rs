@@ -121,11 +121,11 @@ impl VmBackup {
                 taken.push(i);
             } else if coverage == Coverage::Partial {
                 left_out.push(i);
-                let outside: Vec<&str> = vm.uncovered(opts.media).iter().map(|f| f.file.path.as_str()).collect();
+                let outside = vm.uncovered(opts.media);
                 warnings.push(format!(
                     "VM {:?} is only partly on the volumes of this backup ({} not): it is not covered by this backup and was left as it is",
                     vm.name,
-                    outside.join(", ")
+                    outside
                 ));
             }
         }

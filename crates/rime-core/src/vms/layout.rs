@@ -109,9 +109,11 @@ impl VmLayout {
         self.files.iter().filter(move |f| !f.file.role.is_carried() && (media || !f.file.role.is_media()))
     }
 
-    /// Counted files that the volumes do not hold.
-    pub fn uncovered(&self, media: bool) -> Vec<&PlacedFile> {
-        self.counted(media).filter(|f| f.covered_by.is_none()).collect()
+    /// The paths of the counted files that the volumes do not hold, for messages.
+    pub fn uncovered(&self, media: bool) -> String {
+        let paths: Vec<&str> =
+            self.counted(media).filter(|f| f.covered_by.is_none()).map(|f| f.file.path.as_str()).collect();
+        paths.join(", ")
     }
 }
 
