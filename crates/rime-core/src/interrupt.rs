@@ -5,8 +5,10 @@
 //! returned guard deregisters it). The signals are taken by `signal-hook`'s thread rather than a
 //! blocked mask, so child processes (hooks, `virsh`) start with the default dispositions.
 //! Actions run last registered first, in that thread, while the command's own threads may still
-//! run: an action and the code it backs up must share a lock, so one of them does the undo.
+//! run: an action and the code it backs up must share a lock, so one of them does the undo; and
+//! from the signal on, [`interrupted`] is true, so a backup publishes no snapshot.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, Once};
 
 type Action = Box<dyn Fn() + Send + 'static>;
@@ -14,6 +16,14 @@ type Action = Box<dyn Fn() + Send + 'static>;
 static ACTIONS: Mutex<Vec<(u64, Action)>> = Mutex::new(Vec::new());
 static NEXT: Mutex<u64> = Mutex::new(0);
 static INSTALL: Once = Once::new();
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// A signal has arrived: the process is putting back its changes and will exit. Work still
+/// running in other threads must not publish anything from here on (a snapshot whose freeze
+/// the undo may have cut short).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
 
 /// Deregisters its action when dropped.
 pub struct Registered(u64);
@@ -38,6 +48,7 @@ fn install() {
         };
         std::thread::spawn(move || {
             if let Some(signal) = signals.forever().next() {
+                INTERRUPTED.store(true, Ordering::SeqCst);
                 eprintln!("rime: interrupted (signal {signal}); putting back what this command changed");
                 run_all();
                 std::process::exit(128 + signal);

@@ -504,7 +504,12 @@ fn backup_with_hooks(
         consistency: Some(consistency),
         vms: vm_record,
     };
-    if let Err(e) = repo.save_manifest(&manifest) {
+    // An interruption's undo may have thawed the filesystems before the snapshot: never publish.
+    let saved = match crate::interrupt::interrupted() {
+        true => Err(anyhow::anyhow!("interrupted")),
+        false => repo.save_manifest(&manifest),
+    };
+    if let Err(e) = saved {
         let published = sink.abandon();
         drop(lock);
         cleanup_failed(repo, &snapshot, &published, started);
