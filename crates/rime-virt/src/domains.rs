@@ -53,11 +53,6 @@ pub fn get(lv: &Libvirt, uuid: &str) -> Result<Domain, VirtError> {
     read(lv, uuid, !transient.iter().any(|u| u == uuid))
 }
 
-/// The domain named exactly `name` (never read as an id or a UUID).
-pub fn by_name(lv: &Libvirt, name: &str) -> Result<Option<Domain>, VirtError> {
-    Ok(list(lv)?.into_iter().find(|d| d.name == name))
-}
-
 fn read(lv: &Libvirt, uuid: &str, persistent: bool) -> Result<Domain, VirtError> {
     let xml = lv.run(&format!("reading domain {uuid}"), ["dumpxml", "--security-info", "--domain", uuid])?;
     let parsed = DomainXml::parse(&xml).map_err(|e| VirtError::Failed(format!("domain {uuid}: {e}")))?;
