@@ -20,6 +20,7 @@ pub mod references;
 pub mod reflink;
 pub mod retention;
 pub mod snapshot_reader;
+pub mod storage_stack;
 pub mod target;
 pub mod vms;
 

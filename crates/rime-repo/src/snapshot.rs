@@ -181,6 +181,12 @@ pub struct VolumeEntry {
     pub partition_table: Option<String>,
     #[serde(default)]
     pub partitions: Vec<PartitionEntry>,
+    /// Set when the volume itself is an LVM physical volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<PhysicalVolumeEntry>,
+    /// Set when the volume is LUKS-encrypted (imaged whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<EncryptionEntry>,
     /// Object path of the volume index, and its BLAKE3 digest.
     pub index: String,
     pub index_digest: String,
@@ -212,6 +218,70 @@ pub struct PartitionEntry {
     pub name: String,
     pub filesystem: Option<String>,
     pub map: String,
+    /// Set when the partition is an LVM physical volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lvm: Option<PhysicalVolumeEntry>,
+    /// Set when the partition is LUKS-encrypted (imaged whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<EncryptionEntry>,
+}
+
+/// An LVM2 physical volume, its volume group and the logical volumes with bytes on it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PhysicalVolumeEntry {
+    pub pv_uuid: Option<String>,
+    /// Absent when the PV's metadata could not be read (see `problem`).
+    pub volume_group: Option<VolumeGroupEntry>,
+    pub logical_volumes: Vec<LogicalVolumeEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeGroupEntry {
+    pub name: String,
+    pub uuid: String,
+    /// The metadata sequence number the map was made from.
+    pub seqno: u64,
+    pub extent_size: u64,
+    /// Byte offset of the first extent in the PV, and the PV's extent count.
+    pub pe_start: u64,
+    pub pe_count: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LogicalVolumeEntry {
+    pub name: String,
+    /// What `--volume` takes to browse it: `disk.img:2/rhel/root`.
+    pub path: String,
+    pub uuid: String,
+    /// "linear", "striped (2 stripes of 64 KiB)", "thin", "thin-pool", "raid1", ...
+    pub layout: String,
+    /// How the map treats it: "data", "thin-pool metadata", ...
+    pub role: String,
+    pub size: u64,
+    /// Hidden LVs (pool data and metadata, RAID images) are false.
+    pub visible: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The origin of a thin snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    pub filesystem: Option<String>,
+    pub map: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<EncryptionEntry>,
+}
+
+/// A LUKS volume: imaged whole, since Rime cannot see inside it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EncryptionEntry {
+    /// "LUKS1" or "LUKS2".
+    pub format: String,
+    pub cipher: String,
+    pub uuid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
 }
 
 impl Manifest {

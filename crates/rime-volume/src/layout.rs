@@ -1,8 +1,11 @@
-//! What is on a volume: one filesystem, or a partitioned disk whose partitions each carry
-//! their own map. `map_volume` is the entry point the backup uses.
+//! What is on a volume: one filesystem, an LVM physical volume, or a partitioned disk whose
+//! partitions each carry their own map (a filesystem, LUKS, or PVs whose volume groups are
+//! assembled across the disk's partitions). `map_volume` is the entry point the backup uses.
 
 use crate::device::Region;
 use crate::fs;
+use crate::luks::LuksInfo;
+use crate::lvm::{self, Assembly, PvInfo};
 use crate::partition::{self, Partition, PartitionTable};
 use crate::usedmap::{push_range, AllBlocks, FallbackOnError, FileExtents, SwapFile, UsedMap};
 use anyhow::Result;
@@ -14,6 +17,9 @@ pub struct MappedPartition {
     pub partition: Partition,
     pub filesystem: Option<String>,
     pub map: String,
+    /// Set when the partition is an LVM physical volume.
+    pub lvm: Option<PvInfo>,
+    pub encrypted: Option<LuksInfo>,
 }
 
 pub struct Layout {
@@ -21,6 +27,9 @@ pub struct Layout {
     pub table: Option<String>,
     pub partitions: Vec<MappedPartition>,
     pub warnings: Vec<String>,
+    /// Set when the volume itself is an LVM physical volume.
+    pub lvm: Option<PvInfo>,
+    pub encrypted: Option<LuksInfo>,
 }
 
 /// Finds the layout of a volume: a GPT disk, else a filesystem, else an MBR disk, else raw
@@ -30,6 +39,19 @@ pub fn map_volume(volume: &Region, options: &fs::MapOptions) -> Result<Layout> {
     let table = partition::read(volume)?;
     if let Some(t) = table.as_ref().filter(|t| t.kind == partition::TableKind::Gpt) {
         return Ok(disk_layout(volume, t, options));
+    }
+    // A PV given directly: its label lies in the first sectors, where no filesystem looks.
+    if !matches!(lvm::label::probe(volume), Ok(None)) {
+        let assembly = Assembly::new(vec![(volume.clone(), volume.path.display().to_string())]);
+        let (mut map, info) = lvm::map_pvs(&assembly, options).pop().expect("the volume is a PV");
+        return Ok(Layout {
+            warnings: map.take_warnings(),
+            map: Box::new(map),
+            table: None,
+            partitions: Vec::new(),
+            lvm: Some(info),
+            encrypted: None,
+        });
     }
     let detected = fs::detect_with(volume, options);
     if detected.map.filesystem().is_none() && detected.warning.is_none() {
@@ -42,33 +64,82 @@ pub fn map_volume(volume: &Region, options: &fs::MapOptions) -> Result<Layout> {
         table: None,
         partitions: Vec::new(),
         warnings: detected.warning.into_iter().collect(),
+        lvm: None,
+        encrypted: detected.encrypted,
     })
+}
+
+/// The partitions of `table` that carry an LVM label (valid or damaged), assembled together:
+/// one volume group may span several partitions of a disk.
+fn disk_assembly(disk: &Region, table: &PartitionTable) -> Assembly {
+    let candidates = table
+        .partitions
+        .iter()
+        .map(|p| (disk.sub(p.start, p.len).expect("partition table checked against the disk"), p.number))
+        .filter(|(r, _)| !matches!(lvm::label::probe(r), Ok(None)))
+        .map(|(r, n)| (r, format!("partition {n}")))
+        .collect();
+    Assembly::new(candidates)
 }
 
 fn disk_layout(disk: &Region, table: &PartitionTable, options: &fs::MapOptions) -> Layout {
     let mut segments = Vec::new();
     let mut partitions = Vec::new();
     let mut warnings = Vec::new();
+    let assembly = disk_assembly(disk, table);
+    let mut pv_maps: Vec<Option<(lvm::PvMap, PvInfo)>> =
+        lvm::map_pvs(&assembly, options).into_iter().map(Some).collect();
     for p in &table.partitions {
+        let label = format!("partition {}", p.number);
+        if let Some(i) = assembly.pvs.iter().position(|pv| pv.label == label) {
+            let (mut map, info) = pv_maps[i].take().expect("one map per PV");
+            warnings.extend(map.take_warnings().into_iter().map(|w| format!("{label}: {w}")));
+            partitions.push(MappedPartition {
+                partition: p.clone(),
+                filesystem: None,
+                map: map.describe(),
+                lvm: Some(info),
+                encrypted: None,
+            });
+            segments.push(Segment { start: p.start, len: p.len, map: Box::new(map) });
+            continue;
+        }
         let region = disk.sub(p.start, p.len).expect("partition table checked against the disk");
         let detected = fs::detect_with(&region, options);
         if let Some(w) = detected.warning {
-            warnings.push(format!("partition {}: {w}", p.number));
+            warnings.push(format!("{label}: {w}"));
         }
         partitions.push(MappedPartition {
             partition: p.clone(),
             filesystem: detected.map.filesystem().map(str::to_string),
             map: detected.map.describe(),
+            lvm: None,
+            encrypted: detected.encrypted,
         });
         segments.push(Segment { start: p.start, len: p.len, map: Box::new(FallbackOnError::new(detected.map)) });
     }
     let summary = partitions
         .iter()
-        .map(|p| format!("{}:{}", p.partition.number, p.filesystem.as_deref().unwrap_or("?")))
+        .map(|p| {
+            let what = match (&p.filesystem, &p.lvm, &p.encrypted) {
+                (Some(fs), _, _) => fs.clone(),
+                (None, Some(pv), _) => format!("LVM2 PV of {}", pv.vg.as_ref().map_or("?", |v| v.name.as_str())),
+                (None, None, Some(_)) => "LUKS".into(),
+                (None, None, None) => "?".into(),
+            };
+            format!("{}:{what}", p.partition.number)
+        })
         .collect::<Vec<_>>()
         .join(" ");
     let map = DiskMap { segments, description: format!("{} partition table ({summary})", table.kind.as_str()) };
-    Layout { map: Box::new(map), table: Some(table.kind.as_str().to_string()), partitions, warnings }
+    Layout {
+        map: Box::new(map),
+        table: Some(table.kind.as_str().to_string()),
+        partitions,
+        warnings,
+        lvm: None,
+        encrypted: None,
+    }
 }
 
 struct Segment {
@@ -102,9 +173,7 @@ impl UsedMap for DiskMap {
     fn file_extents(&mut self, path: &str) -> Result<Option<FileExtents>> {
         let mut found: Option<FileExtents> = None;
         for seg in self.segments.iter_mut() {
-            if seg.map.filesystem().is_none() {
-                continue;
-            }
+            // Maps without files (no filesystem, swap) answer None or an error.
             if let Ok(Some(mut fe)) = seg.map.file_extents(path) {
                 for e in fe.extents.iter_mut() {
                     e.range = e.range.start + seg.start..e.range.end + seg.start;
@@ -173,5 +242,7 @@ pub fn all_blocks(reason: &str) -> Layout {
         table: None,
         partitions: Vec::new(),
         warnings: Vec::new(),
+        lvm: None,
+        encrypted: None,
     }
 }

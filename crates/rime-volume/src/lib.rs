@@ -8,6 +8,8 @@ pub mod device;
 pub mod error;
 pub mod fs;
 pub mod layout;
+pub mod luks;
+pub mod lvm;
 pub mod partition;
 pub mod qemu;
 pub mod remote;

@@ -8,6 +8,7 @@ mod progress_bar;
 mod sample;
 mod serve_cmd;
 mod vm_cmd;
+mod volume_tree;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -127,7 +128,12 @@ enum Command {
         vm_max_wait: u64,
     },
     /// List snapshots.
-    Snapshots,
+    Snapshots {
+        /// Also show each volume's layers: partitions, LVM physical and logical volumes,
+        /// encryption, filesystems, and how each was mapped.
+        #[arg(short, long)]
+        long: bool,
+    },
     /// Write a volume back, bit-exact, to a device or file; or, with --vm, put a VM back.
     Restore {
         snapshot: String,
@@ -440,9 +446,9 @@ fn run(cli: Cli) -> Result<i32> {
                 bail!(rime_core::CommandError::Vm(format!("snapshot {} saved, but {e}", &summary.snapshot[..8])));
             }
         }
-        Command::Snapshots => {
+        Command::Snapshots { long } => {
             let repo = Repository::open(&location)?;
-            output::snapshots(&snapshots::list(&repo)?, cli.json);
+            output::snapshots(&snapshots::list(&repo)?, cli.json, long);
         }
         Command::Restore { snapshot, target, volume, format, vm: Some(name), to, replace } => {
             let repo = Repository::open(&location)?;

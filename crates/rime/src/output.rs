@@ -75,7 +75,7 @@ pub fn backup(s: &BackupSummary, json: bool) {
     }
 }
 
-pub fn snapshots(list: &[Manifest], json: bool) {
+pub fn snapshots(list: &[Manifest], json: bool, long: bool) {
     if json {
         print_json(&serde_json::to_value(list).expect("manifests serialise"));
         return;
@@ -111,6 +111,9 @@ pub fn snapshots(list: &[Manifest], json: bool) {
                 })
                 .collect();
             println!("{:<9} VMs: {}", "", if each.is_empty() { "none on its volumes".into() } else { each.join(", ") });
+        }
+        if long {
+            crate::volume_tree::print(m);
         }
     }
 }

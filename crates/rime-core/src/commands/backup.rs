@@ -13,6 +13,7 @@ use crate::capture::{capture, Capture, OpenVolume};
 use crate::error::CommandError;
 use crate::progress::Progress;
 use crate::providers::Provider;
+use crate::storage_stack;
 use crate::vms::backup::{ResumeAt, VmBackup};
 use anyhow::{bail, Context, Result};
 use rime_consistency::hooks::{self, HookContext, Hooks, Stage};
@@ -614,8 +615,12 @@ fn archive_all(
                     name: p.partition.name,
                     filesystem: p.filesystem,
                     map: p.map,
+                    lvm: p.lvm.map(|pv| storage_stack::pv_entry(pv, &format!("{}:{}", ov.name, p.partition.number))),
+                    encrypted: p.encrypted.map(storage_stack::encryption_entry),
                 })
                 .collect(),
+            lvm: layout.lvm.map(|pv| storage_stack::pv_entry(pv, &ov.name)),
+            encrypted: layout.encrypted.map(storage_stack::encryption_entry),
             index: index_path,
             index_digest: digest,
         });

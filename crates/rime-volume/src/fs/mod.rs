@@ -10,9 +10,11 @@ pub mod fat_audit;
 pub mod fat_dir;
 pub mod jbd2;
 pub mod ntfs;
+pub mod swap;
 pub mod xfs;
 
 use crate::device::Region;
+use crate::luks::LuksInfo;
 use crate::usedmap::{AllBlocks, UsedMap};
 use anyhow::Result;
 
@@ -70,6 +72,8 @@ const PROBES: &[(&str, Probe)] = &[
     ("btrfs", |r, _| boxed(btrfs::BtrfsMap::probe(r)?)),
     ("NTFS", |r, _| boxed(ntfs::NtfsMap::probe(r)?)),
     ("FAT", |r, o| boxed(fat::FatMap::probe_with(r, o)?)),
+    // Last: a real filesystem found over an old swap signature keeps more, which is safe.
+    ("swap", |r, _| boxed(swap::SwapMap::probe(r)?)),
 ];
 
 /// A filesystem whose structures are sound but cannot be trusted as they stand: a log or
@@ -82,6 +86,8 @@ pub struct Untrusted(pub String);
 pub struct Detected {
     pub map: Box<dyn UsedMap>,
     pub warning: Option<String>,
+    /// Set when the region is a LUKS volume (imaged whole).
+    pub encrypted: Option<LuksInfo>,
 }
 
 /// Picks the most precise map for `region`, made the default way.
@@ -93,9 +99,20 @@ pub fn detect(region: &Region) -> Detected {
 /// falls back to imaging all non-zero chunks, with a warning: never a crash, never a read out of
 /// bounds.
 pub fn detect_with(region: &Region, options: &MapOptions) -> Detected {
+    if let Ok(Some(luks)) = crate::luks::probe(region) {
+        return Detected {
+            map: Box::new(AllBlocks { reason: format!("{}: imaged whole, no used-block map", luks.describe()) }),
+            warning: Some(format!(
+                "{}: {}; Rime cannot see inside it, so every non-zero block is imaged",
+                region.path.display(),
+                luks.describe()
+            )),
+            encrypted: Some(luks),
+        };
+    }
     for (name, probe) in PROBES {
         match probe(region, options) {
-            Ok(Some(map)) => return Detected { map, warning: None },
+            Ok(Some(map)) => return Detected { map, warning: None, encrypted: None },
             Ok(None) => {}
             Err(e) => {
                 return Detected {
@@ -104,9 +121,14 @@ pub fn detect_with(region: &Region, options: &MapOptions) -> Detected {
                     "{}: {name} signature found but the filesystem looks damaged ({e:#}); imaging all non-zero blocks",
                     region.path.display()
                 )),
+                    encrypted: None,
                 }
             }
         }
     }
-    Detected { map: Box::new(AllBlocks { reason: "non-zero chunks (no known filesystem)".into() }), warning: None }
+    Detected {
+        map: Box::new(AllBlocks { reason: "non-zero chunks (no known filesystem)".into() }),
+        warning: None,
+        encrypted: None,
+    }
 }

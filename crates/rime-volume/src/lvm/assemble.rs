@@ -1,0 +1,354 @@
+//! Assembling volume groups from the physical volumes found on one volume (a PV given directly,
+//! or the PV partitions of a disk), and working out where each logical volume's bytes lie.
+//!
+//! Each PV's newest valid metadata copy names its VG; of several PVs of one VG, the text with
+//! the highest `seqno` describes it. Every LV gets a role that says how the map treats it:
+//! data LVs (linear, striped, thin) are read through their [`LvExtents`]; pool metadata, the
+//! metadata spare and every LV a segment type Rime does not map refers to (RAID images, cache
+//! pools, old-style snapshot stores, ...) are kept whole. An LV whose extents lie on a PV that is
+//! not here, or whose pool metadata cannot be read, gets the reason instead of extents; the
+//! caller keeps what of it is here whole.
+
+use super::extents::{LvExtents, Piece};
+use super::label::{self, PvLabel};
+use super::text;
+use super::thin::ThinMetadata;
+use super::vg::{LvDesc, SegmentKind, VolumeGroup};
+use crate::device::Region;
+use anyhow::{bail, ensure, Context, Result};
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// A region that carries an LVM label (valid or not).
+pub struct FoundPv {
+    pub region: Region,
+    /// For messages: "partition 2", or the volume's name.
+    pub label: String,
+    pub uuid: Option<String>,
+    /// Index of its VG in [`Assembly::vgs`], or why it has none.
+    pub vg: Result<usize, String>,
+    /// Metadata copies that were damaged or older.
+    pub notes: Vec<String>,
+}
+
+pub struct Assembly {
+    pub pvs: Vec<FoundPv>,
+    pub vgs: Vec<AssembledVg>,
+}
+
+pub struct AssembledVg {
+    pub vg: VolumeGroup,
+    /// For each of `vg.pvs`, its index in [`Assembly::pvs`] when it is here.
+    pub found: Vec<Option<usize>>,
+    pub lvs: Vec<AssembledLv>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Holds data a filesystem may use: linear, striped or thin.
+    Data,
+    ThinPool,
+    PoolMetadata,
+    PoolData,
+    /// The spare metadata area LVM keeps for pool repairs.
+    Spare,
+    /// A segment type Rime does not map, or an LV such a segment is built from.
+    Unmapped(String),
+}
+
+impl Role {
+    pub fn as_str(&self) -> String {
+        match self {
+            Role::Data => "data".into(),
+            Role::ThinPool => "thin-pool".into(),
+            Role::PoolMetadata => "thin-pool metadata".into(),
+            Role::PoolData => "thin-pool data".into(),
+            Role::Spare => "pool metadata spare".into(),
+            Role::Unmapped(kind) => format!("part of a {kind} LV (not mapped)"),
+        }
+    }
+}
+
+pub struct AssembledLv {
+    pub desc: LvDesc,
+    pub role: Role,
+    /// Where the LV's bytes lie, or why that cannot be known.
+    pub extents: Result<Arc<LvExtents>, String>,
+    /// The PV ranges its linear and striped segments occupy, known even when `extents` is not:
+    /// what "keep it whole" keeps. `(index in Assembly::pvs, byte range)`.
+    pub occupied: Vec<(usize, Range<u64>)>,
+}
+
+impl Assembly {
+    /// Finds the PVs among `candidates` (region, label for messages) and assembles their VGs.
+    pub fn new(candidates: Vec<(Region, String)>) -> Assembly {
+        let mut pvs = Vec::new();
+        let mut texts: Vec<(usize, Result<VolumeGroup>)> = Vec::new();
+        for (region, name) in candidates {
+            let (uuid, parsed, notes) = match label::probe(&region) {
+                Ok(None) => continue,
+                Err(e) => (None, Err(e), Vec::new()),
+                Ok(Some(l)) => {
+                    let (vg, notes) = read_vg(&region, &l);
+                    (Some(l.uuid.clone()), vg, notes)
+                }
+            };
+            texts.push((pvs.len(), parsed));
+            pvs.push(FoundPv { region, label: name, uuid, vg: Err(String::new()), notes });
+        }
+        // One VG per UUID, described by its newest text.
+        let mut vgs: Vec<VolumeGroup> = Vec::new();
+        for (_, parsed) in &texts {
+            if let Ok(vg) = parsed {
+                match vgs.iter_mut().find(|v| v.uuid == vg.uuid) {
+                    Some(v) if vg.seqno > v.seqno => *v = vg.clone(),
+                    Some(_) => {}
+                    None => vgs.push(vg.clone()),
+                }
+            }
+        }
+        for (i, parsed) in texts {
+            let uuid = pvs[i].uuid.clone();
+            pvs[i].vg = match parsed {
+                Err(e) if uuid.is_some() && e.to_string().contains("no metadata area") => {
+                    // A PV without metadata copies: its VG is described on another PV.
+                    vgs.iter().position(|v| v.pvs.iter().any(|p| Some(&p.uuid) == uuid.as_ref())).ok_or_else(|| {
+                        "its volume group is described only on PVs that are not part of this volume".to_string()
+                    })
+                }
+                Err(e) => Err(format!("{e:#}")),
+                Ok(vg) => Ok(vgs.iter().position(|v| v.uuid == vg.uuid).expect("collected above")),
+            };
+        }
+        let vgs = vgs
+            .into_iter()
+            .enumerate()
+            .map(|(n, vg)| {
+                let found = vg
+                    .pvs
+                    .iter()
+                    .map(|d| {
+                        pvs.iter().position(|p| p.vg.as_ref().ok() == Some(&n) && p.uuid.as_deref() == Some(&d.uuid))
+                    })
+                    .collect();
+                assemble_vg(vg, found, &pvs)
+            })
+            .collect();
+        Assembly { pvs, vgs }
+    }
+
+    /// The regions of every PV, indexed as pieces refer to them.
+    pub fn regions(&self) -> Vec<Region> {
+        self.pvs.iter().map(|p| p.region.clone()).collect()
+    }
+
+    /// A logical volume as a region, for the explorer.
+    pub fn open_lv(&self, vg: &str, lv: &str) -> Result<Region> {
+        let avg = self.vgs.iter().find(|v| v.vg.name == vg).with_context(|| format!("no volume group '{vg}' here"))?;
+        let alv = avg.lvs.iter().find(|l| l.desc.name == lv).with_context(|| {
+            let names: Vec<&str> = avg.lvs.iter().filter(|l| l.desc.visible).map(|l| l.desc.name.as_str()).collect();
+            format!("volume group {vg} has no logical volume '{lv}' (it has: {})", names.join(", "))
+        })?;
+        match &alv.extents {
+            Ok(e) => Ok(e.region(&self.regions(), &format!("{vg}/{lv}"))),
+            Err(why) => bail!("logical volume {vg}/{lv} cannot be read: {why}"),
+        }
+    }
+}
+
+fn read_vg(region: &Region, l: &PvLabel) -> (Result<VolumeGroup>, Vec<String>) {
+    match label::read_metadata(region, l) {
+        Ok(m) => {
+            let vg = text::parse(&m.text).and_then(|t| VolumeGroup::from_text(&t));
+            (vg, m.notes)
+        }
+        Err(e) => (Err(e), Vec::new()),
+    }
+}
+
+fn assemble_vg(vg: VolumeGroup, found: Vec<Option<usize>>, pvs: &[FoundPv]) -> AssembledVg {
+    let roles = roles(&vg);
+    let mut lvs: Vec<AssembledLv> = vg
+        .lvs
+        .iter()
+        .zip(roles)
+        .map(|(desc, role)| {
+            let occupied = occupied(&vg, &found, desc);
+            let extents = striped_pieces(&vg, &found, desc)
+                .and_then(|p| LvExtents::new(desc.extents() * vg.extent_size, p))
+                .map(Arc::new)
+                .map_err(|e| format!("{e:#}"));
+            AssembledLv { desc: desc.clone(), role, extents, occupied }
+        })
+        .collect();
+    // Thin volumes go through their pool, whose sub-LVs are now known.
+    let regions: Vec<Region> = pvs.iter().map(|p| p.region.clone()).collect();
+    for i in 0..lvs.len() {
+        if let Some((pool, device_id)) = thin_of(&lvs[i].desc) {
+            let size = lvs[i].desc.extents() * vg.extent_size;
+            lvs[i].extents =
+                thin_pieces(&lvs, &regions, &pool, device_id, size).map(Arc::new).map_err(|e| format!("{e:#}"));
+        }
+    }
+    AssembledVg { vg, found, lvs }
+}
+
+fn thin_of(lv: &LvDesc) -> Option<(String, u64)> {
+    match lv.segments.as_slice() {
+        [s] => match &s.kind {
+            SegmentKind::Thin { pool, device_id, .. } => Some((pool.clone(), *device_id)),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// The role of each LV, in `vg.lvs` order.
+fn roles(vg: &VolumeGroup) -> Vec<Role> {
+    let mut roles = vec![Role::Data; vg.lvs.len()];
+    let index = |name: &str| vg.lvs.iter().position(|l| l.name == name);
+    for (i, lv) in vg.lvs.iter().enumerate() {
+        if lv.name.ends_with("_pmspare") {
+            roles[i] = Role::Spare;
+        }
+        for s in &lv.segments {
+            match &s.kind {
+                SegmentKind::ThinPool { metadata, data, .. } => {
+                    roles[i] = Role::ThinPool;
+                    if let Some(m) = index(metadata) {
+                        roles[m] = Role::PoolMetadata;
+                    }
+                    if let Some(d) = index(data) {
+                        roles[d] = Role::PoolData;
+                    }
+                }
+                SegmentKind::Unmapped { kind, .. } => roles[i] = Role::Unmapped(kind.clone()),
+                _ => {}
+            }
+        }
+    }
+    // Everything an unmapped LV is built from, transitively, is kept whole with it.
+    let mut pending: Vec<usize> = (0..roles.len()).filter(|&i| matches!(roles[i], Role::Unmapped(_))).collect();
+    let mut seen: BTreeSet<usize> = pending.iter().copied().collect();
+    while let Some(i) = pending.pop() {
+        let Role::Unmapped(kind) = roles[i].clone() else { continue };
+        for s in &vg.lvs[i].segments {
+            if let SegmentKind::Unmapped { refers_to, .. } = &s.kind {
+                for name in refers_to {
+                    if let Some(j) = index(name) {
+                        if seen.insert(j) {
+                            roles[j] = Role::Unmapped(kind.clone());
+                            pending.push(j);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    roles
+}
+
+/// The PV ranges an LV's linear and striped segments occupy, on the PVs that are here.
+fn occupied(vg: &VolumeGroup, found: &[Option<usize>], lv: &LvDesc) -> Vec<(usize, Range<u64>)> {
+    let mut out = Vec::new();
+    for s in &lv.segments {
+        if let SegmentKind::Striped { stripes, .. } = &s.kind {
+            let per_stripe = s.extent_count / stripes.len() as u64 * vg.extent_size;
+            for (key, pe) in stripes {
+                let Some(n) = vg.pvs.iter().position(|p| &p.key == key) else { continue };
+                if let (Some(idx), Some(start)) = (found[n], pv_offset(vg, n, *pe)) {
+                    out.push((idx, start..start + per_stripe));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Byte offset of extent `pe` of the VG's PV number `n`, if the extent exists.
+fn pv_offset(vg: &VolumeGroup, n: usize, pe: u64) -> Option<u64> {
+    let pv = &vg.pvs[n];
+    (pe < pv.pe_count).then(|| pv.pe_start + pe * vg.extent_size)
+}
+
+/// The pieces of an LV made of linear and striped segments (and `zero`/`error` ones).
+fn striped_pieces(vg: &VolumeGroup, found: &[Option<usize>], lv: &LvDesc) -> Result<Vec<Piece>> {
+    let ext = vg.extent_size;
+    let mut pieces = Vec::new();
+    for s in &lv.segments {
+        let seg_start = s.start_extent * ext;
+        match &s.kind {
+            SegmentKind::Striped { stripe_size, stripes } => {
+                let mut places = Vec::new();
+                for (key, pe) in stripes {
+                    let n = vg.pvs.iter().position(|p| &p.key == key).with_context(|| format!("no PV '{key}'"))?;
+                    let idx = found[n].with_context(|| {
+                        format!("its extents on PV {} lie on a volume that is not being read", vg.pvs[n].uuid)
+                    })?;
+                    let start =
+                        pv_offset(vg, n, *pe).with_context(|| format!("extent {pe} is past the end of PV {key}"))?;
+                    let per_stripe = s.extent_count / stripes.len() as u64;
+                    ensure!(pe + per_stripe <= vg.pvs[n].pe_count, "segment runs past the end of PV {key}");
+                    places.push((idx, start));
+                }
+                let len = s.extent_count * ext;
+                if let [(pv, pv_start)] = places[..] {
+                    pieces.push(Piece { lv_start: seg_start, len, pv, pv_start });
+                    continue;
+                }
+                // Chunk c of the segment lies on stripe c mod N, in row c div N.
+                let n = places.len() as u64;
+                for c in 0..len / stripe_size {
+                    let (pv, base) = places[(c % n) as usize];
+                    pieces.push(Piece {
+                        lv_start: seg_start + c * stripe_size,
+                        len: *stripe_size,
+                        pv,
+                        pv_start: base + (c / n) * stripe_size,
+                    });
+                }
+            }
+            SegmentKind::Virtual(_) | SegmentKind::ThinPool { .. } => {}
+            SegmentKind::Thin { .. } => {}
+            SegmentKind::Unmapped { kind, .. } => bail!("segment type '{kind}' is not mapped by Rime"),
+        }
+    }
+    Ok(pieces)
+}
+
+/// A thin volume's pieces: its runs in the pool's metadata, through the pool's data LV.
+fn thin_pieces(lvs: &[AssembledLv], regions: &[Region], pool: &str, device_id: u64, size: u64) -> Result<LvExtents> {
+    let pool_lv = lvs.iter().find(|l| l.desc.name == pool).with_context(|| format!("no thin pool '{pool}'"))?;
+    let Some(SegmentKind::ThinPool { metadata, data, chunk_size }) = pool_lv.desc.segments.first().map(|s| &s.kind)
+    else {
+        bail!("'{pool}' is not a thin pool");
+    };
+    let extents_of = |name: &str| -> Result<Arc<LvExtents>> {
+        let lv = lvs.iter().find(|l| l.desc.name == name).with_context(|| format!("no LV '{name}'"))?;
+        lv.extents.clone().map_err(|e| anyhow::anyhow!("pool LV {name}: {e}"))
+    };
+    let (meta, data) = (extents_of(metadata)?, extents_of(data)?);
+    let md = ThinMetadata::open(meta.region(regions, metadata)).with_context(|| format!("thin pool {pool}"))?;
+    ensure!(
+        md.data_block_size == *chunk_size,
+        "thin pool {pool}: its metadata says {}-byte blocks, the VG {chunk_size}",
+        md.data_block_size
+    );
+    let bs = md.data_block_size;
+    let mut pieces = Vec::new();
+    for run in md.runs(device_id, data.size / bs).with_context(|| format!("thin pool {pool}"))? {
+        let lv_start = run.virt.checked_mul(bs).filter(|s| s + run.len * bs <= size);
+        let lv_start = lv_start.with_context(|| format!("thin device {device_id} maps past its size"))?;
+        let pool_range = run.data * bs..(run.data + run.len) * bs;
+        data.translate(pool_range, &mut |pv, r, pool_at| {
+            pieces.push(Piece {
+                lv_start: lv_start + (pool_at - run.data * bs),
+                len: r.end - r.start,
+                pv,
+                pv_start: r.start,
+            })
+        });
+    }
+    LvExtents::new(size, pieces)
+}
