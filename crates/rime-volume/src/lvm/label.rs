@@ -213,8 +213,8 @@ mod tests {
         s[32..64].copy_from_slice(b"dd8sDSHHJPscsWzSfbfhKWL2tpnQq6Z5");
         s[64..72].copy_from_slice(&0x36e0_0000u64.to_le_bytes());
         s[72..80].copy_from_slice(&0x10_0000u64.to_le_bytes());
-        s[96..104].copy_from_slice(&0x1000u64.to_le_bytes());
-        s[104..112].copy_from_slice(&0xf_f000u64.to_le_bytes());
+        s[104..112].copy_from_slice(&0x1000u64.to_le_bytes());
+        s[112..120].copy_from_slice(&0xf_f000u64.to_le_bytes());
         s[136] = 2;
         s[140] = 1;
         assert_eq!(lvm_crc(&s[20..]), 0xf40f_1377);
