@@ -1,35 +1,102 @@
 //! Opening the file tree of a backed-up volume (or of one partition of a backed-up disk) for
 //! `rime ls`, `rime extract` and `rime mount`, reading straight from the repository.
 //!
-//! Volumes are chosen with `--volume NAME` (the volume's name in the snapshot) or
+//! Volumes are chosen with `--volume NAME` (the volume's name in the snapshot),
 //! `--volume NAME:N` (partition N, numbered as Linux numbers them, of a whole-disk volume;
-//! `disk.img:2` is the second partition). Without `--volume`, a snapshot with one volume uses
-//! it; a whole disk with exactly one partition holding a readable filesystem uses that one.
+//! `disk.img:2` is the second partition), or a logical volume: `NAME:N/VG/LV` when the PV is a
+//! partition, `NAME/VG/LV`, or just `VG/LV` when that names one LV in the snapshot. An LV is
+//! read by assembling its volume group again from the PVs in the snapshot (their metadata
+//! areas are always imaged), so thin and striped LVs read exactly as LVM maps them. Without
+//! `--volume`, a snapshot with one volume uses it; a whole disk with exactly one partition
+//! holding a readable filesystem uses that one.
 
 use crate::snapshot_reader::{load_chunk_index, ReadCounter, SnapshotReader, DEFAULT_CACHE_BYTES};
 use anyhow::{anyhow, bail, Context, Result};
 use rime_explore::FileTree;
 use rime_repo::lock::{LockMode, RepoLock};
-use rime_repo::snapshot::PartitionEntry;
+use rime_repo::snapshot::{LogicalVolumeEntry, PartitionEntry};
 use rime_repo::{Manifest, Repository, VolumeEntry};
 use rime_volume::Region;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// What the user selected: a volume, and maybe one of its partitions.
+/// What the user selected: a volume, maybe one of its partitions, maybe a logical volume on
+/// it (then `partition` is the PV holding it, if the PV is a partition).
 #[derive(Clone, Debug)]
 pub struct Selection {
     pub volume: VolumeEntry,
     pub partition: Option<PartitionEntry>,
+    pub lv: Option<SelectedLv>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SelectedLv {
+    pub vg: String,
+    pub entry: LogicalVolumeEntry,
 }
 
 impl Selection {
-    /// `NAME` or `NAME:N`.
+    /// `NAME`, `NAME:N` or the LV's path (`NAME:N/VG/LV`).
     pub fn label(&self) -> String {
-        match &self.partition {
-            Some(p) => format!("{}:{}", self.volume.name, p.number),
-            None => self.volume.name.clone(),
+        match (&self.lv, &self.partition) {
+            (Some(lv), _) => lv.entry.path.clone(),
+            (None, Some(p)) => format!("{}:{}", self.volume.name, p.number),
+            (None, None) => self.volume.name.clone(),
         }
+    }
+
+    /// What was found there, for messages.
+    fn found(&self) -> Option<String> {
+        match (&self.lv, &self.partition) {
+            (Some(lv), _) => lv.entry.filesystem.clone(),
+            (None, Some(p)) => p.filesystem.clone(),
+            (None, None) => self.volume.filesystem.clone(),
+        }
+    }
+}
+
+/// Every logical volume the snapshot recorded, with the volume and partition holding it.
+pub fn logical_volumes(m: &Manifest) -> Vec<Selection> {
+    let mut out = Vec::new();
+    for v in m.data_volumes() {
+        let holders = std::iter::once((None, v.lvm.as_ref()))
+            .chain(v.partitions.iter().map(|p| (Some(p.clone()), p.lvm.as_ref())));
+        for (partition, pv) in holders {
+            let Some(pv) = pv else { continue };
+            let Some(vg) = &pv.volume_group else { continue };
+            for lv in &pv.logical_volumes {
+                out.push(Selection {
+                    volume: v.clone(),
+                    partition: partition.clone(),
+                    lv: Some(SelectedLv { vg: vg.name.clone(), entry: lv.clone() }),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The LV `spec` names: its full path, `NAME/VG/LV`, or `VG/LV` alone when only one volume
+/// of the snapshot has that LV.
+fn select_lv(m: &Manifest, spec: &str) -> Result<Option<Selection>> {
+    let all = logical_volumes(m);
+    if let Some(s) = all.iter().find(|s| s.lv.as_ref().is_some_and(|l| l.entry.path == spec)) {
+        return Ok(Some(s.clone()));
+    }
+    let matches: Vec<&Selection> = all
+        .iter()
+        .filter(|s| {
+            let lv = s.lv.as_ref().expect("logical_volumes returns LVs");
+            let vg_lv = format!("{}/{}", lv.vg, lv.entry.name);
+            spec == vg_lv || spec == format!("{}/{vg_lv}", s.volume.name)
+        })
+        .collect();
+    let mut volumes: Vec<&str> = matches.iter().map(|s| s.volume.name.as_str()).collect();
+    volumes.dedup();
+    match volumes.len() {
+        0 => Ok(None),
+        1 => Ok(Some(matches[0].clone())),
+        _ => bail!("'{spec}' names logical volumes on several volumes ({}); give the volume too", volumes.join(", ")),
     }
 }
 
@@ -47,6 +114,18 @@ fn partition_list(v: &VolumeEntry) -> String {
 
 /// Picks the volume (and partition) named by `spec`.
 pub fn select(manifest: &Manifest, spec: Option<&str>) -> Result<Selection> {
+    if let Some(s) = spec.filter(|s| manifest.volume(s).is_none() && s.contains('/')) {
+        if let Some(sel) = select_lv(manifest, s)? {
+            return Ok(sel);
+        }
+        let lvs: Vec<String> = logical_volumes(manifest)
+            .into_iter()
+            .filter_map(|s| s.lv.filter(|l| l.entry.visible).map(|l| l.entry.path))
+            .collect();
+        if !lvs.is_empty() {
+            bail!("snapshot {} has no logical volume '{s}' (it has: {})", manifest.id, lvs.join(", "));
+        }
+    }
     let (volume, number) = match spec {
         None => match manifest.data_volumes().collect::<Vec<_>>()[..] {
             [only] => (only, None),
@@ -76,12 +155,12 @@ pub fn select(manifest: &Manifest, spec: Option<&str>) -> Result<Selection> {
                 anyhow!("volume {} has no partition {n} (it has: {})", volume.name, partition_list(volume))
             }
         })?;
-        return Ok(Selection { volume: volume.clone(), partition: Some(p.clone()) });
+        return Ok(Selection { volume: volume.clone(), partition: Some(p.clone()), lv: None });
     }
     if !volume.partitions.is_empty() && volume.filesystem.is_none() {
         let readable: Vec<&PartitionEntry> = volume.partitions.iter().filter(|p| p.filesystem.is_some()).collect();
         if readable.len() == 1 {
-            return Ok(Selection { volume: volume.clone(), partition: Some(readable[0].clone()) });
+            return Ok(Selection { volume: volume.clone(), partition: Some(readable[0].clone()), lv: None });
         }
         bail!(
             "volume {} is a partitioned disk; choose a partition with --volume {}:N (partitions: {})",
@@ -90,7 +169,7 @@ pub fn select(manifest: &Manifest, spec: Option<&str>) -> Result<Selection> {
             partition_list(volume)
         );
     }
-    Ok(Selection { volume: volume.clone(), partition: None })
+    Ok(Selection { volume: volume.clone(), partition: None, lv: None })
 }
 
 /// A volume of a snapshot, opened for reading from the repository.
@@ -108,11 +187,15 @@ impl OpenVolume {
         match rime_explore::open(&self.region) {
             Ok(Some(fs)) => Ok(fs),
             Ok(None) => {
-                let found = match &self.selection.partition {
-                    Some(p) => p.filesystem.clone(),
-                    None => self.selection.volume.filesystem.clone(),
-                };
-                let hint = if self.selection.partition.is_none() && !self.selection.volume.partitions.is_empty() {
+                let found = self.selection.found();
+                let hint = if self.selection.lv.is_none() && self.has_lvs() {
+                    let lvs: Vec<String> = logical_volumes_of(&self.selection)
+                        .into_iter()
+                        .filter(|l| l.visible)
+                        .map(|l| format!("{} ({})", l.path, l.filesystem.as_deref().unwrap_or("no known filesystem")))
+                        .collect();
+                    format!(" (it is an LVM physical volume: choose a logical volume, {})", lvs.join(", "))
+                } else if self.selection.partition.is_none() && !self.selection.volume.partitions.is_empty() {
                     format!(
                         " (it is a partitioned disk: choose a partition, {})",
                         partition_list(&self.selection.volume)
@@ -122,7 +205,7 @@ impl OpenVolume {
                 };
                 match found {
                     Some(fs) => bail!(
-                        "volume {} holds {fs}, which Rime cannot browse (ext2/3/4, FAT and NTFS can be); `rime mount` shows it as an image file{hint}",
+                        "volume {} holds {fs}, which Rime cannot browse (ext2/3/4, XFS, btrfs, FAT and NTFS can be); `rime mount` shows it as an image file{hint}",
                         self.selection.label()
                     ),
                     None => bail!("volume {} has no filesystem Rime can read{hint}", self.selection.label()),
@@ -131,6 +214,37 @@ impl OpenVolume {
             Err(e) => Err(e).with_context(|| format!("volume {}", self.selection.label())),
         }
     }
+}
+
+impl OpenVolume {
+    fn has_lvs(&self) -> bool {
+        !logical_volumes_of(&self.selection).is_empty()
+    }
+}
+
+/// The LVs on the PV a selection names (the volume itself, or its partition).
+fn logical_volumes_of(sel: &Selection) -> Vec<LogicalVolumeEntry> {
+    let pv = match &sel.partition {
+        Some(p) => p.lvm.as_ref(),
+        None => sel.volume.lvm.as_ref(),
+    };
+    pv.map(|pv| pv.logical_volumes.clone()).unwrap_or_default()
+}
+
+/// Assembles the volume group again from the volume's PVs as the snapshot holds them, and
+/// opens the LV through it.
+fn open_lv(whole: &Region, volume: &VolumeEntry, lv: &SelectedLv) -> Result<Region> {
+    let mut candidates = Vec::new();
+    if volume.lvm.is_some() {
+        candidates.push((whole.clone(), volume.name.clone()));
+    }
+    for p in volume.partitions.iter().filter(|p| p.lvm.is_some()) {
+        let region =
+            whole.sub(p.start, p.size).with_context(|| format!("partition {} of {}", p.number, volume.name))?;
+        candidates.push((region, format!("partition {}", p.number)));
+    }
+    let assembly = rime_volume::lvm::Assembly::new(candidates);
+    assembly.open_lv(&lv.vg, &lv.entry.name).with_context(|| format!("logical volume {}", lv.entry.path))
 }
 
 /// The repository, its lock and the chunk index shared by every volume a command opens.
@@ -175,11 +289,12 @@ impl Explorer {
     pub fn open_selection(&self, selection: Selection) -> Result<OpenVolume> {
         let reader = self.reader(&selection.volume)?;
         let whole = Region::from_source(reader.clone(), &selection.volume.name, reader.size());
-        let region = match &selection.partition {
-            Some(p) => whole
+        let region = match (&selection.lv, &selection.partition) {
+            (Some(lv), _) => open_lv(&whole, &selection.volume, lv)?,
+            (None, Some(p)) => whole
                 .sub(p.start, p.size)
                 .with_context(|| format!("partition {} of {}", p.number, selection.volume.name))?,
-            None => whole,
+            (None, None) => whole,
         };
         Ok(OpenVolume { snapshot: self.manifest.id.clone(), selection, reader, region })
     }

@@ -74,12 +74,32 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
         let reader = explorer.reader(v)?;
         let mut mounted =
             MountedVolume { image: v.name.clone(), replayed_image: None, size: v.size, trees: Vec::new() };
-        let mut selections = vec![(format!("{}.files", v.name), Selection { volume: v.clone(), partition: None })];
+        let mut selections =
+            vec![(format!("{}.files", v.name), Selection { volume: v.clone(), partition: None, lv: None })];
         for p in &v.partitions {
             selections.push((
                 format!("{}.part{}.files", v.name, p.number),
-                Selection { volume: v.clone(), partition: Some(p.clone()) },
+                Selection { volume: v.clone(), partition: Some(p.clone()), lv: None },
             ));
+        }
+        // Logical volumes: each as an image file (what a loop mount takes) and, where Rime reads
+        // its filesystem, as a tree. A striped LV is listed under its first PV only.
+        let mut seen_lvs = Vec::new();
+        for sel in crate::explorer::logical_volumes(&manifest).into_iter().filter(|s| s.volume.name == v.name) {
+            let lv = sel.lv.as_ref().expect("logical_volumes returns LVs");
+            if !lv.entry.visible || seen_lvs.contains(&lv.entry.uuid) || lv.entry.role != "data" {
+                continue;
+            }
+            seen_lvs.push(lv.entry.uuid.clone());
+            let base = match &sel.partition {
+                Some(p) => format!("{}.part{}.{}-{}", v.name, p.number, lv.vg, lv.entry.name),
+                None => format!("{}.{}-{}", v.name, lv.vg, lv.entry.name),
+            };
+            match explorer.open_selection(sel.clone()) {
+                Ok(opened) => images.push((format!("{base}.img"), opened.region)),
+                Err(e) => tracing::warn!("logical volume {}: {e:#}", lv.entry.path),
+            }
+            selections.push((format!("{base}.files"), sel));
         }
         for (dir_name, sel) in selections {
             let label = sel.label();

@@ -17,8 +17,9 @@
 //! range lists (one entry per used run: memory grows with fragmentation, not with size). A PV
 //! whose metadata cannot be read is kept whole.
 
-use super::assemble::{AssembledLv, Assembly, Role};
+use super::assemble::{AssembledLv, AssembledVg, Assembly, Role};
 use super::extents::LvExtents;
+use super::vg::SegmentKind;
 use crate::fs::{self, MapOptions};
 use crate::luks::LuksInfo;
 use crate::usedmap::{push_range, union_ranges, FileExtent, FileExtents, SwapFile, UsedMap};
@@ -139,14 +140,14 @@ pub fn map_pvs(assembly: &Assembly, options: &MapOptions) -> Vec<(PvMap, PvInfo)
                 map: String::new(),
                 encrypted: None,
             };
-            if let Some(super::vg::SegmentKind::Thin { pool, origin, .. }) = lv.desc.segments.first().map(|s| &s.kind) {
+            if let Some(SegmentKind::Thin { pool, origin, .. }) = lv.desc.segments.first().map(|s| &s.kind) {
                 info.pool = Some(pool.clone());
                 info.origin = origin.clone();
             }
             let name = format!("{}/{}", avg.vg.name, lv.desc.name);
-            let at = home(assembly, avg, lv);
+            let at = home(avg, lv);
             let keep = |ranges: &mut [Vec<Range<u64>>]| {
-                for (pv, r) in whole(assembly, avg, lv) {
+                for (pv, r) in whole(avg, lv) {
                     ranges[pv].push(r);
                 }
             };
@@ -197,7 +198,7 @@ pub fn map_pvs(assembly: &Assembly, options: &MapOptions) -> Vec<(PvMap, PvInfo)
                     }
                 }
             };
-            for pv in pvs_of(assembly, avg, lv) {
+            for pv in pvs_of(avg, lv) {
                 infos[pv].lvs.push(info.clone());
             }
         }
@@ -241,36 +242,36 @@ fn lv_ranges(map: &mut dyn UsedMap, extents: &LvExtents, out: &mut [Vec<Range<u6
 
 /// What "keep this LV whole" keeps: its pieces when known, else its linear and striped
 /// extents; for a thin volume, its pool's data.
-fn whole(assembly: &Assembly, avg: &super::assemble::AssembledVg, lv: &AssembledLv) -> Vec<(usize, Range<u64>)> {
+fn whole(avg: &AssembledVg, lv: &AssembledLv) -> Vec<(usize, Range<u64>)> {
     let mut out: Vec<(usize, Range<u64>)> = lv.occupied.clone();
     if let Ok(e) = &lv.extents {
         for p in e.pieces() {
             out.push((p.pv, p.pv_start..p.pv_start + p.len));
         }
     }
-    if let Some(super::vg::SegmentKind::Thin { pool, .. }) = lv.desc.segments.first().map(|s| &s.kind) {
+    if let Some(SegmentKind::Thin { pool, .. }) = lv.desc.segments.first().map(|s| &s.kind) {
         let data = avg.lvs.iter().find(|l| l.desc.name == *pool).and_then(|p| match p.desc.segments.first() {
             Some(s) => match &s.kind {
-                super::vg::SegmentKind::ThinPool { data, .. } => avg.lvs.iter().find(|l| l.desc.name == *data),
+                SegmentKind::ThinPool { data, .. } => avg.lvs.iter().find(|l| l.desc.name == *data),
                 _ => None,
             },
             None => None,
         });
         if let Some(d) = data {
-            out.extend(whole(assembly, avg, d));
+            out.extend(whole(avg, d));
         }
     }
     out
 }
 
 /// The PVs an LV has bytes on (for a thin volume or pool: its pool data's PVs).
-fn pvs_of(assembly: &Assembly, avg: &super::assemble::AssembledVg, lv: &AssembledLv) -> Vec<usize> {
-    let mut pvs: Vec<usize> = whole(assembly, avg, lv).into_iter().map(|(pv, _)| pv).collect();
+fn pvs_of(avg: &AssembledVg, lv: &AssembledLv) -> Vec<usize> {
+    let mut pvs: Vec<usize> = whole(avg, lv).into_iter().map(|(pv, _)| pv).collect();
     if lv.role == Role::ThinPool {
         for s in &lv.desc.segments {
-            if let super::vg::SegmentKind::ThinPool { data, .. } = &s.kind {
+            if let SegmentKind::ThinPool { data, .. } = &s.kind {
                 if let Some(d) = avg.lvs.iter().find(|l| l.desc.name == *data) {
-                    pvs.extend(pvs_of(assembly, avg, d));
+                    pvs.extend(pvs_of(avg, d));
                 }
             }
         }
@@ -282,8 +283,8 @@ fn pvs_of(assembly: &Assembly, avg: &super::assemble::AssembledVg, lv: &Assemble
 
 /// The PV an LV's messages and file lookups belong to: where its first byte lies, else the
 /// first PV of its VG that is here.
-fn home(assembly: &Assembly, avg: &super::assemble::AssembledVg, lv: &AssembledLv) -> usize {
-    pvs_of(assembly, avg, lv).first().copied().or_else(|| avg.found.iter().flatten().next().copied()).unwrap_or(0)
+fn home(avg: &AssembledVg, lv: &AssembledLv) -> usize {
+    pvs_of(avg, lv).first().copied().or_else(|| avg.found.iter().flatten().next().copied()).unwrap_or(0)
 }
 
 impl UsedMap for PvMap {
