@@ -9,7 +9,7 @@
 //! not here, or whose pool metadata cannot be read, gets the reason instead of extents; the
 //! caller keeps what of it is here whole.
 
-use super::extents::{LvExtents, Piece};
+use super::extents::{LvExtents, Piece, Place};
 use super::label::{self, PvLabel};
 use super::text;
 use super::thin::ThinMetadata;
@@ -293,21 +293,14 @@ fn striped_pieces(vg: &VolumeGroup, found: &[Option<usize>], lv: &LvDesc) -> Res
                     places.push((idx, start));
                 }
                 let len = s.extent_count * ext;
-                if let [(pv, pv_start)] = places[..] {
-                    pieces.push(Piece { lv_start: seg_start, len, pv, pv_start });
-                    continue;
-                }
-                // Chunk c of the segment lies on stripe c mod N, in row c div N.
-                let n = places.len() as u64;
-                for c in 0..len / stripe_size {
-                    let (pv, base) = places[(c % n) as usize];
-                    pieces.push(Piece {
-                        lv_start: seg_start + c * stripe_size,
-                        len: *stripe_size,
-                        pv,
-                        pv_start: base + (c / n) * stripe_size,
-                    });
-                }
+                pieces.push(match places[..] {
+                    [(pv, pv_start)] => Piece::linear(seg_start, len, pv, pv_start),
+                    _ => Piece {
+                        lv_start: seg_start,
+                        len,
+                        place: Place::Striped { stripe_size: *stripe_size, stripes: places },
+                    },
+                });
             }
             SegmentKind::Virtual(_) | SegmentKind::ThinPool { .. } => {}
             SegmentKind::Thin { .. } => {}
@@ -342,12 +335,7 @@ fn thin_pieces(lvs: &[AssembledLv], regions: &[Region], pool: &str, device_id: u
         let lv_start = lv_start.with_context(|| format!("thin device {device_id} maps past its size"))?;
         let pool_range = run.data * bs..(run.data + run.len) * bs;
         data.translate(pool_range, &mut |pv, r, pool_at| {
-            pieces.push(Piece {
-                lv_start: lv_start + (pool_at - run.data * bs),
-                len: r.end - r.start,
-                pv,
-                pv_start: r.start,
-            })
+            pieces.push(Piece::linear(lv_start + (pool_at - run.data * bs), r.end - r.start, pv, r.start))
         });
     }
     LvExtents::new(size, pieces)

@@ -1,10 +1,11 @@
 //! Where a logical volume's bytes lie on its physical volumes, and reading them through that
 //! map.
 //!
-//! An [`LvExtents`] is a sorted list of non-overlapping pieces, each a run of the LV's bytes
-//! at one place of one PV (an index into the caller's list of PV regions). Linear segments give
-//! one piece each, striped segments one per stripe chunk, thin volumes one per run of
-//! consecutive pool blocks. Bytes of the LV covered by no piece read as zeros (`zero` segments,
+//! An [`LvExtents`] is a sorted list of non-overlapping pieces: a linear piece is a run of the
+//! LV's bytes at one place of one PV (an index into the caller's list of PV regions); a striped
+//! piece is a whole striped segment, kept as its formula (chunk `c` lies on stripe `c mod N`, row
+//! `c div N`) so that its size in memory does not grow with the segment. Linear segments give
+//! one piece each, striped segments one, thin volumes one per run of consecutive pool blocks. Bytes of the LV covered by no piece read as zeros (`zero` segments,
 //! unprovisioned thin blocks). [`LvSource`] reads an LV through its pieces, so every filesystem
 //! reader and map in Rime works on an LV as on a partition.
 
@@ -13,13 +14,59 @@ use anyhow::{ensure, Result};
 use std::ops::Range;
 use std::sync::Arc;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Piece {
     pub lv_start: u64,
     pub len: u64,
-    /// Index of the PV in the assembly's list.
-    pub pv: usize,
-    pub pv_start: u64,
+    pub place: Place,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// On PV `pv` (an index into the assembly's list) from `pv_start`.
+    Linear { pv: usize, pv_start: u64 },
+    /// Chunks of `stripe_size` dealt round-robin over `stripes` (PV index, start of that
+    /// stripe's area).
+    Striped { stripe_size: u64, stripes: Vec<(usize, u64)> },
+}
+
+impl Piece {
+    pub fn linear(lv_start: u64, len: u64, pv: usize, pv_start: u64) -> Piece {
+        Piece { lv_start, len, place: Place::Linear { pv, pv_start } }
+    }
+
+    /// The PV ranges the piece occupies.
+    pub fn pv_ranges(&self) -> Vec<(usize, Range<u64>)> {
+        match &self.place {
+            Place::Linear { pv, pv_start } => vec![(*pv, *pv_start..pv_start + self.len)],
+            Place::Striped { stripes, .. } => {
+                let per = self.len / stripes.len() as u64;
+                stripes.iter().map(|&(pv, start)| (pv, start..start + per)).collect()
+            }
+        }
+    }
+
+    /// Calls `f(pv, pv_range, lv_offset)` for the part `[from, to)` of the LV inside the piece.
+    fn translate(&self, from: u64, to: u64, f: &mut dyn FnMut(usize, Range<u64>, u64)) {
+        match &self.place {
+            Place::Linear { pv, pv_start } => {
+                f(*pv, pv_start + (from - self.lv_start)..pv_start + (to - self.lv_start), from)
+            }
+            Place::Striped { stripe_size, stripes } => {
+                let n = stripes.len() as u64;
+                let mut at = from;
+                while at < to {
+                    let rel = at - self.lv_start;
+                    let (chunk, within) = (rel / stripe_size, rel % stripe_size);
+                    let end = to.min(at + (stripe_size - within));
+                    let (pv, base) = stripes[(chunk % n) as usize];
+                    let start = base + (chunk / n) * stripe_size + within;
+                    f(pv, start..start + (end - at), at);
+                    at = end;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -54,9 +101,7 @@ impl LvExtents {
             if p.lv_start >= r.end {
                 break;
             }
-            let from = r.start.max(p.lv_start);
-            let to = r.end.min(p.lv_start + p.len);
-            f(p.pv, p.pv_start + (from - p.lv_start)..p.pv_start + (to - p.lv_start), from);
+            p.translate(r.start.max(p.lv_start), r.end.min(p.lv_start + p.len), f);
         }
     }
 
@@ -92,5 +137,53 @@ impl BlockSource for LvSource {
             }
         });
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn striped_chunks_go_round_robin_over_the_stripes() {
+        let k = 64 * 1024;
+        let striped = Piece {
+            lv_start: 0,
+            len: 8 * k,
+            place: Place::Striped { stripe_size: k, stripes: vec![(0, 1000 * k), (1, 2000 * k)] },
+        };
+        let e = LvExtents::new(8 * k, vec![striped]).unwrap();
+        let mut parts = Vec::new();
+        // Half of chunk 2, chunk 3 and a quarter of chunk 4.
+        e.translate(2 * k + k / 2..4 * k + k / 4, &mut |pv, r, at| parts.push((pv, r, at)));
+        assert_eq!(
+            parts,
+            vec![
+                (0, 1001 * k + k / 2..1002 * k, 2 * k + k / 2),
+                (1, 2001 * k..2002 * k, 3 * k),
+                (0, 1002 * k..1002 * k + k / 4, 4 * k),
+            ]
+        );
+        assert_eq!(e.pieces()[0].pv_ranges(), vec![(0, 1000 * k..1004 * k), (1, 2000 * k..2004 * k)]);
+    }
+
+    #[test]
+    fn gaps_read_as_zeros_and_pieces_must_not_overlap() {
+        assert!(LvExtents::new(10, vec![Piece::linear(0, 6, 0, 0), Piece::linear(5, 5, 0, 100)]).is_err());
+        assert!(LvExtents::new(10, vec![Piece::linear(8, 6, 0, 0)]).is_err());
+        let e = Arc::new(LvExtents::new(8192, vec![Piece::linear(4096, 4096, 0, 0)]).unwrap());
+        let data: Arc<dyn BlockSource> = Arc::new(Ones);
+        let region = e.region(&[Region::from_source(data, "ones", 1 << 20)], "lv");
+        let mut buf = vec![9u8; 8192];
+        region.read_at(0, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 0) && buf[4096..].iter().all(|&b| b == 1));
+    }
+
+    struct Ones;
+    impl BlockSource for Ones {
+        fn read_exact_at(&self, buf: &mut [u8], _offset: u64) -> std::io::Result<()> {
+            buf.fill(1);
+            Ok(())
+        }
     }
 }

@@ -76,7 +76,11 @@ pub fn probe(region: &Region) -> Result<Option<PvLabel>> {
 
 fn parse_header(h: &[u8], region_len: u64) -> Result<PvLabel> {
     let raw = &h[..32];
-    ensure!(raw.iter().all(|c| c.is_ascii_alphanumeric()), "the LVM PV header holds a malformed UUID");
+    // LVM's UUID alphabet: letters, digits, '!' and '#'.
+    ensure!(
+        raw.iter().all(|c| c.is_ascii_alphanumeric() || b"!#".contains(c)),
+        "the LVM PV header holds a malformed UUID"
+    );
     let uuid = format_uuid(raw);
     let device_size = le64(h, 32)?;
     let mut pos = 40;

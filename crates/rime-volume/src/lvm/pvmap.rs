@@ -246,7 +246,7 @@ fn whole(avg: &AssembledVg, lv: &AssembledLv) -> Vec<(usize, Range<u64>)> {
     let mut out: Vec<(usize, Range<u64>)> = lv.occupied.clone();
     if let Ok(e) = &lv.extents {
         for p in e.pieces() {
-            out.push((p.pv, p.pv_start..p.pv_start + p.len));
+            out.extend(p.pv_ranges());
         }
     }
     if let Some(SegmentKind::Thin { pool, .. }) = lv.desc.segments.first().map(|s| &s.kind) {
