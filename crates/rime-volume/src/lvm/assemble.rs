@@ -188,7 +188,7 @@ fn assemble_vg(vg: VolumeGroup, found: Vec<Option<usize>>, pvs: &[FoundPv]) -> A
         if let Some((pool, device_id)) = thin_of(&lvs[i].desc) {
             let size = lvs[i].desc.extents() * vg.extent_size;
             lvs[i].extents =
-                thin_pieces(&lvs, &regions, &pool, device_id, size).map(Arc::new).map_err(|e| format!("{e:#}"));
+                thin_extents(&lvs, &regions, &pool, device_id, size).map(Arc::new).map_err(|e| format!("{e:#}"));
         }
     }
     AssembledVg { vg, found, lvs }
@@ -310,8 +310,9 @@ fn striped_pieces(vg: &VolumeGroup, found: &[Option<usize>], lv: &LvDesc) -> Res
     Ok(pieces)
 }
 
-/// A thin volume's pieces: its runs in the pool's metadata, through the pool's data LV.
-fn thin_pieces(lvs: &[AssembledLv], regions: &[Region], pool: &str, device_id: u64, size: u64) -> Result<LvExtents> {
+/// A thin volume's extents: its device in the pool's metadata (checked whole once here),
+/// through the pool's data LV.
+fn thin_extents(lvs: &[AssembledLv], regions: &[Region], pool: &str, device_id: u64, size: u64) -> Result<LvExtents> {
     let pool_lv = lvs.iter().find(|l| l.desc.name == pool).with_context(|| format!("no thin pool '{pool}'"))?;
     let Some(SegmentKind::ThinPool { metadata, data, chunk_size }) = pool_lv.desc.segments.first().map(|s| &s.kind)
     else {
@@ -329,14 +330,7 @@ fn thin_pieces(lvs: &[AssembledLv], regions: &[Region], pool: &str, device_id: u
         md.data_block_size
     );
     let bs = md.data_block_size;
-    let mut pieces = Vec::new();
-    for run in md.runs(device_id, data.size / bs).with_context(|| format!("thin pool {pool}"))? {
-        let lv_start = run.virt.checked_mul(bs).filter(|s| s + run.len * bs <= size);
-        let lv_start = lv_start.with_context(|| format!("thin device {device_id} maps past its size"))?;
-        let pool_range = run.data * bs..(run.data + run.len) * bs;
-        data.translate(pool_range, &mut |pv, r, pool_at| {
-            pieces.push(Piece::linear(lv_start + (pool_at - run.data * bs), r.end - r.start, pv, r.start))
-        });
-    }
-    LvExtents::new(size, pieces)
+    let device = md.device(device_id, data.size / bs).with_context(|| format!("thin pool {pool}"))?;
+    device.check(size.div_ceil(bs)).with_context(|| format!("thin pool {pool}"))?;
+    Ok(LvExtents::thin(size, device, data))
 }

@@ -4,11 +4,13 @@
 //! An [`LvExtents`] is a sorted list of non-overlapping pieces: a linear piece is a run of the
 //! LV's bytes at one place of one PV (an index into the caller's list of PV regions); a striped
 //! piece is a whole striped segment, kept as its formula (chunk `c` lies on stripe `c mod N`, row
-//! `c div N`) so that its size in memory does not grow with the segment. Linear segments give
-//! one piece each, striped segments one, thin volumes one per run of consecutive pool blocks. Bytes of the LV covered by no piece read as zeros (`zero` segments,
-//! unprovisioned thin blocks). [`LvSource`] reads an LV through its pieces, so every filesystem
-//! reader and map in Rime works on an LV as on a partition.
+//! `c div N`) so that its size in memory does not grow with the segment. A thin volume has no
+//! pieces: it is translated through its pool's mapping (looked up in the pool's metadata for
+//! each range asked for) and then through the pool's data LV. Bytes of the LV that no piece or
+//! mapping covers read as zeros (`zero` segments, unprovisioned thin blocks). [`LvSource`] reads
+//! an LV this way, so every filesystem reader and map in Rime works on an LV as on a partition.
 
+use super::thin::ThinDevice;
 use crate::device::{BlockSource, Region};
 use anyhow::{ensure, Result};
 use std::ops::Range;
@@ -69,10 +71,17 @@ impl Piece {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Default)]
 pub struct LvExtents {
     pub size: u64,
     pieces: Vec<Piece>,
+    thin: Option<ThinMap>,
+}
+
+/// A thin volume: its device in the pool's metadata, and the pool's data LV.
+struct ThinMap {
+    device: ThinDevice,
+    pool_data: Arc<LvExtents>,
 }
 
 impl LvExtents {
@@ -86,7 +95,16 @@ impl LvExtents {
                     anyhow::anyhow!("an LV piece at byte {} runs past the LV's {size} bytes", p.lv_start)
                 })?;
         }
-        Ok(LvExtents { size, pieces })
+        Ok(LvExtents { size, pieces, thin: None })
+    }
+
+    /// A thin volume of `size` bytes: `device` maps its blocks into `pool_data`.
+    pub fn thin(size: u64, device: ThinDevice, pool_data: Arc<LvExtents>) -> LvExtents {
+        LvExtents { size, pieces: Vec::new(), thin: Some(ThinMap { device, pool_data }) }
+    }
+
+    pub fn is_thin(&self) -> bool {
+        self.thin.is_some()
     }
 
     pub fn pieces(&self) -> &[Piece] {
@@ -94,8 +112,24 @@ impl LvExtents {
     }
 
     /// Calls `f(pv, pv_range, lv_offset)` for each part of the LV range `r` that lies on a PV, in
-    /// LV order; `lv_offset` is where the part starts in the LV.
-    pub fn translate(&self, r: Range<u64>, f: &mut dyn FnMut(usize, Range<u64>, u64)) {
+    /// LV order; `lv_offset` is where the part starts in the LV. Fails only when a thin pool's
+    /// metadata cannot be read.
+    pub fn translate(&self, r: Range<u64>, f: &mut dyn FnMut(usize, Range<u64>, u64)) -> Result<()> {
+        if let Some(thin) = &self.thin {
+            let bs = thin.device.block_size();
+            for run in thin.device.runs_in(r.start / bs..r.end.div_ceil(bs))? {
+                let (virt, data) = (run.virt * bs, run.data * bs);
+                let (from, to) = (r.start.max(virt), r.end.min(virt + run.len * bs));
+                if from >= to {
+                    continue;
+                }
+                let pool_from = data + (from - virt);
+                thin.pool_data.translate(pool_from..pool_from + (to - from), &mut |pv, pr, pool_at| {
+                    f(pv, pr, from + (pool_at - pool_from))
+                })?;
+            }
+            return Ok(());
+        }
         let first = self.pieces.partition_point(|p| p.lv_start + p.len <= r.start);
         for p in &self.pieces[first..] {
             if p.lv_start >= r.end {
@@ -103,6 +137,7 @@ impl LvExtents {
             }
             p.translate(r.start.max(p.lv_start), r.end.min(p.lv_start + p.len), f);
         }
+        Ok(())
     }
 
     /// The LV as a region read through its pieces.
@@ -126,7 +161,7 @@ impl BlockSource for LvSource {
         }
         buf.fill(0);
         let mut result = Ok(());
-        self.extents.translate(offset..end, &mut |pv, range, lv_at| {
+        let mapped = self.extents.translate(offset..end, &mut |pv, range, lv_at| {
             if result.is_err() {
                 return;
             }
@@ -136,6 +171,7 @@ impl BlockSource for LvSource {
                 result = Err(std::io::Error::other(format!("{e:#}")));
             }
         });
+        mapped.map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         result
     }
 }
@@ -155,7 +191,7 @@ mod tests {
         let e = LvExtents::new(8 * k, vec![striped]).unwrap();
         let mut parts = Vec::new();
         // Half of chunk 2, chunk 3 and a quarter of chunk 4.
-        e.translate(2 * k + k / 2..4 * k + k / 4, &mut |pv, r, at| parts.push((pv, r, at)));
+        e.translate(2 * k + k / 2..4 * k + k / 4, &mut |pv, r, at| parts.push((pv, r, at))).unwrap();
         assert_eq!(
             parts,
             vec![

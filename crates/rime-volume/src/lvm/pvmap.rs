@@ -233,7 +233,7 @@ fn lv_ranges(map: &mut dyn UsedMap, extents: &LvExtents, out: &mut [Vec<Range<u6
         used.clear();
         map.used_ranges(at, len, &mut used)?;
         for r in &used {
-            extents.translate(r.clone(), &mut |pv, range, _| out[pv].push(range));
+            extents.translate(r.clone(), &mut |pv, range, _| out[pv].push(range))?;
         }
         at += len;
     }
@@ -316,7 +316,8 @@ impl UsedMap for PvMap {
             let Ok(Some(fe)) = lv.map.file_extents(path) else { continue };
             let mut extents = Vec::new();
             for e in &fe.extents {
-                lv.extents.translate(e.range.clone(), &mut |pv, range, lv_at| {
+                // A part that cannot be translated stays imaged, which is safe.
+                let _ = lv.extents.translate(e.range.clone(), &mut |pv, range, lv_at| {
                     if pv == self.index {
                         extents.push(FileExtent { file_offset: e.file_offset + (lv_at - e.range.start), range });
                     }

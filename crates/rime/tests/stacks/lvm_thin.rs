@@ -216,4 +216,13 @@ fn thin_pool_with_two_thin_volumes_and_a_snapshot_backs_up_browses_and_restores(
     for id in 1..=3 {
         assert!(dump.contains(&format!("dev_id=\"{id}\"")), "thin device {id} missing from the restored pool:\n{dump}");
     }
+    drop(rmeta);
+
+    // Damaged pool metadata: the thin volumes cannot be mapped, so the pool's data is kept whole.
+    write_random_at(&disk.image, 56, tmeta_at + 4096, 60 * 1024);
+    let json = env.backup_json(&[disk.image.to_str().unwrap()]);
+    let warnings = json["warnings"].to_string();
+    assert!(warnings.contains("pve/vm-100-disk-0") && warnings.contains("thin pool data"), "{warnings}");
+    let read = first_volume(&json)["read_bytes"].as_u64().unwrap();
+    assert!(read >= POOL_EXTENTS * EXT, "read {read} bytes: the pool's data must be kept whole");
 }
