@@ -107,7 +107,13 @@ fn volume_names(m: &Manifest) -> String {
 fn partition_list(v: &VolumeEntry) -> String {
     v.partitions
         .iter()
-        .map(|p| format!("{}:{} ({})", v.name, p.number, p.filesystem.as_deref().unwrap_or("no known filesystem")))
+        .map(|p| match &p.lvm {
+            Some(pv) => {
+                let lvs: Vec<&str> = pv.logical_volumes.iter().filter(|l| l.visible).map(|l| l.path.as_str()).collect();
+                format!("{}:{} (LVM2 PV with {})", v.name, p.number, lvs.join(", "))
+            }
+            None => format!("{}:{} ({})", v.name, p.number, p.filesystem.as_deref().unwrap_or("no known filesystem")),
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -158,13 +164,26 @@ pub fn select(manifest: &Manifest, spec: Option<&str>) -> Result<Selection> {
         return Ok(Selection { volume: volume.clone(), partition: Some(p.clone()), lv: None });
     }
     if !volume.partitions.is_empty() && volume.filesystem.is_none() {
-        let readable: Vec<&PartitionEntry> = volume.partitions.iter().filter(|p| p.filesystem.is_some()).collect();
+        // Filesystems on partitions and in logical volumes: pick one only when it is the only one.
+        let mut readable: Vec<Selection> = volume
+            .partitions
+            .iter()
+            .filter(|p| p.filesystem.is_some())
+            .map(|p| Selection { volume: volume.clone(), partition: Some(p.clone()), lv: None })
+            .collect();
+        let mut seen = Vec::new();
+        for sel in logical_volumes(manifest).into_iter().filter(|s| s.volume.name == volume.name) {
+            let lv = &sel.lv.as_ref().expect("logical_volumes returns LVs").entry;
+            if lv.visible && lv.filesystem.is_some() && !seen.contains(&lv.uuid) {
+                seen.push(lv.uuid.clone());
+                readable.push(sel);
+            }
+        }
         if readable.len() == 1 {
-            return Ok(Selection { volume: volume.clone(), partition: Some(readable[0].clone()), lv: None });
+            return Ok(readable.remove(0));
         }
         bail!(
-            "volume {} is a partitioned disk; choose a partition with --volume {}:N (partitions: {})",
-            volume.name,
+            "volume {} is a partitioned disk; choose a partition or logical volume with --volume (partitions: {})",
             volume.name,
             partition_list(volume)
         );

@@ -7,7 +7,7 @@
 //! are filled with random bytes first, so a backup that stored them would be caught.
 
 use crate::common::*;
-use crate::explorer_util::{assert_same_tree, Compare};
+use crate::explorer_util::{assert_same_tree, start_mount, Compare};
 use crate::lvm_fixture::*;
 use serde_json::Value;
 use std::fs;
@@ -207,6 +207,22 @@ fn ubuntu_style_disk_ext4_root_in_lvm_is_browsable_and_its_swap_file_left_out() 
     assert!(err.contains("disk.img:3/ubuntu-vg/ubuntu-lv"), "{err}");
     let err = env.rime(&["ls", "latest", "/", "--volume", "ubuntu-vg/nope"]).fails();
     assert!(err.contains("no logical volume") && err.lines().count() == 1, "{err}");
+    let err = env.rime(&["ls", "latest", "/"]).fails();
+    assert!(err.contains("disk.img:3 (LVM2 PV with disk.img:3/ubuntu-vg/ubuntu-lv)"), "{err}");
+
+    // `rime mount` shows the LV as an image file and as a tree.
+    let mp = env.path("mp");
+    let proc = start_mount(&env, "latest", &mp);
+    let tree = mp.join("disk.img.part3.ubuntu-vg-ubuntu-lv.files");
+    let image = mp.join("disk.img.part3.ubuntu-vg-ubuntu-lv.img");
+    assert_eq!(fs::metadata(&image).unwrap().len(), 80 * EXT);
+    let original = RangeLoop::new(&disk.image, lv_at, 80 * EXT);
+    with_ro(original.path(), &env.path("orig-for-mount"), &[], |m| {
+        let how = Compare { dir_times: true, xattrs: false, owners: true, holes: false, modes: true, times: true };
+        assert_same_tree(&m.join("docs"), &tree.join("docs"), &how, &[]);
+    });
+    drop(original);
+    drop(proc);
 
     let restored = env.path("restored.img");
     env.restore(json["snapshot"].as_str().unwrap(), &restored, &[]);
