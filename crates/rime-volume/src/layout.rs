@@ -7,7 +7,7 @@ use crate::fs;
 use crate::luks::LuksInfo;
 use crate::lvm::{self, Assembly, PvInfo};
 use crate::partition::{self, Partition, PartitionTable};
-use crate::usedmap::{push_range, AllBlocks, FallbackOnError, FileExtents, SwapFile, UsedMap};
+use crate::usedmap::{push_range, swap_files_of, AllBlocks, FallbackOnError, FileExtents, SwapFile, UsedMap};
 use anyhow::Result;
 use std::ops::Range;
 
@@ -196,15 +196,7 @@ impl UsedMap for DiskMap {
     }
 
     fn swap_files(&mut self) -> Result<Vec<SwapFile>> {
-        let mut all = Vec::new();
-        for seg in self.segments.iter_mut() {
-            for f in seg.map.swap_files().unwrap_or_default() {
-                if !all.contains(&f) {
-                    all.push(f);
-                }
-            }
-        }
-        Ok(all)
+        Ok(swap_files_of(self.segments.iter_mut().map(|s| &mut s.map)))
     }
 
     fn used_ranges(&mut self, start: u64, len: u64, out: &mut Vec<Range<u64>>) -> Result<()> {

@@ -215,6 +215,19 @@ impl UsedMap for AllBlocks {
     }
 }
 
+/// The swap files of several maps (the partitions of a disk, the LVs of a PV), each once.
+pub fn swap_files_of<'a>(maps: impl Iterator<Item = &'a mut Box<dyn UsedMap>>) -> Vec<SwapFile> {
+    let mut all = Vec::new();
+    for map in maps {
+        for f in map.swap_files().unwrap_or_default() {
+            if !all.contains(&f) {
+                all.push(f);
+            }
+        }
+    }
+    all
+}
+
 /// Sorts ranges and merges those that overlap or touch; empty ones go.
 pub fn union_ranges(mut ranges: Vec<Range<u64>>) -> Vec<Range<u64>> {
     ranges.retain(|r| !r.is_empty());

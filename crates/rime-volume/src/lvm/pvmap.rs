@@ -22,7 +22,7 @@ use super::extents::LvExtents;
 use super::vg::SegmentKind;
 use crate::fs::{self, MapOptions};
 use crate::luks::LuksInfo;
-use crate::usedmap::{push_range, union_ranges, FileExtent, FileExtents, SwapFile, UsedMap};
+use crate::usedmap::{push_range, swap_files_of, union_ranges, FileExtent, FileExtents, SwapFile, UsedMap};
 use anyhow::Result;
 use std::ops::Range;
 use std::sync::Arc;
@@ -332,15 +332,7 @@ impl UsedMap for PvMap {
     }
 
     fn swap_files(&mut self) -> Result<Vec<SwapFile>> {
-        let mut all = Vec::new();
-        for lv in self.filesystems.iter_mut() {
-            for f in lv.map.swap_files().unwrap_or_default() {
-                if !all.contains(&f) {
-                    all.push(f);
-                }
-            }
-        }
-        Ok(all)
+        Ok(swap_files_of(self.filesystems.iter_mut().map(|l| &mut l.map)))
     }
 
     fn take_warnings(&mut self) -> Vec<String> {
