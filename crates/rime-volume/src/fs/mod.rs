@@ -11,6 +11,7 @@ pub mod fat_dir;
 pub mod jbd2;
 pub mod ntfs;
 pub mod xfs;
+pub mod xfs_files;
 
 use crate::device::Region;
 use crate::usedmap::{AllBlocks, UsedMap};
