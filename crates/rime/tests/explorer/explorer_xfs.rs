@@ -165,10 +165,15 @@ fn add_xfs_cases(m: &Path) {
     set_xattr(&m.join("docs/readme.txt"), "user.comment", b"read me on xfs");
     set_xattr(&m.join("docs/readme.txt"), "trusted.rime", b"trusted");
     set_xattr(&m.join("meta/private"), "security.rime", b"label");
-    for i in 0..40 {
-        set_xattr(&m.join("docs/deep"), &format!("user.attr-{i:02}"), format!("value {i}").repeat(i + 1).as_bytes());
+    for i in 0..20 {
+        set_xattr(
+            &m.join("docs/deep"),
+            &format!("user.attr-{i:02}"),
+            format!("value {i}").repeat(i % 5 + 2).as_bytes(),
+        );
     }
-    set_xattr(&m.join("bin/odd-size.bin"), "user.big", &vec![b'r'; 9000]);
+    // Too large for a leaf block entry: stored in its own (remote) block.
+    set_xattr(&m.join("bin/odd-size.bin"), "user.big", &vec![b'r'; 3000]);
 }
 
 /// A 320 MiB XFS v5 image: `populate_tree`, the metadata cases, `dirs` and the XFS cases.
@@ -242,8 +247,8 @@ fn v5_tree_with_every_directory_format_extracts_like_the_kernel_reads_it() {
     assert!(alloc("frag.bin") <= 21 * MIB, "frag.bin allocates {}", alloc("frag.bin"));
     assert_eq!(fs::metadata(out.join("xfs/future")).unwrap().mtime(), 5_000_000_000);
     assert_eq!(fs::metadata(out.join("xfs/past")).unwrap().mtime(), -1_000_000_000);
-    assert_eq!(xattrs(&out.join("bin/odd-size.bin")).get("user.big").map(|v| v.len()), Some(9000));
-    assert_eq!(xattrs(&out.join("docs/deep")).len(), 40);
+    assert_eq!(xattrs(&out.join("bin/odd-size.bin")).get("user.big").map(|v| v.len()), Some(3000));
+    assert_eq!(xattrs(&out.join("docs/deep")).len(), 20);
     m.unmount();
 }
 
@@ -379,18 +384,32 @@ fn v4_images_with_and_without_ftype_extract_exactly() {
     let proto = env.path("proto");
     write_proto(&src, &proto);
     let mut images = Vec::new();
-    for ftype in ["0", "1"] {
+    for (ftype, isize) in [("0", "512"), ("1", "512")] {
         let image = env.path(&format!("v4-ftype{ftype}.img"));
         fs::File::create(&image).unwrap().set_len(320 * MIB).unwrap();
-        sh("mkfs.xfs", &["-q", "-m", "crc=0", "-n", &format!("ftype={ftype}"), "-p", p(&proto), p(&image)]);
+        sh(
+            "mkfs.xfs",
+            &[
+                "-q",
+                "-m",
+                "crc=0",
+                "-n",
+                &format!("ftype={ftype}"),
+                "-i",
+                &format!("size={isize}"),
+                "-p",
+                p(&proto),
+                p(&image),
+            ],
+        );
         let version = xfs_db(&image, &["version"]);
         assert!(!version.contains("CRC"), "{version}");
         assert_eq!(version.contains("FTYPE"), ftype == "1", "{version}");
-        for (name, _, _) in DIRS {
-            // A prototype is laid out contiguously: big directories stay in the extent format.
-            let want = if *name == "btree" { "node" } else { name };
-            assert_eq!(dir_format(&image, &format!("/dirs/{name}")), want, "format of /dirs/{name} (ftype={ftype})");
-        }
+        // Which directory ends up in which format depends on the inode size and how mkfs lays
+        // the prototype out; all five formats must be there.
+        let formats: BTreeSet<&str> =
+            DIRS.iter().map(|(name, _, _)| dir_format(&image, &format!("/dirs/{name}"))).collect();
+        assert_eq!(formats, BTreeSet::from(["shortform", "block", "leaf", "node", "btree"]), "ftype={ftype}");
         assert_eq!(fork_format(&image, "/remote-link"), 2);
         assert_eq!(fork_format(&image, "/local-link"), 1);
         images.push(image);
@@ -423,8 +442,9 @@ fn daddr(image: &Path, cmds: &[&str]) -> u64 {
     let mut all: Vec<&str> = cmds.to_vec();
     all.push("stack");
     let out = xfs_db(image, &all);
-    let line = out.lines().find(|l| l.trim_start().starts_with("daddr:")).unwrap_or_else(|| panic!("{out}"));
-    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    let line =
+        out.lines().find_map(|l| l.trim_start().strip_prefix("buffer block ")).unwrap_or_else(|| panic!("{out}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 fn garbage_at(image: &Path, byte: u64, len: usize) {
@@ -500,7 +520,12 @@ fn damaged_xfs_structures_are_errors_for_their_nodes_never_crashes() {
         }
     }
     let reasons = |name: &str| extract_all(&env, &snap, Some(name), &env.path(&format!("again-{name}"))).stdout;
-    assert!(reasons("dirblock.img").contains("CRC"), "a v5 directory block with garbage fails its CRC");
+    let r = reasons("dirblock.img");
+    assert!(r.contains("/dirs/block") && r.contains("directory block 0: bad magic"), "{r}");
+    let r = reasons("bmbt.img");
+    assert!(r.contains("/xfs/frag-small.bin") && r.contains("bmbt block") && r.contains("bad magic"), "{r}");
+    let r = reasons("inode.img");
+    assert!(r.contains("/docs/readme.txt") && r.contains("bad inode magic"), "{r}");
     assert!(reasons("loop.img").contains("loop"), "the looping directory is named as such");
     assert!(reasons("shared.img").contains("reached twice"), "the shared bmbt block is named as such");
     // Nothing written outside the --to directories.
