@@ -509,7 +509,7 @@ impl XfsFiles {
         let bs = sb.block_size;
         let dbs = bs << sb.dir_block_log;
         ensure!(
-            dir.size <= DIR_DATA_SPACE && dir.size % dbs == 0,
+            dir.size <= DIR_DATA_SPACE && dir.size.is_multiple_of(dbs),
             "inode {ino}: directory size {} is invalid",
             dir.size
         );
@@ -572,7 +572,7 @@ impl XfsFiles {
             if be16(buf, p)? == 0xFFFF {
                 let len = be16(buf, p + 2)? as usize;
                 ensure!(
-                    len >= 8 && len % 8 == 0 && p + len <= end,
+                    len >= 8 && len.is_multiple_of(8) && p + len <= end,
                     "free directory space at {p} has invalid length {len}"
                 );
                 p += len;
