@@ -61,8 +61,11 @@ pub const MAX_BMBT_LEVELS: u16 = 9;
 pub const MAX_EXTENTS: u64 = 1 << 22;
 /// Directory entries live in the first 32 GiB of a directory's address space.
 const DIR_DATA_SPACE: u64 = 32 << 30;
-/// Extent lists kept (cleared when full).
+/// Extent lists of at most `SMALL_LIST` extents kept (cleared when full); a longer list is kept
+/// alone in its own slot (the file being read), so the cache holds at most
+/// 64 x 4096 + `MAX_EXTENTS` extents.
 const EXTENT_CACHE: usize = 64;
+const SMALL_LIST: usize = 4096;
 /// Longest symlink target (XFS_SYMLINK_MAXLEN).
 const SYMLINK_MAXLEN: u64 = 1024;
 /// Attribute fork blocks visited at most (the fork's B+tree and leaves).
@@ -151,7 +154,13 @@ enum Fork {
 pub struct XfsFiles {
     region: Region,
     sb: Superblock,
-    extents: Mutex<HashMap<u64, Arc<Vec<Extent>>>>,
+    extents: Mutex<ExtentCache>,
+}
+
+#[derive(Default)]
+struct ExtentCache {
+    small: HashMap<u64, Arc<Vec<Extent>>>,
+    large: Option<(u64, Arc<Vec<Extent>>)>,
 }
 
 fn time(raw: &[u8], bigtime: bool) -> Result<XfsTime> {
@@ -164,6 +173,12 @@ fn time(raw: &[u8], bigtime: bool) -> Result<XfsTime> {
         ensure!(nsec < 1_000_000_000, "timestamp nanoseconds {nsec} out of range");
         Ok(XfsTime { sec: be32(raw, 0)? as i32 as i64, nsec })
     }
+}
+
+/// The linear block holding file block `fblock`, if mapped (`extents` sorted and disjoint).
+fn block_at(extents: &[Extent], fblock: u64) -> Option<u64> {
+    let i = extents.partition_point(|e| e.off + e.len <= fblock);
+    extents.get(i).filter(|e| e.off <= fblock).map(|e| e.block + fblock - e.off)
 }
 
 /// Decodes one packed 16-byte extent record.
@@ -186,7 +201,7 @@ impl XfsFiles {
             "the filesystem ({fs_bytes} bytes) is larger than the volume ({} bytes)",
             region.len
         );
-        Ok(XfsFiles { region, sb, extents: Mutex::new(HashMap::new()) })
+        Ok(XfsFiles { region, sb, extents: Mutex::new(ExtentCache::default()) })
     }
 
     pub fn superblock(&self) -> &Superblock {
@@ -296,6 +311,12 @@ impl XfsFiles {
                 e.off
             );
             next_off = e.off + e.len;
+            ensure!(
+                next_off.checked_mul(self.sb.block_size).is_some_and(|end| end <= i64::MAX as u64),
+                "inode {}: extent at file block {} lies past the largest file offset",
+                inode.ino,
+                e.off
+            );
             e.block = self.linear(e.block, e.len).with_context(|| format!("inode {}", inode.ino))?;
         }
         Ok(out)
@@ -367,15 +388,27 @@ impl XfsFiles {
 
     /// The data fork's extents, cached per inode.
     pub fn extents(&self, inode: &Inode) -> Result<Arc<Vec<Extent>>> {
-        if let Some(e) = self.extents.lock().unwrap().get(&inode.ino) {
-            return Ok(e.clone());
+        {
+            let cache = self.extents.lock().unwrap();
+            if let Some(e) = cache.small.get(&inode.ino) {
+                return Ok(e.clone());
+            }
+            if let Some((ino, e)) = &cache.large {
+                if *ino == inode.ino {
+                    return Ok(e.clone());
+                }
+            }
         }
         let e = Arc::new(self.fork_extents(inode, Fork::Data)?);
         let mut cache = self.extents.lock().unwrap();
-        if cache.len() >= EXTENT_CACHE {
-            cache.clear();
+        if e.len() > SMALL_LIST {
+            cache.large = Some((inode.ino, e.clone()));
+        } else {
+            if cache.small.len() >= EXTENT_CACHE {
+                cache.small.clear();
+            }
+            cache.small.insert(inode.ino, e.clone());
         }
-        cache.insert(inode.ino, e.clone());
         Ok(e)
     }
 
@@ -437,6 +470,7 @@ impl XfsFiles {
         if inode.size == 0 || inode.file_type() != 0x8000 {
             return Ok(Vec::new());
         }
+        ensure!(inode.flags & DIFLAG_REALTIME == 0, "inode {} keeps its data on the realtime device", inode.ino);
         let bs = self.sb.block_size;
         let mut out: Vec<Range<u64>> = Vec::new();
         for e in self.extents(inode)?.iter().filter(|e| !e.unwritten) {
@@ -477,8 +511,7 @@ impl XfsFiles {
             ensure!(fblock < 8, "inode {ino}: remote symlink spans too many blocks");
             self.read_mapped(&extents, fblock * bs as u64, &mut blk, true)
                 .with_context(|| format!("inode {ino}: remote symlink block {fblock}"))?;
-            let block =
-                extents.iter().find(|e| e.off <= fblock && fblock < e.off + e.len).map(|e| e.block + fblock - e.off);
+            let block = block_at(&extents, fblock);
             let payload = if self.sb.crc() {
                 let block = block.context("symlink block is unmapped")?;
                 ensure!(be32(&blk, 0)? == SYMLINK_MAGIC, "inode {ino}: remote symlink block {block} has bad magic");
@@ -514,9 +547,12 @@ impl XfsFiles {
             dir.size
         );
         let extents = self.extents(dir)?;
-        // Directory blocks holding entries, in order, each once.
+        // Directory blocks holding entries, in order, each once (a directory block may span
+        // several extents).
         let data_end = dir.size / bs;
-        let mut blocks: Vec<u64> = Vec::new();
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; dbs as usize];
+        let mut last: Option<u64> = None;
         for e in extents.iter() {
             if e.off >= data_end {
                 break;
@@ -524,22 +560,18 @@ impl XfsFiles {
             let mut f = e.off;
             while f < (e.off + e.len).min(data_end) {
                 let d = f >> sb.dir_block_log;
-                if blocks.last() != Some(&d) {
-                    blocks.push(d);
-                }
                 f = (d + 1) << sb.dir_block_log;
+                if last.is_some_and(|l| l >= d) {
+                    continue;
+                }
+                last = Some(d);
+                self.read_mapped(&extents, d * dbs, &mut buf, true)
+                    .with_context(|| format!("inode {ino}: directory block {d}"))?;
+                let first = d << sb.dir_block_log;
+                let block = block_at(&extents, first);
+                self.parse_dir_block(ino, block.context("unmapped directory block")?, &buf, &mut out)
+                    .with_context(|| format!("inode {ino}: directory block {d}"))?;
             }
-        }
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; dbs as usize];
-        for d in blocks {
-            self.read_mapped(&extents, d * dbs, &mut buf, true)
-                .with_context(|| format!("inode {ino}: directory block {d}"))?;
-            let first = d << sb.dir_block_log;
-            let block =
-                extents.iter().find(|e| e.off <= first && first < e.off + e.len).map(|e| e.block + first - e.off);
-            self.parse_dir_block(ino, block.context("unmapped directory block")?, &buf, &mut out)
-                .with_context(|| format!("inode {ino}: directory block {d}"))?;
         }
         Ok(out)
     }
@@ -606,7 +638,7 @@ impl XfsFiles {
         let count = raw[0] as usize;
         let i8count = raw[1] as usize;
         let isz = if i8count > 0 { 8 } else { 4 };
-        ensure!(i8count == 0 || i8count == count, "inode {ino}: short-form directory inode counts are inconsistent");
+        ensure!(i8count <= count, "inode {ino}: short-form directory inode counts are inconsistent");
         let mut p = 2 + isz;
         let ftype = self.sb.ftype as usize;
         let mut out = Vec::with_capacity(count);
@@ -667,11 +699,7 @@ impl XfsFiles {
         let bs = self.sb.block_size;
         let mut buf = vec![0u8; bs as usize];
         self.read_mapped(extents, fblock * bs, &mut buf, true)?;
-        let block = extents
-            .iter()
-            .find(|e| e.off <= fblock && fblock < e.off + e.len)
-            .map(|e| e.block + fblock - e.off)
-            .context("unmapped attribute block")?;
+        let block = block_at(extents, fblock).context("unmapped attribute block")?;
         Ok((buf, block))
     }
 
