@@ -16,9 +16,9 @@ use std::fs;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-/// Directory address space offsets (in 4 KiB blocks) of the leaf and free-index segments.
-const LEAF_SEGMENT: u64 = (32 << 30) / 4096;
-const FREE_SEGMENT: u64 = (64 << 30) / 4096;
+/// Directory address space offsets (bytes) of the leaf and free-index segments.
+const LEAF_SEGMENT: u64 = 32 << 30;
+const FREE_SEGMENT: u64 = 64 << 30;
 
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
@@ -70,14 +70,16 @@ fn bmap(image: &Path, path: &str) -> Vec<(u64, u64, bool)> {
 
 /// Which of the five directory formats XFS uses for the directory at `path`.
 fn dir_format(image: &Path, path: &str) -> &'static str {
+    let bs: u64 = xfs_db(image, &["sb 0", "print blocksize"]).split(" = ").nth(1).unwrap().trim().parse().unwrap();
+    let (leaf, free) = (LEAF_SEGMENT / bs, FREE_SEGMENT / bs);
     match fork_format(image, path) {
         1 => "shortform",
         3 => "btree",
         2 => {
             let map = bmap(image, path);
-            if map.iter().any(|e| e.0 >= FREE_SEGMENT) {
+            if map.iter().any(|e| e.0 >= free) {
                 "node"
-            } else if map.iter().any(|e| e.0 >= LEAF_SEGMENT) {
+            } else if map.iter().any(|e| e.0 >= leaf) {
                 "leaf"
             } else {
                 "block"
@@ -178,13 +180,21 @@ fn add_xfs_cases(m: &Path) {
 
 /// A 320 MiB XFS v5 image: `populate_tree`, the metadata cases, `dirs` and the XFS cases.
 fn v5_image(env: &Env, name: &str, dirs: &[(&str, usize, usize)]) -> PathBuf {
+    v5_image_with(env, name, dirs, &[])
+}
+
+/// [`v5_image`] made with extra `mkfs.xfs` options.
+fn v5_image_with(env: &Env, name: &str, dirs: &[(&str, usize, usize)], mkfs_opts: &[&str]) -> PathBuf {
     let src = env.path(&format!("{name}-src"));
     fs::create_dir_all(&src).unwrap();
     populate_tree(&src, 17, 3 * MIB);
     add_metadata_cases(&src);
     let image = env.path(&format!("{name}.img"));
     fs::File::create(&image).unwrap().set_len(320 * MIB).unwrap();
-    sh("mkfs.xfs", &["-q", p(&image)]);
+    let mut args = vec!["-q"];
+    args.extend_from_slice(mkfs_opts);
+    args.push(p(&image));
+    sh("mkfs.xfs", &args);
     with_mounted(env, &image, name, |m| {
         sh("cp", &["-a", &format!("{}/.", src.display()), p(m)]);
         make_dirs(m, dirs);
@@ -249,6 +259,30 @@ fn v5_tree_with_every_directory_format_extracts_like_the_kernel_reads_it() {
     assert_eq!(fs::metadata(out.join("xfs/past")).unwrap().mtime(), -1_000_000_000);
     assert_eq!(xattrs(&out.join("bin/odd-size.bin")).get("user.big").map(|v| v.len()), Some(3000));
     assert_eq!(xattrs(&out.join("docs/deep")).len(), 20);
+    m.unmount();
+}
+
+#[test]
+fn small_blocks_large_directory_blocks_and_large_extent_counts_extract_like_the_kernel() {
+    let env = Env::new();
+    // 1 KiB blocks, 8 KiB directory blocks (a directory block spans 8 filesystem blocks and
+    // may span extents), inodes with 64-bit extent counters.
+    let dirs = [("shortform", 8, 6), ("block", 150, 8), ("leaf", 900, 12), ("node", 3000, 12), ("btree", 6000, 60)];
+    let image = v5_image_with(&env, "small", &dirs, &["-b", "size=1024", "-n", "size=8192", "-i", "nrext64=1"]);
+    let version = xfs_db(&image, &["version"]);
+    assert!(version.contains("NREXT64"), "{version}");
+    assert_eq!(xfs_db(&image, &["sb 0", "print dirblklog"]).trim(), "dirblklog = 3");
+    let formats: BTreeSet<&str> =
+        dirs.iter().map(|(name, _, _)| dir_format(&image, &format!("/dirs/{name}"))).collect();
+    assert_eq!(formats, BTreeSet::from(["shortform", "block", "leaf", "node", "btree"]));
+    assert_eq!(fork_format(&image, "/xfs/frag.bin"), 3);
+    let snap = env.backup(&[p(&image)]);
+    let out = env.path("out");
+    let r = extract_all(&env, &snap, None, &out).ok().json();
+    assert_eq!(r["skipped"].as_array().unwrap().len(), 0, "{r}");
+    assert_eq!(r["warnings"].as_array().unwrap().len(), 0, "{r}");
+    let (_lo, m) = loop_ro(&image, &env.path("ro"));
+    assert_same_tree(&m.dir, &out, &Compare::all(), &[]);
     m.unmount();
 }
 
