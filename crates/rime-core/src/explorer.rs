@@ -122,7 +122,7 @@ impl OpenVolume {
                 };
                 match found {
                     Some(fs) => bail!(
-                        "volume {} holds {fs}, which Rime cannot browse (ext2/3/4, FAT and NTFS can be); `rime mount` shows it as an image file{hint}",
+                        "volume {} holds {fs}, which Rime cannot browse (ext2/3/4, XFS, FAT and NTFS can be); `rime mount` shows it as an image file{hint}",
                         self.selection.label()
                     ),
                     None => bail!("volume {} has no filesystem Rime can read{hint}", self.selection.label()),
