@@ -4,7 +4,7 @@
 //! v5 with the CRCs recomputed so the damage reaches the parsers), and the whole tree is walked
 //! through the reader directly — not through the explorer's panic guard. Every call must return
 //! (an error is fine) without a panic, an overflow or an endless loop. Needs root and xfsprogs;
-//! skipped (with a message) otherwise.
+//! skipped (with a message) otherwise. `FUZZ_DEBUG=1` prints the failing calls of a walk.
 
 use rime_explore::xfs::XfsTree;
 use rime_explore::{FileTree, Kind, NodeId};
