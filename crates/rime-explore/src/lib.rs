@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | [`ext`] | ext2, ext3, ext4 | Rime's own reader: inodes, extent trees and block maps, linear and htree directories, inline data, extended attributes (in-inode, block and EA-inode values, POSIX ACLs converted to the xattr format) |
 //! | [`fat`] | FAT12/16/32 | rime-volume's FAT parser (`fs::fat`, `fs::fat_dir`), the one its map uses |
+//! | [`xfs`] | XFS v4 and v5 | rime-volume's XFS reader (`fs::xfs_files`) on the superblock its map parses: inodes, extent lists and bmbt trees (unwritten extents read as zeros), short-form, block, leaf, node and B-tree directories, local and remote symlinks, extended attributes |
 //! | [`ntfs`] | NTFS | rime-volume's NTFS parser (`fs::ntfs::files`), the one its map uses, plus reparse-point and Interix symlinks |
 //!
 //! Readers never trust the image: every block number, length and offset is checked, recursion
@@ -23,12 +24,13 @@
 pub mod ext;
 pub mod fat;
 pub mod ntfs;
+pub mod xfs;
 
 use anyhow::{bail, Result};
 use rime_volume::Region;
 use std::ops::Range;
 
-/// A node (inode) of a file tree: ext inode number, NTFS file record number, or an id the FAT
+/// A node (inode) of a file tree: ext or XFS inode number, NTFS file record number, or an id the FAT
 /// reader assigns.
 pub type NodeId = u64;
 
@@ -163,6 +165,9 @@ pub trait FileTree: Send + Sync {
 pub fn open(region: &Region) -> Result<Option<Box<dyn FileTree>>> {
     if let Some(fs) = ext::ExtTree::open(region.clone())? {
         return Ok(Some(Box::new(fs)));
+    }
+    if let Some(fs) = no_panic("XFS", || xfs::XfsTree::open(region.clone()))? {
+        return Ok(Some(Box::new(Guarded(fs))));
     }
     if let Some(fs) = no_panic("NTFS", || ntfs::NtfsTree::open(region.clone()))? {
         return Ok(Some(Box::new(Guarded(fs))));

@@ -12,6 +12,7 @@ pub mod jbd2;
 pub mod ntfs;
 pub mod swap;
 pub mod xfs;
+pub mod xfs_files;
 
 use crate::device::Region;
 use crate::luks::LuksInfo;

@@ -64,6 +64,19 @@ pub struct Superblock {
     pub ro_compat: u32,
     /// The UUID stamped into v5 metadata blocks (sb_meta_uuid with the meta_uuid feature).
     pub meta_uuid: [u8; 16],
+    /// Root directory inode number.
+    pub root_ino: u64,
+    /// Bytes per inode (256–2048, a power of two) and log2 of inodes per block.
+    pub inode_size: u64,
+    pub inopblog: u32,
+    /// log2 of filesystem blocks per directory block.
+    pub dir_block_log: u32,
+    /// v5 incompatible feature bits (0 on v4).
+    pub incompat: u32,
+    /// Directory entries carry a file type byte (v5, or the v4 ftype feature).
+    pub ftype: bool,
+    /// Blocks of a realtime device (files on it cannot be read from the data device).
+    pub rblocks: u64,
 }
 
 impl Superblock {
@@ -130,6 +143,24 @@ impl Superblock {
         } else {
             None
         };
+        let inode_size = be16(sb, 104)? as u64;
+        let inodelog = sb[122] as u32;
+        let inopblock = be16(sb, 106)? as u64;
+        let inopblog = sb[123] as u32;
+        ensure!(
+            (8..=11).contains(&inodelog) && inode_size == 1 << inodelog,
+            "inode size {inode_size} (log {inodelog}) is invalid"
+        );
+        ensure!(
+            inopblog == blocklog.saturating_sub(inodelog) && inopblock == 1 << inopblog && inode_size <= block_size,
+            "{inopblock} inodes per block (log {inopblog}) do not match the block and inode sizes"
+        );
+        let dir_block_log = sb[192] as u32;
+        ensure!(blocklog + dir_block_log <= 16, "directory block size (log {dir_block_log} blocks) exceeds 64 KiB");
+        let features2 = be32(sb, 200)?;
+        let ftype = version == 5 || features2 & 0x200 != 0;
+        let root_ino = be64(sb, 56)?;
+        let rblocks = be64(sb, 16)?;
         let mut meta_uuid = [0u8; 16];
         if incompat & INCOMPAT_META_UUID != 0 {
             meta_uuid.copy_from_slice(&sb[248..264]);
@@ -148,15 +179,41 @@ impl Superblock {
             fdblocks,
             ro_compat,
             meta_uuid,
+            root_ino,
+            inode_size,
+            inopblog,
+            dir_block_log,
+            incompat,
+            ftype,
+            rblocks,
         }))
     }
 
-    fn crc(&self) -> bool {
+    /// Reads and parses the primary superblock of `region`; `Ok(None)` when there is no XFS magic.
+    pub fn read(region: &Region) -> Result<Option<Superblock>> {
+        if region.len < 512 {
+            return Ok(None);
+        }
+        let mut first = vec![0u8; 512];
+        region.read_at(0, &mut first)?;
+        if be32(&first, 0)? != SB_MAGIC {
+            return Ok(None);
+        }
+        let sectsize = be16(&first, 102)? as u64;
+        ensure!(sectsize.is_power_of_two() && (512..=32768).contains(&sectsize), "sector size {sectsize} is invalid");
+        ensure!(region.len >= sectsize, "the volume is smaller than one XFS sector");
+        let mut raw = vec![0u8; sectsize as usize];
+        region.read_at(0, &mut raw)?;
+        Superblock::parse(&raw)
+    }
+
+    /// Whether metadata blocks carry CRCs, owners and UUIDs (v5).
+    pub fn crc(&self) -> bool {
         self.version == 5
     }
 
     /// Blocks in AG `ag` (the last one may be short).
-    fn ag_len(&self, ag: u64) -> u64 {
+    pub fn ag_len(&self, ag: u64) -> u64 {
         self.dblocks.min((ag + 1) * self.agblocks) - ag * self.agblocks
     }
 
@@ -211,20 +268,7 @@ struct AgCursor {
 impl XfsMap {
     /// Recognises an XFS filesystem. `Ok(None)`: not XFS; `Err`: XFS but unusable.
     pub fn probe(region: &Region) -> Result<Option<XfsMap>> {
-        if region.len < 512 {
-            return Ok(None);
-        }
-        let mut first = vec![0u8; 512];
-        region.read_at(0, &mut first)?;
-        if be32(&first, 0)? != SB_MAGIC {
-            return Ok(None);
-        }
-        let sectsize = be16(&first, 102)? as u64;
-        ensure!(sectsize.is_power_of_two() && (512..=32768).contains(&sectsize), "sector size {sectsize} is invalid");
-        ensure!(region.len >= sectsize, "the volume is smaller than one XFS sector");
-        let mut raw = vec![0u8; sectsize as usize];
-        region.read_at(0, &mut raw)?;
-        let Some(sb) = Superblock::parse(&raw)? else {
+        let Some(sb) = Superblock::read(region)? else {
             return Ok(None);
         };
         let fs_bytes = sb.dblocks.checked_mul(sb.block_size).context("filesystem size overflows")?;
@@ -604,10 +648,14 @@ const LI_BUF: u16 = 0x123C;
 /// Records from the tail to the head examined before calling the log dirty.
 const MAX_COVERING_RECORDS: usize = 64;
 
+/// Whether the metadata on disk can be trusted as it stands.
 #[derive(Debug, PartialEq, Eq)]
-enum LogState {
+pub enum LogState {
+    /// Unmounted cleanly.
     Clean,
+    /// Frozen or idle: the log holds nothing but superblock updates.
     Covered,
+    /// Metadata changes await replay (why).
     Dirty(String),
 }
 
@@ -744,7 +792,8 @@ fn logs_only_the_superblock(r: &LogRecord) -> Result<bool> {
     Ok(true)
 }
 
-fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
+/// The state of the internal log; an external log is an `Untrusted` error.
+pub fn log_state(region: &Region, sb: &Superblock) -> Result<LogState> {
     let Some((ag, agbno, blocks)) = sb.log else {
         return Err(
             Untrusted("the log is on an external device, so whether it is clean cannot be checked".into()).into()

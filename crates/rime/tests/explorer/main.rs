@@ -1,4 +1,4 @@
-//! The image explorer: `ls`, `extract` and `mount` of ext, FAT and NTFS snapshots, and hostile images.
+//! The image explorer: `ls`, `extract` and `mount` of ext, XFS, FAT and NTFS snapshots, and hostile images.
 //!
 //! One test binary per area; each file here is a module. Needs root (loop devices, mounts).
 
@@ -11,3 +11,4 @@ mod explorer_ext;
 mod explorer_fat_ntfs;
 mod explorer_hostile;
 mod explorer_mount;
+mod explorer_xfs;
