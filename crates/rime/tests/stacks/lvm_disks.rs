@@ -102,6 +102,17 @@ fn rhel_style_disk_images_only_used_blocks_leaves_swap_out_and_restores_exactly(
     let added = vol["added_bytes"].as_u64().unwrap();
     assert!(added < fs_used, "added {added} bytes: stale swap pages or free extents were stored");
 
+    // The XFS root and /boot are browsable straight from the repository.
+    let original_root = RangeLoop::new(&disk.image, root_at, 100 * EXT);
+    with_ro(original_root.path(), &env.path("orig-root"), &["nouuid"], |m| {
+        let out = env.path("extracted-root");
+        env.rime(&["extract", "latest", "/", "--volume", "disk.img:2/rhel/root", "--to", out.to_str().unwrap()]).ok();
+        assert_same_tree(m, &out, &Compare::all(), &[]);
+    });
+    drop(original_root);
+    let listing = env.rime(&["ls", "--json", "latest", "/", "--volume", "rhel/root"]).ok().json();
+    assert!(listing["entries"].as_array().unwrap().iter().any(|e| e["name"] == "docs"), "{listing}");
+
     // Restore onto garbage: everything left out must come back as zeros, the rest exactly.
     let restored = env.path("restored.img");
     garbage_file(&restored, 26, 1200 * MIB);
