@@ -10,6 +10,7 @@
 //! | [`ext`] | ext2, ext3, ext4 | Rime's own reader: inodes, extent trees and block maps, linear and htree directories, inline data, extended attributes (in-inode, block and EA-inode values, POSIX ACLs converted to the xattr format) |
 //! | [`fat`] | FAT12/16/32 | rime-volume's FAT parser (`fs::fat`, `fs::fat_dir`), the one its map uses |
 //! | [`ntfs`] | NTFS | rime-volume's NTFS parser (`fs::ntfs::files`), the one its map uses, plus reparse-point and Interix symlinks |
+//! | [`btrfs`] | btrfs (single device) | rime-volume's btrfs reader (`fs::btrfs_files`) on the chunk map and checked tree-block reader its map uses: subvolumes and snapshots, inline/regular/preallocated extents, zlib/LZO/zstd, xattrs |
 //!
 //! Readers never trust the image: every block number, length and offset is checked, recursion
 //! is bounded, and a damaged structure is an error for that node, never a wild read or a crash.
@@ -20,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::single_range_in_vec_init)]
 
+pub mod btrfs;
 pub mod ext;
 pub mod fat;
 pub mod ntfs;
@@ -28,8 +30,8 @@ use anyhow::{bail, Result};
 use rime_volume::Region;
 use std::ops::Range;
 
-/// A node (inode) of a file tree: ext inode number, NTFS file record number, or an id the FAT
-/// reader assigns.
+/// A node (inode) of a file tree: ext inode number, NTFS file record number, btrfs (subvolume
+/// index, inode number), or an id the FAT reader assigns.
 pub type NodeId = u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -163,6 +165,9 @@ pub trait FileTree: Send + Sync {
 pub fn open(region: &Region) -> Result<Option<Box<dyn FileTree>>> {
     if let Some(fs) = ext::ExtTree::open(region.clone())? {
         return Ok(Some(Box::new(fs)));
+    }
+    if let Some(fs) = no_panic("btrfs", || btrfs::BtrfsTree::open(region.clone()))? {
+        return Ok(Some(Box::new(Guarded(fs))));
     }
     if let Some(fs) = no_panic("NTFS", || ntfs::NtfsTree::open(region.clone()))? {
         return Ok(Some(Box::new(Guarded(fs))));
