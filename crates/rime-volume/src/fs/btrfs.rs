@@ -438,7 +438,10 @@ impl Fs {
                 let n = le32(&b, 0x60)? as usize;
                 ensure!(n > 0 || is_root, "tree block {logical} is empty");
                 if let Some(k) = first_key {
-                    ensure!(n > 0 && Key::parse(&b, HEADER)? == k, "tree block {logical} does not start with its parent's key");
+                    ensure!(
+                        n > 0 && Key::parse(&b, HEADER)? == k,
+                        "tree block {logical} does not start with its parent's key"
+                    );
                 }
                 return Ok(b);
             }

@@ -254,8 +254,11 @@ impl BtrfsFiles {
     /// The subvolume a mount shows without `subvol=`: the root tree directory's "default"
     /// entry, or the top-level subvolume.
     fn find_default_subvolume(&self) -> Result<u64> {
-        let mut cur =
-            Cursor::seek(&self.fs, self.root_tree(), Key { objectid: ROOT_TREE_DIR_OBJECTID, kind: DIR_ITEM, offset: 0 })?;
+        let mut cur = Cursor::seek(
+            &self.fs,
+            self.root_tree(),
+            Key { objectid: ROOT_TREE_DIR_OBJECTID, kind: DIR_ITEM, offset: 0 },
+        )?;
         while let Some((key, data)) = cur.next(&self.fs, true)? {
             if key.objectid != ROOT_TREE_DIR_OBJECTID || key.kind != DIR_ITEM {
                 break;
@@ -291,13 +294,15 @@ impl BtrfsFiles {
         }
         ensure!(is_fs_tree(tree), "tree {tree} is not a subvolume");
         let mut cur = Cursor::seek(&self.fs, self.root_tree(), Key { objectid: tree, kind: ROOT_ITEM, offset: 0 })?;
-        let Some((key, d)) = cur.next(&self.fs, true)?.filter(|(k, _)| k.objectid == tree && k.kind == ROOT_ITEM) else {
+        let Some((key, d)) = cur.next(&self.fs, true)?.filter(|(k, _)| k.objectid == tree && k.kind == ROOT_ITEM)
+        else {
             bail!("subvolume {tree} has no root item")
         };
         ensure!(d.len() >= 239, "root item {key:?} is truncated ({} bytes)", d.len());
         let refs = le32(&d, 216)?;
         ensure!(refs > 0, "subvolume {tree} has been deleted");
-        let r = TreeRoot { generation: le64(&d, 160)?, root_dirid: le64(&d, 168)?, bytenr: le64(&d, 176)?, level: d[238] };
+        let r =
+            TreeRoot { generation: le64(&d, 160)?, root_dirid: le64(&d, 168)?, bytenr: le64(&d, 176)?, level: d[238] };
         ensure!(r.level <= MAX_LEVEL, "subvolume {tree} has root level {}", r.level);
         ensure!(r.generation <= self.fs.sb.generation, "subvolume {tree} has a root from the future");
         ensure!(r.root_dirid == FIRST_FREE_OBJECTID, "subvolume {tree} has root directory {}", r.root_dirid);
@@ -354,12 +359,19 @@ impl BtrfsFiles {
                 break;
             }
             ensure!(out.len() < MAX_DIR_ENTRIES, "directory {dir} of subvolume {tree} has too many entries");
-            let (location, name, _, _) = dir_item(&d, 0).with_context(|| format!("directory {dir} index {}", key.offset))?;
-            ensure!(!name.is_empty() && name.len() <= 255, "directory {dir} has an entry with a {}-byte name", name.len());
+            let (location, name, _, _) =
+                dir_item(&d, 0).with_context(|| format!("directory {dir} index {}", key.offset))?;
+            ensure!(
+                !name.is_empty() && name.len() <= 255,
+                "directory {dir} has an entry with a {}-byte name",
+                name.len()
+            );
             let target = match location.kind {
                 INODE_ITEM => Target::Inode { tree, ino: location.objectid },
                 ROOT_ITEM => self.subvolume_target(tree, dir, name, location.objectid)?,
-                other => bail!("directory {dir} entry {} points at an item of type {other}", String::from_utf8_lossy(name)),
+                other => {
+                    bail!("directory {dir} entry {} points at an item of type {other}", String::from_utf8_lossy(name))
+                }
             };
             out.push(DirEntry { name: name.to_vec(), target });
         }
@@ -524,7 +536,13 @@ impl BtrfsFiles {
     }
 
     /// The decompressed contents of a compressed disk extent, cached.
-    fn decompressed(&self, disk_bytenr: u64, disk_num_bytes: u64, compression: u8, ram_bytes: u64) -> Result<Arc<Vec<u8>>> {
+    fn decompressed(
+        &self,
+        disk_bytenr: u64,
+        disk_num_bytes: u64,
+        compression: u8,
+        ram_bytes: u64,
+    ) -> Result<Arc<Vec<u8>>> {
         let key = (disk_bytenr, disk_num_bytes, compression, ram_bytes);
         {
             let mut c = self.decompressed.lock().unwrap();
