@@ -3,7 +3,10 @@
 # small text files) in a 2 GiB btrfs image, once plain and once written with compress=zstd.
 # Each image is backed up into a temporary repository; then `rime extract / --to` is timed
 # against `cp -a` from the kernel's read-only loop mount of the same image, page caches dropped
-# before each, and the two trees are compared. Run as root from the repository root:
+# before each, and the two trees are compared. Both write to a fresh tmpfs, so that the figures
+# are those of reading (on a disk filesystem that has just deleted a large tree, creating the
+# copy's inodes dominates, and penalises whichever copy runs first). Run as root from the
+# repository root:
 #   cargo build --release -p rime && bash bench/explore_btrfs.sh [WORKDIR]
 set -euo pipefail
 RIME=${RIME:-$PWD/target/release/rime}
@@ -12,6 +15,12 @@ rm -rf "$W"; mkdir -p "$W"
 cd "$W"
 
 drop() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+cleanup() {
+  mountpoint -q "$W/mnt" && umount "$W/mnt" || true
+  mountpoint -q "$W/out" && umount "$W/out" || true
+}
+fresh_out() { mountpoint -q "$W/out" && umount "$W/out"; mkdir -p "$W/out"; mount -t tmpfs -o size=3G tmpfs "$W/out"; }
+trap cleanup EXIT
 now() { date +%s.%N; }
 
 # The tree: 8 x 64 MiB random files, 8 directories of 40 x 1 MiB (half random, half text),
@@ -23,10 +32,10 @@ fill() { # dir
   for d in $(seq -w 1 8); do
     mkdir -p "$m/mid/d$d"
     for f in $(seq -w 1 20); do head -c 1048576 /dev/urandom > "$m/mid/d$d/r$f.bin"; done
-    for f in $(seq -w 1 20); do head -c 786432 /dev/urandom | base64 -w 100 | head -c 1048576 > "$m/mid/d$d/t$f.txt"; done
+    for f in $(seq -w 1 20); do head -c 786432 /dev/urandom | base64 -w 100 > "$m/mid/d$d/t$f.txt"; done
   done
   for i in $(seq 1 3000); do seq 1 $((i % 400 + 5)) > "$m/small/s$i.txt"; done
-  for i in $(seq 1 20); do head -c 3145728 /dev/urandom | base64 -w 76 | head -c 4194304 > "$m/small/big$i.txt"; done
+  for i in $(seq 1 20); do head -c 3145728 /dev/urandom | base64 -w 76 > "$m/small/big$i.txt"; done
 }
 
 run() { # label, mount options
@@ -43,26 +52,27 @@ run() { # label, mount options
   "$RIME" --repo "$repo" init >/dev/null
   "$RIME" --repo "$repo" backup "$img" >/dev/null
 
+  fresh_out
   drop
   local a b c d
   a=$(now)
-  "$RIME" --repo "$repo" extract latest / --to "$W/out-rime-$label" >/dev/null
+  "$RIME" --repo "$repo" extract latest / --to "$W/out/rime" >/dev/null
   b=$(now)
   mount -o loop,ro "$img" "$W/mnt"
+  local same=no
+  diff -r "$W/mnt" "$W/out/rime" >/dev/null && same=yes
+  fresh_out
   drop
   c=$(now)
-  mkdir -p "$W/out-cp-$label"
-  cp -a "$W/mnt/." "$W/out-cp-$label/"
+  cp -a "$W/mnt/." "$W/out/cp/"
   d=$(now)
-  local same=no
-  diff -r "$W/mnt" "$W/out-rime-$label" >/dev/null && same=yes
-  umount "$W/mnt"
+  umount "$W/mnt" "$W/out"
   local tr tc
   tr=$(echo "$b - $a" | bc)
   tc=$(echo "$d - $c" | bc)
   printf '%-6s %5d MiB used  rime extract %6.2f s  cp -a %6.2f s  ratio %.2f  same tree: %s\n' \
     "$label" $((used >> 20)) "$tr" "$tc" "$(echo "$tr / $tc" | bc -l)" "$same"
-  rm -rf "$W/out-rime-$label" "$W/out-cp-$label" "$repo" "$img"
+  rm -rf "$repo" "$img"
 }
 
 run plain ""

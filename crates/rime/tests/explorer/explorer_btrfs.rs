@@ -351,3 +351,38 @@ fn damaged_btrfs_trees_give_clear_errors_never_panics_and_stay_inside_the_target
     assert!(run.stderr.contains(&format!("tree block {root} has a bad checksum")), "{}", run.stderr);
     assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
 }
+
+#[test]
+fn a_pending_log_tree_is_refused_with_a_clear_error() {
+    let env = Env::new();
+    let image = env.path("live.img");
+    fs::File::create(&image).unwrap().set_len(256 * MIB).unwrap();
+    sh("mkfs.btrfs", &["-q", "-f", image.to_str().unwrap()]);
+    let copy = env.path("crashed.img");
+    {
+        let lo = LoopDev::attach(&image);
+        let m = Mount::new(&lo.dev, &env.path("mnt"), &[]);
+        sh("sync", &[]);
+        // An fsync writes the file to the log tree and the superblock points at it; copying the
+        // image before the next commit is what a crash (or a capture without a freeze) leaves.
+        let f = fs::File::create(m.dir.join("fsynced")).unwrap();
+        f.write_all_at(b"only in the log", 0).unwrap();
+        f.sync_all().unwrap();
+        fs::copy(&image, &copy).unwrap();
+        drop(f);
+        m.unmount();
+        drop(lo);
+    }
+    let sup = sh("btrfs", &["inspect-internal", "dump-super", copy.to_str().unwrap()]);
+    let log_root = sup.lines().find_map(|l| l.strip_prefix("log_root\t\t")).unwrap().trim().to_string();
+    assert_ne!(log_root, "0", "the copy has no log tree:\n{sup}");
+
+    let snap = env.backup(&[copy.to_str().unwrap()]);
+    let run = env.rime(&["extract", &snap, "/", "--to", env.path("to").to_str().unwrap()]);
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(run.stderr.contains("log tree") && run.stderr.contains("replay"), "{}", run.stderr);
+    assert!(!run.stderr.contains("panicked"), "{}", run.stderr);
+    let ls = env.rime(&["ls", &snap, "/"]);
+    assert_eq!(ls.code, Some(1), "{ls:?}");
+    assert!(ls.stderr.contains("log tree"), "{}", ls.stderr);
+}
