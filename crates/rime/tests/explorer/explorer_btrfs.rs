@@ -386,3 +386,77 @@ fn a_pending_log_tree_is_refused_with_a_clear_error() {
     assert_eq!(ls.code, Some(1), "{ls:?}");
     assert!(ls.stderr.contains("log tree"), "{}", ls.stderr);
 }
+
+/// CRC-32C (Castagnoli), as btrfs stores it.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+        }
+    }
+    !c
+}
+
+#[test]
+fn a_directory_entry_looping_to_its_ancestor_never_hangs_extract() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("top/mid/low")).unwrap();
+    fs::write(src.join("top/mid/low/loopme-entry"), b"becomes a link to top\n").unwrap();
+    fs::write(src.join("top/mid/file"), b"kept\n").unwrap();
+    let image = env.path("loop.img");
+    fs::File::create(&image).unwrap().set_len(128 * MIB).unwrap();
+    sh("mkfs.btrfs", &["-q", "--rootdir", src.to_str().unwrap(), image.to_str().unwrap()]);
+    use std::os::unix::fs::MetadataExt;
+    let (top, victim) = {
+        let (lo, m) = loop_ro(&image, &env.path("ro"));
+        let r = (
+            fs::metadata(m.dir.join("top")).unwrap().ino(),
+            fs::metadata(m.dir.join("top/mid/low/loopme-entry")).unwrap().ino(),
+        );
+        m.unmount();
+        drop(lo);
+        r
+    };
+    // Point the entry's DIR_ITEM and DIR_INDEX at `top` as a directory, then fix the checksums
+    // of the blocks patched (every metadata copy).
+    let mut img = fs::read(&image).unwrap();
+    let name = b"loopme-entry";
+    let mut location = victim.to_le_bytes().to_vec();
+    location.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let hits: Vec<usize> = img.windows(name.len()).enumerate().filter(|(_, w)| *w == name).map(|(i, _)| i).collect();
+    let mut patched = 0;
+    for at in hits {
+        if at < 30 || img[at - 30..at - 13] != location[..] {
+            continue; // the INODE_REF, not a directory item
+        }
+        img[at - 30..at - 22].copy_from_slice(&top.to_le_bytes());
+        img[at - 1] = 2; // BTRFS_FT_DIR
+        let block = at / 16384 * 16384;
+        let crc = crc32c(&img[block + 0x20..block + 16384]);
+        img[block..block + 4].copy_from_slice(&crc.to_le_bytes());
+        patched += 1;
+    }
+    assert!(patched >= 2, "patched {patched} directory items");
+    fs::write(&image, &img).unwrap();
+
+    let snap = env.backup(&[image.to_str().unwrap()]);
+    let to = env.path("to");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (repo, to_s) = (env.repo.clone(), to.to_str().unwrap().to_string());
+    std::thread::spawn(move || {
+        let out =
+            rime_command().arg("--repo").arg(repo).args(["extract", "--json", &snap, "/", "--to", &to_s]).output();
+        let _ = tx.send(out);
+    });
+    let out =
+        rx.recv_timeout(std::time::Duration::from_secs(60)).expect("extract hangs on a looping directory").unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("skipped /top/mid/low/loopme-entry") && stderr.contains("loop"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(fs::read(to.join("top/mid/file")).unwrap(), b"kept\n");
+    assert!(!to.join("top/mid/low/loopme-entry").exists());
+}
