@@ -119,7 +119,7 @@ impl FileTree for BtrfsTree {
         Ok(Stat {
             id,
             kind,
-            size: if kind == Kind::Dir { 0 } else { inode.size },
+            size: inode.size,
             mode: inode.mode & 0o7777,
             uid: inode.uid,
             gid: inode.gid,

@@ -685,6 +685,7 @@ fn lzo_btrfs(raw: &[u8], out: &mut Vec<u8>, limit: usize, sectorsize: usize) -> 
             at += left;
             continue;
         }
+        ensure!(total - at >= 4, "LZO segment header at {at} overruns the extent ({total} bytes)");
         let seg = le32(raw, at)? as usize;
         at += 4;
         ensure!(seg > 0 && seg <= total - at, "LZO segment of {seg} bytes at {at} overruns the extent ({total} bytes)");
@@ -834,5 +835,14 @@ mod tests {
         // Damaged: errors.
         assert!(decompress(COMPRESS_ZLIB, &zl[..10], 100_000, 4096).is_err());
         assert!(decompress(COMPRESS_LZO, &[255, 255, 0, 0, 1], 100, 4096).is_err());
+        // A segment header reaching past the total length, and a segment past it.
+        assert!(decompress(COMPRESS_LZO, &[6, 0, 0, 0, 1, 0, 0, 0], 100, 4096).is_err());
+        assert!(decompress(COMPRESS_LZO, &[12, 0, 0, 0, 9, 0, 0, 0, 20, 1, 2, 3], 100, 4096).is_err());
+        // A well-formed one: total 4 + 4 + 10, one segment (the LZO block of the unit test above).
+        let seg = [20u8, b'a', b'b', b'c', 0x20 | 7, 2 << 2, 0, 0x11, 0, 0];
+        let mut framed = vec![18, 0, 0, 0, 10, 0, 0, 0];
+        framed.extend_from_slice(&seg);
+        assert_eq!(decompress(COMPRESS_LZO, &framed, 12, 4096).unwrap(), b"abcabcabcabc");
+        assert_eq!(decompress(COMPRESS_LZO, &framed, 16, 4096).unwrap(), b"abcabcabcabc\0\0\0\0");
     }
 }
