@@ -462,24 +462,30 @@ fn a_directory_entry_looping_to_its_ancestor_never_hangs_extract() {
 }
 
 #[test]
-fn the_default_subvolume_is_the_root_as_a_mount_shows_it() {
+fn the_default_subvolume_is_the_root_as_a_mount_shows_it_and_explicit_holes_read_as_holes() {
     let env = Env::new();
     let image = env.path("default.img");
     fs::File::create(&image).unwrap().set_len(256 * MIB).unwrap();
-    sh("mkfs.btrfs", &["-q", "-f", image.to_str().unwrap()]);
+    // Without no-holes: holes are explicit extents (disk_bytenr 0).
+    sh("mkfs.btrfs", &["-q", "-f", "-O", "^no-holes", image.to_str().unwrap()]);
     with_mounted(&env, &image, "rw", |m| {
         fs::write(m.join("only-at-top-level"), b"not under the default subvolume\n").unwrap();
         sh("btrfs", &["-q", "subvolume", "create", m.join("home").to_str().unwrap()]);
         populate_tree(&m.join("home"), 31, MIB);
+        add_metadata_cases(&m.join("home"));
         sh("btrfs", &["-q", "subvolume", "create", m.join("home/nested").to_str().unwrap()]);
         fs::write(m.join("home/nested/n"), b"nested\n").unwrap();
         sh("btrfs", &["subvolume", "set-default", m.join("home").to_str().unwrap()]);
     });
+    let dump = sh("btrfs", &["inspect-internal", "dump-tree", image.to_str().unwrap()]);
+    assert!(dump.contains("extent data disk byte 0 nr 0"), "no explicit hole extent");
     let snap = env.backup(&[image.to_str().unwrap()]);
     let out = env.path("out");
     env.rime(&["extract", &snap, "/", "--to", out.to_str().unwrap()]).ok();
     let (lo, m) = loop_ro(&image, &env.path("ro"));
     assert!(!m.dir.join("only-at-top-level").exists(), "the kernel shows the default subvolume");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(out.join("meta/all-hole")).unwrap().blocks(), 0);
     assert_same_tree(&m.dir, &out, &Compare::all(), &[]);
     assert_listing_matches(&ls_json(&env, &[&snap, "/"]), &m.dir);
     assert_listing_matches(&ls_json(&env, &[&snap, "/nested"]), &m.dir.join("nested"));
