@@ -17,6 +17,10 @@
 //! against the superblock's `bytes_used` — so that a damaged filesystem is refused before the
 //! backup starts.
 //!
+//! The file reader (`super::btrfs_files`, for the image explorer) shares the chunk map
+//! ([`Fs::load`]), the checked tree-block reader (with an LRU cache of checked blocks there) and
+//! the cursor; it reads data through [`Fs::read_logical`].
+//!
 //! Multi-device filesystems are refused, as are zoned ones and features that move the
 //! allocation records elsewhere (extent tree v2, raid stripe tree). While a log tree is present
 //! (an fsync log not yet replayed) the extents it refers to are not yet in the extent tree: the
