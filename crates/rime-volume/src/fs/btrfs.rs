@@ -18,8 +18,8 @@
 //! backup starts.
 //!
 //! The file reader (`super::btrfs_files`, for the image explorer) shares the chunk map
-//! ([`Fs::load`]), the checked tree-block reader (with an LRU cache of checked blocks there) and
-//! the cursor; it reads data through [`Fs::read_logical`].
+//! (`Fs::load`), the checked tree-block reader (with an LRU cache of checked blocks there) and
+//! the cursor; it reads data through `Fs::read_logical`.
 //!
 //! Multi-device filesystems are refused, as are zoned ones and features that move the
 //! allocation records elsewhere (extent tree v2, raid stripe tree). While a log tree is present
