@@ -11,6 +11,7 @@
 //! | [`fat`] | FAT12/16/32 | rime-volume's FAT parser (`fs::fat`, `fs::fat_dir`), the one its map uses |
 //! | [`xfs`] | XFS v4 and v5 | rime-volume's XFS reader (`fs::xfs_files`) on the superblock its map parses: inodes, extent lists and bmbt trees (unwritten extents read as zeros), short-form, block, leaf, node and B-tree directories, local and remote symlinks, extended attributes |
 //! | [`ntfs`] | NTFS | rime-volume's NTFS parser (`fs::ntfs::files`), the one its map uses, plus reparse-point and Interix symlinks |
+//! | [`btrfs`] | btrfs (single device) | rime-volume's btrfs reader (`fs::btrfs_files`) on the chunk map and checked tree-block reader its map uses: subvolumes and snapshots, inline/regular/preallocated extents, zlib/LZO/zstd, xattrs |
 //!
 //! Readers never trust the image: every block number, length and offset is checked, recursion
 //! is bounded, and a damaged structure is an error for that node, never a wild read or a crash.
@@ -21,6 +22,7 @@
 #![forbid(unsafe_code)]
 #![allow(clippy::single_range_in_vec_init)]
 
+pub mod btrfs;
 pub mod ext;
 pub mod fat;
 pub mod ntfs;
@@ -30,8 +32,8 @@ use anyhow::{bail, Result};
 use rime_volume::Region;
 use std::ops::Range;
 
-/// A node (inode) of a file tree: ext or XFS inode number, NTFS file record number, or an id the FAT
-/// reader assigns.
+/// A node (inode) of a file tree: ext or XFS inode number, NTFS file record number, btrfs
+/// (subvolume index, inode number), or an id the FAT reader assigns.
 pub type NodeId = u64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -167,6 +169,9 @@ pub fn open(region: &Region) -> Result<Option<Box<dyn FileTree>>> {
         return Ok(Some(Box::new(fs)));
     }
     if let Some(fs) = no_panic("XFS", || xfs::XfsTree::open(region.clone()))? {
+        return Ok(Some(Box::new(Guarded(fs))));
+    }
+    if let Some(fs) = no_panic("btrfs", || btrfs::BtrfsTree::open(region.clone()))? {
         return Ok(Some(Box::new(Guarded(fs))));
     }
     if let Some(fs) = no_panic("NTFS", || ntfs::NtfsTree::open(region.clone()))? {

@@ -9,7 +9,7 @@
 //!                          and marked clean, so that `mount -o loop,ro` shows what a
 //!                          read-write mount would (a read-only mount cannot replay)
 //!   <volume>.files/        the volume's file tree, for filesystems Rime reads (ext2/3/4, FAT,
-//!                          NTFS), as a mount shows it (after journal replay)
+//!                          NTFS, btrfs), as a mount shows it (after journal replay)
 //!   <volume>.part<N>.files/  the file tree of partition N of a whole-disk volume
 //! ```
 //!

@@ -17,6 +17,10 @@
 //! against the superblock's `bytes_used` — so that a damaged filesystem is refused before the
 //! backup starts.
 //!
+//! The file reader (`super::btrfs_files`, for the image explorer) shares the chunk map
+//! (`Fs::load`), the checked tree-block reader (with an LRU cache of checked blocks there) and
+//! the cursor; it reads data through `Fs::read_logical`.
+//!
 //! Multi-device filesystems are refused, as are zoned ones and features that move the
 //! allocation records elsewhere (extent tree v2, raid stripe tree). While a log tree is present
 //! (an fsync log not yet replayed) the extents it refers to are not yet in the extent tree: the
@@ -27,7 +31,9 @@ use crate::checksum::crc32c;
 use crate::device::Region;
 use crate::usedmap::{push_range, UsedMap};
 use anyhow::{bail, ensure, Context, Result};
+use std::num::NonZeroUsize;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 const SUPER_OFFSET: u64 = 0x10000;
 const SUPER_SIZE: usize = 4096;
@@ -39,10 +45,10 @@ const RESERVED: u64 = 1 << 20;
 const HEADER: usize = 101;
 const ITEM: usize = 25;
 const KEY_PTR: usize = 33;
-const MAX_LEVEL: u8 = 7;
+pub(crate) const MAX_LEVEL: u8 = 7;
 const MAX_CHUNKS: usize = 1 << 20;
 
-const ROOT_ITEM: u8 = 132;
+pub(crate) const ROOT_ITEM: u8 = 132;
 const EXTENT_ITEM: u8 = 168;
 const METADATA_ITEM: u8 = 169;
 const DEV_ITEM: u8 = 216;
@@ -79,11 +85,11 @@ pub struct Key {
 }
 
 impl Key {
-    fn parse(b: &[u8], o: usize) -> Result<Key, crate::bytes::Truncated> {
+    pub(crate) fn parse(b: &[u8], o: usize) -> Result<Key, crate::bytes::Truncated> {
         let kind = crate::bytes::field::<1>(b, o + 8)?[0];
         Ok(Key { objectid: le64(b, o)?, kind, offset: le64(b, o + 9)? })
     }
-    const MIN: Key = Key { objectid: 0, kind: 0, offset: 0 };
+    pub(crate) const MIN: Key = Key { objectid: 0, kind: 0, offset: 0 };
 }
 
 /// Superblock facts the map needs, all range-checked.
@@ -296,14 +302,123 @@ impl Chunk {
 }
 
 /// The chunk map and the means to read tree blocks through it.
-struct Fs {
+pub(crate) struct Fs {
     region: Region,
-    sb: Superblock,
+    pub(crate) sb: Superblock,
     /// Sorted by logical address, not overlapping.
     chunks: Vec<Chunk>,
+    /// Tree blocks already read and checked, by logical address (the file reader's; the map
+    /// reads each block about once and keeps none).
+    cache: Option<Mutex<lru::LruCache<u64, Arc<Vec<u8>>>>>,
 }
 
 impl Fs {
+    /// Reads the superblock and the chunk map (the superblock's system chunks, then the whole
+    /// chunk tree, checked): `Ok(None)` when `region` holds no btrfs.
+    pub(crate) fn load(region: &Region) -> Result<Option<Fs>> {
+        if region.len < SUPER_OFFSET + SUPER_SIZE as u64 {
+            return Ok(None);
+        }
+        let mut raw = vec![0u8; SUPER_SIZE];
+        region.read_at(SUPER_OFFSET, &mut raw)?;
+        let Some(sb) = Superblock::parse(&raw)? else {
+            return Ok(None);
+        };
+        ensure!(
+            sb.dev_total_bytes <= region.len,
+            "the device holds {} bytes of btrfs, the volume only {}",
+            sb.dev_total_bytes,
+            region.len
+        );
+        // Bootstrap chunks from the superblock.
+        let mut boot = Vec::new();
+        let a = &sb.sys_chunk_array;
+        let mut o = 0;
+        while o < a.len() {
+            ensure!(o + 17 + 48 <= a.len(), "system chunk array is truncated");
+            let key = Key::parse(a, o)?;
+            ensure!(
+                key.kind == CHUNK_ITEM && key.objectid == FIRST_CHUNK_TREE_OBJECTID,
+                "system chunk array holds a {key:?}"
+            );
+            let num = le16(a, o + 17 + 44)? as usize;
+            let len = 48 + 32 * num;
+            ensure!(o + 17 + len <= a.len(), "system chunk array is truncated");
+            boot.push(Chunk::parse(&sb, key.offset, &a[o + 17..o + 17 + len])?);
+            o += 17 + len;
+        }
+        ensure!(!boot.is_empty(), "the system chunk array is empty");
+        boot.sort_by_key(|c| c.logical);
+        check_chunks(&boot)?;
+        let mut fs = Fs { region: region.clone(), sb, chunks: boot, cache: None };
+
+        // The chunk tree: every chunk, and the device items (exactly this one device).
+        let mut chunks = Vec::new();
+        let mut devices = 0;
+        let mut cur =
+            Cursor::seek(&fs, (fs.sb.chunk_root, fs.sb.chunk_root_level, fs.sb.chunk_root_generation), Key::MIN)?;
+        while let Some((key, data)) = cur.next(&fs, true)? {
+            match key.kind {
+                CHUNK_ITEM if key.objectid == FIRST_CHUNK_TREE_OBJECTID => {
+                    ensure!(chunks.len() < MAX_CHUNKS, "more than {MAX_CHUNKS} chunks");
+                    chunks.push(Chunk::parse(&fs.sb, key.offset, &data)?);
+                }
+                DEV_ITEM if key.objectid == DEV_ITEMS_OBJECTID => {
+                    devices += 1;
+                    ensure!(
+                        key.offset == fs.sb.devid,
+                        "the chunk tree lists device {}: not a single-device filesystem",
+                        key.offset
+                    );
+                }
+                _ => {}
+            }
+        }
+        ensure!(devices == 1, "the chunk tree lists {devices} devices");
+        check_chunks(&chunks)?;
+        for c in &fs.chunks {
+            ensure!(chunks.contains(c), "system chunk at {} is missing from the chunk tree", c.logical);
+        }
+        fs.chunks = chunks;
+        Ok(Some(fs))
+    }
+
+    /// Keeps up to `blocks` checked tree blocks in memory from now on.
+    pub(crate) fn with_block_cache(mut self, blocks: usize) -> Fs {
+        self.cache = NonZeroUsize::new(blocks).map(|n| Mutex::new(lru::LruCache::new(n)));
+        self
+    }
+
+    /// Reads `buf.len()` bytes of the logical address space at `logical` (file data), split
+    /// at chunk and stripe boundaries, from the first copy that reads.
+    pub(crate) fn read_logical(&self, mut logical: u64, mut buf: &mut [u8]) -> Result<()> {
+        while !buf.is_empty() {
+            let Some(ci) = self.chunk_of(logical) else { bail!("data at logical {logical} lies in no chunk") };
+            let c = &self.chunks[ci];
+            let mut n = (c.logical + c.length - logical).min(buf.len() as u64);
+            if !c.is_copy() {
+                n = n.min(c.stripe_len - (logical - c.logical) % c.stripe_len);
+            }
+            let (now, rest) = std::mem::take(&mut buf).split_at_mut(n as usize);
+            let mut last = None;
+            for phys in c.copies(logical, n)? {
+                match self.region.read_at(phys, now) {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            if let Some(e) = last {
+                return Err(e);
+            }
+            logical += n;
+            buf = rest;
+        }
+        Ok(())
+    }
+
     fn chunk_of(&self, logical: u64) -> Option<usize> {
         let i = self.chunks.partition_point(|c| c.logical <= logical);
         (i > 0 && logical < self.chunks[i - 1].logical + self.chunks[i - 1].length).then(|| i - 1)
@@ -311,6 +426,38 @@ impl Fs {
 
     /// Reads and checks the tree block at `logical`, trying each copy until one is sound.
     fn read_block(
+        &self,
+        logical: u64,
+        level: u8,
+        generation: u64,
+        first_key: Option<Key>,
+        is_root: bool,
+    ) -> Result<Arc<Vec<u8>>> {
+        if let Some(cache) = &self.cache {
+            if let Some(b) = cache.lock().unwrap().get(&logical).cloned() {
+                // Checked in full when read; what the pointer to it claims is checked again.
+                ensure!(b[0x64] == level, "tree block {logical} is at level {}, expected {level}", b[0x64]);
+                let gen = le64(&b, 0x50)?;
+                ensure!(gen == generation, "tree block {logical} has generation {gen}, expected {generation}");
+                let n = le32(&b, 0x60)? as usize;
+                ensure!(n > 0 || is_root, "tree block {logical} is empty");
+                if let Some(k) = first_key {
+                    ensure!(
+                        n > 0 && Key::parse(&b, HEADER)? == k,
+                        "tree block {logical} does not start with its parent's key"
+                    );
+                }
+                return Ok(b);
+            }
+        }
+        let b = Arc::new(self.read_block_uncached(logical, level, generation, first_key, is_root)?);
+        if let Some(cache) = &self.cache {
+            cache.lock().unwrap().put(logical, b.clone());
+        }
+        Ok(b)
+    }
+
+    fn read_block_uncached(
         &self,
         logical: u64,
         level: u8,
@@ -392,7 +539,7 @@ impl Fs {
 
 /// One block of a cursor's path.
 struct PathNode {
-    buf: Vec<u8>,
+    buf: Arc<Vec<u8>>,
     level: u8,
     n: usize,
     slot: usize,
@@ -400,14 +547,14 @@ struct PathNode {
 
 /// A position in a btree: one root-to-leaf path. Keys come out strictly increasing; since
 /// levels strictly decrease downwards, a loop or a block reachable twice is caught at once.
-struct Cursor {
+pub(crate) struct Cursor {
     path: Vec<PathNode>,
     last: Option<Key>,
 }
 
 impl Cursor {
     /// Positions the cursor at the first item with a key >= `key` in the tree rooted at `root`.
-    fn seek(fs: &Fs, root: (u64, u8, u64), key: Key) -> Result<Cursor> {
+    pub(crate) fn seek(fs: &Fs, root: (u64, u8, u64), key: Key) -> Result<Cursor> {
         let (bytenr, level, generation) = root;
         let mut c = Cursor { path: Vec::with_capacity(level as usize + 1), last: None };
         let mut buf = fs.read_block(bytenr, level, generation, None, true)?;
@@ -429,14 +576,28 @@ impl Cursor {
         }
     }
 
-    fn child(fs: &Fs, node: &[u8], level: u8, slot: usize) -> Result<Vec<u8>> {
+    /// Positions the cursor at the last item with a key <= `key` (or at the first item when
+    /// every key is greater). Internal nodes lead to the last child whose first key is <= `key`,
+    /// so that item, when there is one, is in the leaf reached.
+    pub(crate) fn seek_le(fs: &Fs, root: (u64, u8, u64), key: Key) -> Result<Cursor> {
+        let mut c = Cursor::seek(fs, root, key)?;
+        if let Some(leaf) = c.path.last_mut() {
+            let exact = leaf.slot < leaf.n && Key::parse(&leaf.buf, HEADER + leaf.slot * ITEM)? == key;
+            if !exact && leaf.slot > 0 {
+                leaf.slot -= 1;
+            }
+        }
+        Ok(c)
+    }
+
+    fn child(fs: &Fs, node: &[u8], level: u8, slot: usize) -> Result<Arc<Vec<u8>>> {
         let o = HEADER + slot * KEY_PTR;
         let key = Key::parse(node, o)?;
         fs.read_block(le64(node, o + 17)?, level - 1, le64(node, o + 25)?, Some(key), false)
     }
 
     /// The next item: its key and (when `want_data`) a copy of its data.
-    fn next(&mut self, fs: &Fs, want_data: bool) -> Result<Option<(Key, Vec<u8>)>> {
+    pub(crate) fn next(&mut self, fs: &Fs, want_data: bool) -> Result<Option<(Key, Vec<u8>)>> {
         loop {
             let Some(leaf) = self.path.last_mut() else {
                 return Ok(None);
@@ -517,70 +678,9 @@ pub struct BtrfsMap {
 impl BtrfsMap {
     /// Recognises a btrfs filesystem. `Ok(None)`: not btrfs; `Err`: btrfs but unusable here.
     pub fn probe(region: &Region) -> Result<Option<BtrfsMap>> {
-        if region.len < SUPER_OFFSET + SUPER_SIZE as u64 {
-            return Ok(None);
-        }
-        let mut raw = vec![0u8; SUPER_SIZE];
-        region.read_at(SUPER_OFFSET, &mut raw)?;
-        let Some(sb) = Superblock::parse(&raw)? else {
+        let Some(fs) = Fs::load(region)? else {
             return Ok(None);
         };
-        ensure!(
-            sb.dev_total_bytes <= region.len,
-            "the device holds {} bytes of btrfs, the volume only {}",
-            sb.dev_total_bytes,
-            region.len
-        );
-        // Bootstrap chunks from the superblock.
-        let mut boot = Vec::new();
-        let a = &sb.sys_chunk_array;
-        let mut o = 0;
-        while o < a.len() {
-            ensure!(o + 17 + 48 <= a.len(), "system chunk array is truncated");
-            let key = Key::parse(a, o)?;
-            ensure!(
-                key.kind == CHUNK_ITEM && key.objectid == FIRST_CHUNK_TREE_OBJECTID,
-                "system chunk array holds a {key:?}"
-            );
-            let num = le16(a, o + 17 + 44)? as usize;
-            let len = 48 + 32 * num;
-            ensure!(o + 17 + len <= a.len(), "system chunk array is truncated");
-            boot.push(Chunk::parse(&sb, key.offset, &a[o + 17..o + 17 + len])?);
-            o += 17 + len;
-        }
-        ensure!(!boot.is_empty(), "the system chunk array is empty");
-        boot.sort_by_key(|c| c.logical);
-        check_chunks(&boot)?;
-        let mut fs = Fs { region: region.clone(), sb, chunks: boot };
-
-        // The chunk tree: every chunk, and the device items (exactly this one device).
-        let mut chunks = Vec::new();
-        let mut devices = 0;
-        let mut cur =
-            Cursor::seek(&fs, (fs.sb.chunk_root, fs.sb.chunk_root_level, fs.sb.chunk_root_generation), Key::MIN)?;
-        while let Some((key, data)) = cur.next(&fs, true)? {
-            match key.kind {
-                CHUNK_ITEM if key.objectid == FIRST_CHUNK_TREE_OBJECTID => {
-                    ensure!(chunks.len() < MAX_CHUNKS, "more than {MAX_CHUNKS} chunks");
-                    chunks.push(Chunk::parse(&fs.sb, key.offset, &data)?);
-                }
-                DEV_ITEM if key.objectid == DEV_ITEMS_OBJECTID => {
-                    devices += 1;
-                    ensure!(
-                        key.offset == fs.sb.devid,
-                        "the chunk tree lists device {}: not a single-device filesystem",
-                        key.offset
-                    );
-                }
-                _ => {}
-            }
-        }
-        ensure!(devices == 1, "the chunk tree lists {devices} devices");
-        check_chunks(&chunks)?;
-        for c in &fs.chunks {
-            ensure!(chunks.contains(c), "system chunk at {} is missing from the chunk tree", c.logical);
-        }
-        fs.chunks = chunks;
 
         // Stripes on the device, in physical order, not overlapping.
         let mut stripes = Vec::new();

@@ -1,6 +1,7 @@
 //! Filesystem detection: picks the used-block map for a region of a volume.
 
 pub mod btrfs;
+pub mod btrfs_files;
 pub mod ext4;
 pub mod ext4_audit;
 pub mod ext4_files;
