@@ -10,6 +10,7 @@ pub mod fs;
 pub mod layout;
 pub mod luks;
 pub mod lvm;
+pub mod lzo;
 pub mod partition;
 pub mod qemu;
 pub mod remote;
