@@ -26,6 +26,7 @@
 //!   unchecked, as by the used-block map).
 
 use super::btrfs::{Cursor, Fs, Key, MAX_LEVEL, ROOT_ITEM};
+pub use super::records::Xattr;
 use crate::bytes::{le16, le32, le64};
 use crate::device::Region;
 use anyhow::{bail, ensure, Context, Result};
@@ -132,12 +133,6 @@ pub enum Target {
 pub struct DirEntry {
     pub name: Vec<u8>,
     pub target: Target,
-}
-
-#[derive(Clone, Debug)]
-pub struct Xattr {
-    pub name: Vec<u8>,
-    pub value: Vec<u8>,
 }
 
 /// A subvolume tree's root: where its root block is, and its root directory.

@@ -11,6 +11,7 @@
 //! error, never a wild read.
 
 use super::ext4::Superblock;
+pub use super::records::{DirEntry, Xattr};
 use crate::bytes::{le16, le32, Truncated};
 use crate::device::Region;
 use crate::usedmap::{FileExtent, FileExtents};
@@ -113,20 +114,6 @@ pub struct Run {
     pub physical: u64,
     pub len: u64,
     pub unwritten: bool,
-}
-
-/// One name in a directory, exactly as stored (may be hostile: `/`, NUL, `..`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DirEntry {
-    pub name: Vec<u8>,
-    pub ino: u64,
-}
-
-/// An extended attribute: full name (`user.comment`, `system.posix_acl_access`, ...) and value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Xattr {
-    pub name: Vec<u8>,
-    pub value: Vec<u8>,
 }
 
 fn time(seconds: u32, extra: Option<u32>) -> InodeTime {

@@ -11,6 +11,7 @@ pub mod fat_audit;
 pub mod fat_dir;
 pub mod jbd2;
 pub mod ntfs;
+pub mod records;
 pub mod swap;
 pub mod xfs;
 pub mod xfs_files;

@@ -23,6 +23,7 @@
 //!
 //! On-disk numbers are big-endian; CRCs are CRC-32C stored little-endian.
 
+pub use super::records::{DirEntry, Xattr};
 use super::xfs::Superblock;
 use crate::bytes::{be16, be32, be64};
 use crate::checksum::crc32c_skipping;
@@ -129,20 +130,6 @@ pub struct Extent {
     pub block: u64,
     pub len: u64,
     pub unwritten: bool,
-}
-
-/// One name in a directory, exactly as stored (may be hostile: `/`, NUL, `..`).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DirEntry {
-    pub name: Vec<u8>,
-    pub ino: u64,
-}
-
-/// An extended attribute: full name (`user.comment`, `trusted.x`, `security.selinux`) and value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Xattr {
-    pub name: Vec<u8>,
-    pub value: Vec<u8>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -163,50 +163,6 @@ fn kernel_written_btrfs_extracts_exactly_as_the_kernel_reads_it() {
     drop(lo);
 }
 
-fn ls_json(env: &Env, args: &[&str]) -> Value {
-    let mut all = vec!["ls", "--json"];
-    all.extend_from_slice(args);
-    env.rime(&all).ok().json()
-}
-
-/// Checks one `ls --json` listing against the kernel's view of the same directory.
-#[track_caller]
-fn assert_listing_matches(listing: &Value, dir: &Path) {
-    let entries = listing["entries"].as_array().expect("entries");
-    let mut names: Vec<String> = entries.iter().map(|e| e["name"].as_str().unwrap().to_string()).collect();
-    let mut expected: Vec<String> =
-        fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    names.sort();
-    expected.sort();
-    assert_eq!(names, expected, "names in {}", dir.display());
-    for e in entries {
-        let name = e["name"].as_str().unwrap();
-        let f = facts(&dir.join(name));
-        let kind = match f.kind {
-            'd' => "dir",
-            'l' => "symlink",
-            'p' => "fifo",
-            '-' => "file",
-            _ => "char-device",
-        };
-        assert_eq!(e["type"], kind, "type of {name}");
-        if f.kind != 'd' {
-            assert_eq!(e["size"].as_u64(), Some(f.size), "size of {name}");
-        }
-        assert_eq!(e["mode"].as_u64(), Some(f.mode as u64), "mode of {name}");
-        assert_eq!((e["uid"].as_u64(), e["gid"].as_u64()), (Some(f.uid as u64), Some(f.gid as u64)), "owner of {name}");
-        assert_eq!(
-            (e["mtime"].as_i64(), e["mtime_nsec"].as_i64()),
-            (Some(f.mtime.0), Some(f.mtime.1)),
-            "mtime of {name}"
-        );
-        match f.target {
-            Some(t) => assert_eq!(e["target"].as_str(), Some(t.to_str().unwrap()), "target of {name}"),
-            None => assert!(e.get("target").is_none(), "{name} is no symlink: {e}"),
-        }
-    }
-}
-
 #[test]
 fn ls_of_directories_and_subvolumes_matches_the_kernel() {
     let env = Env::new();
