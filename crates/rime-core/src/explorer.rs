@@ -32,6 +32,7 @@ pub struct Selection {
 #[derive(Clone, Debug)]
 pub struct SelectedLv {
     pub vg: String,
+    pub vg_uuid: String,
     pub entry: LogicalVolumeEntry,
 }
 
@@ -68,7 +69,7 @@ pub fn logical_volumes(m: &Manifest) -> Vec<Selection> {
                 out.push(Selection {
                     volume: v.clone(),
                     partition: partition.clone(),
-                    lv: Some(SelectedLv { vg: vg.name.clone(), entry: lv.clone() }),
+                    lv: Some(SelectedLv { vg: vg.name.clone(), vg_uuid: vg.uuid.clone(), entry: lv.clone() }),
                 });
             }
         }
@@ -76,8 +77,8 @@ pub fn logical_volumes(m: &Manifest) -> Vec<Selection> {
     out
 }
 
-/// The LV `spec` names: its full path, `NAME/VG/LV`, or `VG/LV` alone when only one volume
-/// of the snapshot has that LV.
+/// The LV `spec` names: its full path, `NAME/VG/LV`, or `VG/LV` alone when it names one LV of
+/// the snapshot (an LV spanning several volumes is still one LV).
 fn select_lv(m: &Manifest, spec: &str) -> Result<Option<Selection>> {
     let all = logical_volumes(m);
     if let Some(s) = all.iter().find(|s| s.lv.as_ref().is_some_and(|l| l.entry.path == spec)) {
@@ -91,12 +92,20 @@ fn select_lv(m: &Manifest, spec: &str) -> Result<Option<Selection>> {
             spec == vg_lv || spec == format!("{}/{vg_lv}", s.volume.name)
         })
         .collect();
-    let mut volumes: Vec<&str> = matches.iter().map(|s| s.volume.name.as_str()).collect();
-    volumes.dedup();
-    match volumes.len() {
+    let mut distinct: Vec<(&str, &str)> = matches
+        .iter()
+        .map(|s| s.lv.as_ref().expect("an LV"))
+        .map(|l| (l.vg_uuid.as_str(), l.entry.uuid.as_str()))
+        .collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    match distinct.len() {
         0 => Ok(None),
         1 => Ok(Some(matches[0].clone())),
-        _ => bail!("'{spec}' names logical volumes on several volumes ({}); give the volume too", volumes.join(", ")),
+        _ => {
+            let paths: Vec<&str> = matches.iter().map(|s| s.lv.as_ref().expect("an LV").entry.path.as_str()).collect();
+            bail!("'{spec}' names several logical volumes ({}); give the full name", paths.join(", "))
+        }
     }
 }
 
@@ -250,22 +259,6 @@ fn logical_volumes_of(sel: &Selection) -> Vec<LogicalVolumeEntry> {
     pv.map(|pv| pv.logical_volumes.clone()).unwrap_or_default()
 }
 
-/// Assembles the volume group again from the volume's PVs as the snapshot holds them, and
-/// opens the LV through it.
-fn open_lv(whole: &Region, volume: &VolumeEntry, lv: &SelectedLv) -> Result<Region> {
-    let mut candidates = Vec::new();
-    if volume.lvm.is_some() {
-        candidates.push((whole.clone(), volume.name.clone()));
-    }
-    for p in volume.partitions.iter().filter(|p| p.lvm.is_some()) {
-        let region =
-            whole.sub(p.start, p.size).with_context(|| format!("partition {} of {}", p.number, volume.name))?;
-        candidates.push((region, format!("partition {}", p.number)));
-    }
-    let assembly = rime_volume::lvm::Assembly::new(candidates);
-    assembly.open_lv(&lv.vg, &lv.entry.name).with_context(|| format!("logical volume {}", lv.entry.path))
-}
-
 /// The repository, its lock and the chunk index shared by every volume a command opens.
 pub struct Explorer {
     pub repo: Repository,
@@ -309,13 +302,36 @@ impl Explorer {
         let reader = self.reader(&selection.volume)?;
         let whole = Region::from_source(reader.clone(), &selection.volume.name, reader.size());
         let region = match (&selection.lv, &selection.partition) {
-            (Some(lv), _) => open_lv(&whole, &selection.volume, lv)?,
+            (Some(lv), _) => self.open_lv(lv)?,
             (None, Some(p)) => whole
                 .sub(p.start, p.size)
                 .with_context(|| format!("partition {} of {}", p.number, selection.volume.name))?,
             (None, None) => whole,
         };
         Ok(OpenVolume { snapshot: self.manifest.id.clone(), selection, reader, region })
+    }
+
+    /// Assembles the volume group again from the PVs of every volume of the snapshot, as the
+    /// snapshot holds them (a VG may span volumes), and opens the LV through it.
+    fn open_lv(&self, lv: &SelectedLv) -> Result<Region> {
+        let mut candidates = Vec::new();
+        for v in self.manifest.data_volumes() {
+            if v.lvm.is_none() && v.partitions.iter().all(|p| p.lvm.is_none()) {
+                continue;
+            }
+            let reader = self.reader(v)?;
+            let whole = Region::from_source(reader.clone(), &v.name, reader.size());
+            if v.lvm.is_some() {
+                candidates.push((whole.clone(), v.name.clone()));
+            }
+            for p in v.partitions.iter().filter(|p| p.lvm.is_some()) {
+                let region =
+                    whole.sub(p.start, p.size).with_context(|| format!("partition {} of {}", p.number, v.name))?;
+                candidates.push((region, format!("{}:{}", v.name, p.number)));
+            }
+        }
+        let assembly = rime_volume::lvm::Assembly::new(candidates);
+        assembly.open_lv(&lv.vg, &lv.entry.name).with_context(|| format!("logical volume {}", lv.entry.path))
     }
 
     pub fn open_volume(&self, spec: Option<&str>) -> Result<OpenVolume> {

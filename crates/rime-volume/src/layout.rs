@@ -32,67 +32,116 @@ pub struct Layout {
     pub encrypted: Option<LuksInfo>,
 }
 
-/// Finds the layout of a volume: a GPT disk, else a filesystem, else an MBR disk, else raw
-/// data (all non-zero chunks). GPT comes first because its checksums make it unambiguous; an
-/// MBR signature is shared with FAT and NTFS boot sectors, so filesystems are tried before it.
+/// Finds the layout of a volume: a GPT disk, else an LVM physical volume, else a filesystem,
+/// else an MBR disk, else raw data (all non-zero chunks). GPT comes first because its checksums
+/// make it unambiguous; an MBR signature is shared with FAT and NTFS boot sectors, so
+/// filesystems are tried before it.
 pub fn map_volume(volume: &Region, options: &fs::MapOptions) -> Result<Layout> {
+    map_volumes(std::slice::from_ref(volume), options).pop().expect("one layout per volume")
+}
+
+/// The layouts of several volumes backed up together. Their LVM physical volumes (whole
+/// volumes and partitions) are assembled as one set, so a volume group spanning disks is mapped
+/// as LVM maps it, each PV's part in its own volume's map.
+pub fn map_volumes(volumes: &[Region], options: &fs::MapOptions) -> Vec<Result<Layout>> {
+    let shapes: Vec<Result<Shape>> = volumes.iter().map(|v| shape(v, options)).collect();
+    // Every PV, wherever it lies: (volume, partition number or None for the volume itself).
+    let mut places: Vec<(usize, Option<u32>)> = Vec::new();
+    let mut candidates = Vec::new();
+    for (i, (volume, shape)) in volumes.iter().zip(&shapes).enumerate() {
+        match shape {
+            Ok(Shape::Pv) => {
+                places.push((i, None));
+                candidates.push((volume.clone(), volume.path.display().to_string()));
+            }
+            Ok(Shape::Disk(table)) => {
+                for p in &table.partitions {
+                    let region = volume.sub(p.start, p.len).expect("partition table checked against the disk");
+                    if !matches!(lvm::label::probe(&region), Ok(None)) {
+                        places.push((i, Some(p.number)));
+                        candidates.push((region, format!("{} partition {}", volume.path.display(), p.number)));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let assembly = Assembly::new(candidates);
+    let mut pv_maps: Vec<Option<(lvm::PvMap, PvInfo)>> =
+        lvm::map_pvs(&assembly, options).into_iter().map(Some).collect();
+    let mut take = |volume: usize, partition: Option<u32>| {
+        let i = places.iter().position(|p| *p == (volume, partition))?;
+        pv_maps[i].take()
+    };
+    shapes
+        .into_iter()
+        .enumerate()
+        .map(|(i, shape)| {
+            Ok(match shape? {
+                Shape::Disk(table) => disk_layout(&volumes[i], &table, options, &mut |n| take(i, Some(n))),
+                Shape::Pv => {
+                    let (mut map, info) = take(i, None).expect("every PV was assembled");
+                    Layout {
+                        warnings: map.take_warnings(),
+                        map: Box::new(map),
+                        table: None,
+                        partitions: Vec::new(),
+                        lvm: Some(info),
+                        encrypted: None,
+                    }
+                }
+                Shape::Single(detected) => Layout {
+                    map: Box::new(FallbackOnError::new(detected.map)),
+                    table: None,
+                    partitions: Vec::new(),
+                    warnings: detected.warning.into_iter().collect(),
+                    lvm: None,
+                    encrypted: detected.encrypted,
+                },
+            })
+        })
+        .collect()
+}
+
+/// What a volume is at its top level.
+enum Shape {
+    Disk(PartitionTable),
+    /// A PV given directly: its label lies in the first sectors, where no filesystem looks.
+    Pv,
+    Single(fs::Detected),
+}
+
+fn shape(volume: &Region, options: &fs::MapOptions) -> Result<Shape> {
     let table = partition::read(volume)?;
     if let Some(t) = table.as_ref().filter(|t| t.kind == partition::TableKind::Gpt) {
-        return Ok(disk_layout(volume, t, options));
+        return Ok(Shape::Disk(t.clone()));
     }
-    // A PV given directly: its label lies in the first sectors, where no filesystem looks.
     if !matches!(lvm::label::probe(volume), Ok(None)) {
-        let assembly = Assembly::new(vec![(volume.clone(), volume.path.display().to_string())]);
-        let (mut map, info) = lvm::map_pvs(&assembly, options).pop().expect("the volume is a PV");
-        return Ok(Layout {
-            warnings: map.take_warnings(),
-            map: Box::new(map),
-            table: None,
-            partitions: Vec::new(),
-            lvm: Some(info),
-            encrypted: None,
-        });
+        return Ok(Shape::Pv);
     }
     let detected = fs::detect_with(volume, options);
     if detected.map.filesystem().is_none() && detected.warning.is_none() {
-        if let Some(t) = table.as_ref() {
-            return Ok(disk_layout(volume, t, options));
+        if let Some(t) = table {
+            return Ok(Shape::Disk(t));
         }
     }
-    Ok(Layout {
-        map: Box::new(FallbackOnError::new(detected.map)),
-        table: None,
-        partitions: Vec::new(),
-        warnings: detected.warning.into_iter().collect(),
-        lvm: None,
-        encrypted: detected.encrypted,
-    })
+    Ok(Shape::Single(detected))
 }
 
-/// The partitions of `table` that carry an LVM label (valid or damaged), assembled together:
-/// one volume group may span several partitions of a disk.
-fn disk_assembly(disk: &Region, table: &PartitionTable) -> Assembly {
-    let candidates = table
-        .partitions
-        .iter()
-        .map(|p| (disk.sub(p.start, p.len).expect("partition table checked against the disk"), p.number))
-        .filter(|(r, _)| !matches!(lvm::label::probe(r), Ok(None)))
-        .map(|(r, n)| (r, format!("partition {n}")))
-        .collect();
-    Assembly::new(candidates)
-}
-
-fn disk_layout(disk: &Region, table: &PartitionTable, options: &fs::MapOptions) -> Layout {
+/// A disk: each partition through its own map; `pv_map(n)` gives partition n's PV map when it
+/// is an LVM physical volume.
+fn disk_layout(
+    disk: &Region,
+    table: &PartitionTable,
+    options: &fs::MapOptions,
+    pv_map: &mut dyn FnMut(u32) -> Option<(lvm::PvMap, PvInfo)>,
+) -> Layout {
     let mut segments = Vec::new();
     let mut partitions = Vec::new();
     let mut warnings = Vec::new();
-    let assembly = disk_assembly(disk, table);
-    let mut pv_maps: Vec<Option<(lvm::PvMap, PvInfo)>> =
-        lvm::map_pvs(&assembly, options).into_iter().map(Some).collect();
     for p in &table.partitions {
         let label = format!("partition {}", p.number);
-        if let Some(i) = assembly.pvs.iter().position(|pv| pv.label == label) {
-            let (mut map, info) = pv_maps[i].take().expect("one map per PV");
+        if let Some((mut map, info)) = pv_map(p.number) {
             warnings.extend(map.take_warnings().into_iter().map(|w| format!("{label}: {w}")));
             partitions.push(MappedPartition {
                 partition: p.clone(),

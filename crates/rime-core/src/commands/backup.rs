@@ -435,6 +435,10 @@ fn backup_with_hooks(
     let consistency =
         Consistency { coherent, instant, freeze_window_ms, gate_closed_ms, capture_ms, writers: held, not_held };
     // 4. Read: decide the maps.
+    // The volumes mapped by their contents are mapped together: a volume group may span them.
+    let mapped: Vec<usize> = (0..volumes.len()).filter(|&i| !volumes[i].carried && !opts.all_blocks).collect();
+    let regions: Vec<_> = mapped.iter().map(|&i| volumes[i].volume.region()).collect();
+    let mut by_contents = layout::map_volumes(&regions, &opts.map_options).into_iter();
     let mut layouts = Vec::new();
     for ov in &volumes {
         let mut layout = if ov.carried {
@@ -442,7 +446,9 @@ fn backup_with_hooks(
         } else if opts.all_blocks {
             layout::all_blocks("all blocks (--all-blocks)")
         } else {
-            layout::map_volume(&ov.volume.region(), &opts.map_options)
+            by_contents
+                .next()
+                .expect("one layout per mapped volume")
                 .with_context(|| format!("{}", ov.volume.path.display()))?
         };
         layout.warnings.drain(..).for_each(&mut warn);

@@ -70,6 +70,7 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
     let mut images = Vec::new();
     let mut trees = Vec::new();
     let mut volumes = Vec::new();
+    let mut seen_lvs = Vec::new();
     for v in &manifest.volumes {
         let reader = explorer.reader(v)?;
         let mut mounted =
@@ -83,8 +84,7 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
             ));
         }
         // Logical volumes: each as an image file (what a loop mount takes) and, where Rime reads
-        // its filesystem, as a tree. A striped LV is listed under its first PV only.
-        let mut seen_lvs = Vec::new();
+        // its filesystem, as a tree. An LV on several PVs is listed under the first only.
         for sel in crate::explorer::logical_volumes(&manifest).into_iter().filter(|s| s.volume.name == v.name) {
             let lv = sel.lv.as_ref().expect("logical_volumes returns LVs");
             if !lv.entry.visible || seen_lvs.contains(&lv.entry.uuid) || lv.entry.role != "data" {

@@ -347,3 +347,62 @@ impl ReadAt for fs::File {
 pub fn sh_status_all(program: &str, args: &[&str]) -> (bool, String, String) {
     rime_testkit::cmd::run_status(program, args)
 }
+
+#[test]
+fn a_volume_group_spanning_two_disks_is_mapped_and_browsed_across_them() {
+    let env = Env::new();
+    // Disk 1: GPT with the first PV as partition 1; disk 2: the second PV given directly.
+    let disk = Disk::new(&env.path("disk1.img"), 100, &[(0, LVM_GUID)]);
+    let disk2 = env.path("disk2.img");
+    fs::File::create(&disk2).unwrap().set_len(100 * MIB).unwrap();
+    let (p1, _) = disk.part(1);
+    let (pv1, pv2) = (disk.part_loop(1), RangeLoop::new(&disk2, 0, 100 * MIB));
+    let lvm = Lvm::new(&[&pv1, &pv2]);
+    let pes = lvm.create_vg("wide", &[&pv1, &pv2], &[]);
+    lvm.add_lvs("wide", &env.path(""), &[lv("span", true, &[linear(15, 0, 0), linear(15, 1, 0)])]);
+    drop((pv1, pv2));
+    // Stale bytes after the LV on both disks: not read.
+    write_random_at(&disk.image, 91, extent_at(p1, pes[0], 16), 40 * MIB);
+    write_random_at(&disk2, 92, extent_at(0, pes[1], 16), 40 * MIB);
+    // The LV's ext4, made in a file, laid out as its two segments.
+    let src = env.path("src");
+    populate_tree(&src, 93, 40 * MIB);
+    let fs_img = env.path("span.ext4");
+    mkfs("mkfs.ext4", &[], 120, Some(&src), &fs_img);
+    let data = fs::read(&fs_img).unwrap();
+    let half = (15 * EXT) as usize;
+    let (first_at, second_at) = (extent_at(p1, pes[0], 0), extent_at(0, pes[1], 0));
+    let w = |path: &Path, at: u64, bytes: &[u8]| {
+        let f = fs::OpenOptions::new().write(true).open(path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, at).unwrap();
+    };
+    w(&disk.image, first_at, &data[..half]);
+    w(&disk2, second_at, &data[half..]);
+
+    let json = env.backup_json(&[disk.image.to_str().unwrap(), disk2.to_str().unwrap()]);
+    let warnings = json["warnings"].to_string();
+    assert!(!warnings.contains("not being read"), "the VG is whole across the two disks: {warnings}");
+    let vols = json["manifest"]["volumes"].as_array().unwrap();
+    assert_eq!(lv_named(&lvs_of(&vols[0], 1), "span")["filesystem"], "ext4");
+    assert_eq!(lv_named(vols[1]["lvm"]["logical_volumes"].as_array().unwrap(), "span")["filesystem"], "ext4");
+    for v in vols {
+        assert!(v["read_bytes"].as_u64().unwrap() < 70 * MIB, "{}: the stale extents were read", v["name"]);
+    }
+    // Browsed as one LV, read from both volumes of the snapshot.
+    let out = env.path("extracted");
+    env.rime(&["extract", "latest", "/", "--volume", "wide/span", "--to", out.to_str().unwrap()]).ok();
+    let lo = LoopDev::attach(&fs_img);
+    with_ro(&lo.dev, &env.path("k"), &[], |m| assert_same_tree(m, &out, &Compare::all(), &[]));
+    drop(lo);
+    // Restored, the two halves make a filesystem e2fsck passes.
+    let (r1, r2) = (env.path("r1.img"), env.path("r2.img"));
+    let snap = json["snapshot"].as_str().unwrap();
+    env.restore(snap, &r1, &["--volume", "disk1.img"]);
+    env.restore(snap, &r2, &["--volume", "disk2.img"]);
+    let mut back = fs::read(&r1).unwrap()[first_at as usize..first_at as usize + half].to_vec();
+    back.extend_from_slice(&fs::read(&r2).unwrap()[second_at as usize..second_at as usize + half]);
+    let back_img = env.path("back.ext4");
+    fs::write(&back_img, &back).unwrap();
+    let (ok, o, e) = sh_status_all("e2fsck", &["-fn", back_img.to_str().unwrap()]);
+    assert!(ok, "e2fsck -fn on the restored LV:\n{o}{e}");
+}
