@@ -331,7 +331,9 @@ impl Explorer {
             }
         }
         let assembly = rime_volume::lvm::Assembly::new(candidates);
-        assembly.open_lv(&lv.vg, &lv.entry.name).with_context(|| format!("logical volume {}", lv.entry.path))
+        assembly
+            .open_lv(&lv.vg, Some(&lv.vg_uuid), &lv.entry.name)
+            .with_context(|| format!("logical volume {}", lv.entry.path))
     }
 
     pub fn open_volume(&self, spec: Option<&str>) -> Result<OpenVolume> {

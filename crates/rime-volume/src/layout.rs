@@ -116,11 +116,17 @@ fn shape(volume: &Region, options: &fs::MapOptions) -> Result<Shape> {
     if let Some(t) = table.as_ref().filter(|t| t.kind == partition::TableKind::Gpt) {
         return Ok(Shape::Disk(t.clone()));
     }
+    // A PV label under a partition table is left over from before the disk was partitioned
+    // (LVM itself ignores partitioned devices): the table wins.
     if !matches!(lvm::label::probe(volume), Ok(None)) {
-        return Ok(Shape::Pv);
+        return Ok(match table {
+            Some(t) if !t.partitions.is_empty() => Shape::Disk(t),
+            _ => Shape::Pv,
+        });
     }
     let detected = fs::detect_with(volume, options);
-    if detected.map.filesystem().is_none() && detected.warning.is_none() {
+    let plain = detected.map.filesystem().is_none_or(|f| f == "swap") && detected.warning.is_none();
+    if plain {
         if let Some(t) = table {
             return Ok(Shape::Disk(t));
         }

@@ -87,23 +87,34 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
         // its filesystem, as a tree. An LV on several PVs is listed under the first only.
         for sel in crate::explorer::logical_volumes(&manifest).into_iter().filter(|s| s.volume.name == v.name) {
             let lv = sel.lv.as_ref().expect("logical_volumes returns LVs");
-            if !lv.entry.visible || seen_lvs.contains(&lv.entry.uuid) || lv.entry.role != "data" {
+            let key = (lv.vg_uuid.clone(), lv.entry.uuid.clone());
+            if !lv.entry.visible || seen_lvs.contains(&key) || lv.entry.role != "data" {
                 continue;
             }
-            seen_lvs.push(lv.entry.uuid.clone());
+            seen_lvs.push(key);
+            // device-mapper's naming: VG-LV, with hyphens inside either name doubled.
+            let dm_name = format!("{}-{}", lv.vg.replace('-', "--"), lv.entry.name.replace('-', "--"));
             let base = match &sel.partition {
-                Some(p) => format!("{}.part{}.{}-{}", v.name, p.number, lv.vg, lv.entry.name),
-                None => format!("{}.{}-{}", v.name, lv.vg, lv.entry.name),
+                Some(p) => format!("{}.part{}.{dm_name}", v.name, p.number),
+                None => format!("{}.{dm_name}", v.name),
             };
             match explorer.open_selection(sel.clone()) {
-                Ok(opened) => images.push((format!("{base}.img"), opened.region)),
+                Ok(opened) => {
+                    images.push((format!("{base}.img"), opened.region));
+                    selections.push((format!("{base}.files"), sel));
+                }
                 Err(e) => tracing::warn!("logical volume {}: {e:#}", lv.entry.path),
             }
-            selections.push((format!("{base}.files"), sel));
         }
         for (dir_name, sel) in selections {
             let label = sel.label();
-            let opened = explorer.open_selection(sel)?;
+            let opened = match explorer.open_selection(sel) {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!("volume {label}: {e:#}");
+                    continue;
+                }
+            };
             match rime_explore::open(&opened.region) {
                 Ok(Some(fs)) => {
                     mounted.trees.push((dir_name.clone(), fs.fs_type().to_string()));

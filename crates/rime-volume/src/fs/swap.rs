@@ -27,12 +27,31 @@ impl SwapMap {
             }
             let mut sig = [0u8; 10];
             region.read_at(page - 10, &mut sig)?;
-            if &sig == SIGNATURE {
+            if &sig == SIGNATURE && header_is_sound(region, page)? {
                 return Ok(Some(SwapMap { header: page }));
             }
         }
         Ok(None)
     }
+}
+
+/// The signature alone could be left over from an area since reused: the header must hold
+/// too. `mkswap` writes version 1, the last usable page (inside the area) and at most a page's
+/// worth of bad-page entries; a disk label in the first sectors (an MBR's 0x55AA, a GPT header)
+/// means the area was reused.
+fn header_is_sound(region: &Region, page: u64) -> Result<bool> {
+    let mut h = [0u8; 1024 + 12];
+    region.read_at(0, &mut h)?;
+    let field = |o: usize| u32::from_le_bytes(h[o..o + 4].try_into().expect("4 bytes"));
+    let (version, last_page, bad_pages) = (field(1024), field(1028) as u64, field(1032) as u64);
+    let mut label = [0u8; 8];
+    region.read_at(512, &mut label)?;
+    Ok(version == 1
+        && last_page > 0
+        && (last_page + 1) * page <= region.len + page
+        && bad_pages <= page / 4
+        && h[510..512] != [0x55, 0xAA]
+        && &label != b"EFI PART")
 }
 
 impl UsedMap for SwapMap {

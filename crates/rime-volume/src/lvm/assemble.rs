@@ -39,6 +39,8 @@ pub struct Assembly {
 
 pub struct AssembledVg {
     pub vg: VolumeGroup,
+    /// Why the VG cannot be mapped LV by LV (a pvmove in progress); its PVs are kept whole.
+    pub unmappable: Option<String>,
     /// For each of `vg.pvs`, its index in [`Assembly::pvs`] when it is here.
     pub found: Vec<Option<usize>>,
     pub lvs: Vec<AssembledLv>,
@@ -86,8 +88,10 @@ impl Assembly {
         let mut pvs = Vec::new();
         let mut texts: Vec<(usize, Result<VolumeGroup>)> = Vec::new();
         for (region, name) in candidates {
+            // One entry per candidate, so callers' indices line up even if a label vanished
+            // between their probe and this one.
             let (uuid, parsed, notes) = match label::probe(&region) {
-                Ok(None) => continue,
+                Ok(None) => (None, Err(anyhow::anyhow!("its LVM label is gone")), Vec::new()),
                 Err(e) => (None, Err(e), Vec::new()),
                 Ok(Some(l)) => {
                     let (vg, notes) = read_vg(&region, &l);
@@ -96,6 +100,21 @@ impl Assembly {
             };
             texts.push((pvs.len(), parsed));
             pvs.push(FoundPv { region, label: name, uuid, vg: Err(String::new()), notes });
+        }
+        // The same PV UUID on several regions (cloned disks, a dd copy): none of the copies can
+        // be told apart, so each is kept whole.
+        let copies: Vec<usize> = pvs
+            .iter()
+            .map(|p| p.uuid.as_ref().map_or(0, |u| pvs.iter().filter(|q| q.uuid.as_ref() == Some(u)).count()))
+            .collect();
+        for (i, &n) in copies.iter().enumerate() {
+            if n > 1 {
+                let uuid = pvs[i].uuid.take().unwrap_or_default();
+                texts[i].1 = Err(anyhow::anyhow!(
+                    "PV {uuid} appears on {n} volumes or partitions (cloned disks?), so none of them is mapped"
+                ));
+                pvs[i].notes.clear();
+            }
         }
         // One VG per UUID, described by its newest text.
         let mut vgs: Vec<VolumeGroup> = Vec::new();
@@ -143,9 +162,14 @@ impl Assembly {
         self.pvs.iter().map(|p| p.region.clone()).collect()
     }
 
-    /// A logical volume as a region, for the explorer.
-    pub fn open_lv(&self, vg: &str, lv: &str) -> Result<Region> {
-        let avg = self.vgs.iter().find(|v| v.vg.name == vg).with_context(|| format!("no volume group '{vg}' here"))?;
+    /// A logical volume as a region, for the explorer. The VG is found by its UUID (two VGs
+    /// may share a name), or by name when no UUID is given.
+    pub fn open_lv(&self, vg: &str, vg_uuid: Option<&str>, lv: &str) -> Result<Region> {
+        let avg = self
+            .vgs
+            .iter()
+            .find(|v| vg_uuid.map_or(v.vg.name == vg, |u| v.vg.uuid == u))
+            .with_context(|| format!("no volume group '{vg}' here"))?;
         let alv = avg.lvs.iter().find(|l| l.desc.name == lv).with_context(|| {
             let names: Vec<&str> = avg.lvs.iter().filter(|l| l.desc.visible).map(|l| l.desc.name.as_str()).collect();
             format!("volume group {vg} has no logical volume '{lv}' (it has: {})", names.join(", "))
@@ -191,7 +215,7 @@ fn assemble_vg(vg: VolumeGroup, found: Vec<Option<usize>>, pvs: &[FoundPv]) -> A
                 thin_extents(&lvs, &regions, &pool, device_id, size).map(Arc::new).map_err(|e| format!("{e:#}"));
         }
     }
-    AssembledVg { vg, found, lvs }
+    AssembledVg { unmappable: vg.not_mappable(), vg, found, lvs }
 }
 
 fn thin_of(lv: &LvDesc) -> Option<(String, u64)> {
@@ -208,28 +232,35 @@ fn thin_of(lv: &LvDesc) -> Option<(String, u64)> {
 fn roles(vg: &VolumeGroup) -> Vec<Role> {
     let mut roles = vec![Role::Data; vg.lvs.len()];
     let index = |name: &str| vg.lvs.iter().position(|l| l.name == name);
+    // Thin pools and their parts first; whatever is unmapped then overrides, whatever the order
+    // of the LVs in the text.
     for (i, lv) in vg.lvs.iter().enumerate() {
         if lv.name.ends_with("_pmspare") {
             roles[i] = Role::Spare;
         }
         for s in &lv.segments {
-            match &s.kind {
-                SegmentKind::ThinPool { metadata, data, .. } => {
-                    roles[i] = Role::ThinPool;
-                    if let Some(m) = index(metadata) {
-                        roles[m] = Role::PoolMetadata;
-                    }
-                    if let Some(d) = index(data) {
-                        roles[d] = Role::PoolData;
-                    }
+            if let SegmentKind::ThinPool { metadata, data, .. } = &s.kind {
+                roles[i] = Role::ThinPool;
+                if let Some(m) = index(metadata) {
+                    roles[m] = Role::PoolMetadata;
                 }
-                SegmentKind::Unmapped { kind, .. } => roles[i] = Role::Unmapped(kind.clone()),
-                _ => {}
+                if let Some(d) = index(data) {
+                    roles[d] = Role::PoolData;
+                }
             }
         }
     }
+    let mut pending = Vec::new();
+    for (i, lv) in vg.lvs.iter().enumerate() {
+        if let Some(kind) = lv.segments.iter().find_map(|s| match &s.kind {
+            SegmentKind::Unmapped { kind, .. } => Some(kind.clone()),
+            _ => None,
+        }) {
+            roles[i] = Role::Unmapped(kind);
+            pending.push(i);
+        }
+    }
     // Everything an unmapped LV is built from, transitively, is kept whole with it.
-    let mut pending: Vec<usize> = (0..roles.len()).filter(|&i| matches!(roles[i], Role::Unmapped(_))).collect();
     let mut seen: BTreeSet<usize> = pending.iter().copied().collect();
     while let Some(i) = pending.pop() {
         let Role::Unmapped(kind) = roles[i].clone() else { continue };
@@ -244,6 +275,13 @@ fn roles(vg: &VolumeGroup) -> Vec<Role> {
                     }
                 }
             }
+        }
+    }
+    // A hidden LV no structure Rime knows accounts for (a cache's or a VDO's part, say) is kept
+    // whole: it holds no filesystem of its own to map.
+    for (i, lv) in vg.lvs.iter().enumerate() {
+        if !lv.visible && roles[i] == Role::Data && thin_of(lv).is_none() {
+            roles[i] = Role::Unmapped("hidden".into());
         }
     }
     roles
@@ -302,8 +340,7 @@ fn striped_pieces(vg: &VolumeGroup, found: &[Option<usize>], lv: &LvDesc) -> Res
                     },
                 });
             }
-            SegmentKind::Virtual(_) | SegmentKind::ThinPool { .. } => {}
-            SegmentKind::Thin { .. } => {}
+            SegmentKind::Virtual(_) | SegmentKind::ThinPool { .. } | SegmentKind::Thin { .. } => {}
             SegmentKind::Unmapped { kind, .. } => bail!("segment type '{kind}' is not mapped by Rime"),
         }
     }

@@ -108,11 +108,23 @@ pub fn map_pvs(assembly: &Assembly, options: &MapOptions) -> Vec<(PvMap, PvInfo)
             }
             Ok(v) => {
                 let avg = &assembly.vgs[*v];
-                let n = avg.found.iter().position(|f| *f == Some(i)).expect("a PV of its VG");
+                let Some(n) = avg.found.iter().position(|f| *f == Some(i)) else {
+                    // Its VG's newest text does not list it (it was removed from the VG).
+                    let why = format!("not a PV of volume group {} as its newest metadata says", avg.vg.name);
+                    warnings[i].push(format!("LVM PV: {why}; imaging all non-zero blocks"));
+                    infos[i].problem = Some(why);
+                    ranges[i].push(0..pv.region.len);
+                    continue;
+                };
                 let d = &avg.vg.pvs[n];
+                // Checked in VolumeGroup::from_text: no overflow.
                 let area_end = (d.pe_start + d.pe_count * avg.vg.extent_size).min(pv.region.len);
                 ranges[i].push(0..d.pe_start.min(pv.region.len));
                 ranges[i].push(area_end..pv.region.len);
+                if let Some(why) = &avg.unmappable {
+                    warnings[i].push(format!("VG {}: {why}; imaging all its non-zero blocks", avg.vg.name));
+                    ranges[i].push(0..pv.region.len);
+                }
                 infos[i].vg = Some(VgInfo {
                     name: avg.vg.name.clone(),
                     uuid: avg.vg.uuid.clone(),
@@ -126,6 +138,7 @@ pub fn map_pvs(assembly: &Assembly, options: &MapOptions) -> Vec<(PvMap, PvInfo)
     }
 
     for avg in &assembly.vgs {
+        let whole_vg = avg.unmappable.is_some();
         for lv in &avg.lvs {
             let mut info = LvInfo {
                 name: lv.desc.name.clone(),
@@ -152,6 +165,7 @@ pub fn map_pvs(assembly: &Assembly, options: &MapOptions) -> Vec<(PvMap, PvInfo)
                 }
             };
             info.map = match (&lv.role, &lv.extents) {
+                _ if whole_vg => "non-zero chunks (its volume group is kept whole)".into(),
                 (Role::ThinPool, _) => "thin pool (its thin volumes are mapped)".into(),
                 (Role::PoolData, _) => "thin-pool data: the blocks its thin volumes' filesystems use".into(),
                 (Role::PoolMetadata, _) | (Role::Spare, _) => {
@@ -182,7 +196,11 @@ pub fn map_pvs(assembly: &Assembly, options: &MapOptions) -> Vec<(PvMap, PvInfo)
                     match map.filesystem().is_some().then(|| lv_ranges(map.as_mut(), extents, &mut ranges)) {
                         Some(Ok(())) => {
                             let description = map.describe();
-                            filesystems[at].push(LvFilesystem { extents: extents.clone(), map });
+                            // A thin volume's blocks may be shared with its snapshots, which may
+                            // use them under other names: its files are never excluded.
+                            if !extents.is_thin() {
+                                filesystems[at].push(LvFilesystem { extents: extents.clone(), map });
+                            }
                             description
                         }
                         Some(Err(e)) => {
@@ -233,7 +251,12 @@ fn lv_ranges(map: &mut dyn UsedMap, extents: &LvExtents, out: &mut [Vec<Range<u6
         used.clear();
         map.used_ranges(at, len, &mut used)?;
         for r in &used {
-            extents.translate(r.clone(), &mut |pv, range, _| out[pv].push(range))?;
+            // Consecutive parts on one PV (the rows of a striped LV) merge as they come, so a
+            // fully used LV costs a few ranges, not one per stripe chunk.
+            extents.translate(r.clone(), &mut |pv, range, _| match out[pv].last_mut() {
+                Some(last) if last.end == range.start => last.end = range.end,
+                _ => out[pv].push(range),
+            })?;
         }
         at += len;
     }

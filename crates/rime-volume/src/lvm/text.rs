@@ -18,7 +18,7 @@
 use anyhow::{bail, Context, Result};
 
 /// LVM keeps metadata areas of about 1 MiB; a volume group description this large is damage.
-pub const MAX_TEXT: usize = 64 << 20;
+pub const MAX_TEXT: usize = 16 << 20;
 /// Volume groups nest four deep (`vg { logical_volumes { lv { segment1 { ... } } } }`).
 const MAX_DEPTH: usize = 16;
 

@@ -155,7 +155,7 @@ impl ThinMetadata {
 
     /// A walk visits each node of one tree once, so never more nodes than the device has.
     fn budget(&self) -> Walk {
-        Walk { depth: 0, nodes_left: self.blocks }
+        Walk { depth: 0, nodes_left: self.blocks, last_key: None }
     }
 
     /// Visits the (key, value) pairs with keys in `keys` of the 64-bit-valued B-tree at
@@ -201,7 +201,11 @@ impl ThinMetadata {
                 }
                 LEAF_NODE if k < keys.start => {}
                 LEAF_NODE if k >= keys.end => break,
-                LEAF_NODE => visit(k, value(i)?)?,
+                LEAF_NODE => {
+                    ensure!(walk.last_key.is_none_or(|l| k > l), "thin pool metadata B-tree repeats key {k} (a loop?)");
+                    walk.last_key = Some(k);
+                    visit(k, value(i)?)?
+                }
                 _ => bail!("thin pool metadata block {block} is neither an internal node nor a leaf"),
             }
         }
@@ -239,6 +243,9 @@ impl ThinMetadata {
 struct Walk {
     depth: usize,
     nodes_left: u64,
+    /// The last leaf key visited: keys must rise across the whole walk, so a crafted tree
+    /// that reaches a leaf twice is caught instead of visited again.
+    last_key: Option<u64>,
 }
 
 /// device-mapper's block checksum: the kernel's raw CRC-32C from !0, XORed with a constant.

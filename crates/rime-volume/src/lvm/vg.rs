@@ -11,6 +11,8 @@ use super::text::{Section, Value};
 use anyhow::{bail, ensure, Context, Result};
 
 const SECTOR: u64 = 512;
+/// Byte offsets and sizes past this are damage (no disk is 4 EiB).
+const LIMIT: u64 = 1 << 62;
 
 #[derive(Clone, Debug)]
 pub struct VolumeGroup {
@@ -119,20 +121,83 @@ impl VolumeGroup {
             }
         }
         ensure!(!pvs.is_empty(), "volume group {} lists no physical volume", vg.name);
-        let mut lvs = Vec::new();
+        for pv in &pvs {
+            let end = pv.pe_count.checked_mul(extent_size).and_then(|a| a.checked_add(pv.pe_start));
+            ensure!(end.is_some_and(|e| e < LIMIT), "PV {} has an extent area past any disk", pv.key);
+            ensure!(
+                pvs.iter().filter(|p| p.key == pv.key || p.uuid == pv.uuid).count() == 1,
+                "PV {} is listed twice",
+                pv.key
+            );
+        }
+        let mut lvs: Vec<LvDesc> = Vec::new();
         if let Some(list) = vg.section("logical_volumes") {
             for lv in list.sections() {
-                lvs.push(parse_lv(lv, extent_size).with_context(|| format!("logical volume {}", lv.name))?);
+                let parsed = parse_lv(lv, extent_size).with_context(|| format!("logical volume {}", lv.name))?;
+                ensure!(lvs.iter().all(|l| l.name != parsed.name), "logical volume {} is listed twice", parsed.name);
+                lvs.push(parsed);
             }
         }
-        Ok(VolumeGroup {
+        let group = VolumeGroup {
             name: vg.name.clone(),
             uuid: vg.str("id")?.to_string(),
             seqno: vg.uint("seqno")?,
             extent_size,
             pvs,
             lvs,
-        })
+        };
+        group.check_stripes()?;
+        Ok(group)
+    }
+
+    /// Every stripe of a striped segment must name a PV of the VG and lie inside it.
+    fn check_stripes(&self) -> Result<()> {
+        for lv in &self.lvs {
+            for s in &lv.segments {
+                let SegmentKind::Striped { stripes, .. } = &s.kind else { continue };
+                let per_stripe = s.extent_count / stripes.len() as u64;
+                for (key, pe) in stripes {
+                    // A stripe naming an LV (a pvmove in progress) is left for the caller.
+                    let Some(pv) = self.pv(key) else { continue };
+                    ensure!(
+                        pe.checked_add(per_stripe).is_some_and(|end| end <= pv.pe_count),
+                        "LV {}: a segment runs past the end of PV {key}",
+                        lv.name
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Why the VG's layout cannot be mapped LV by LV, if it cannot: a stripe that names an LV
+    /// (`pvmove0` while a pvmove runs) or a segment Rime does not map that uses PVs directly
+    /// (the pvmove mirror). Its PVs are then kept whole.
+    pub fn not_mappable(&self) -> Option<String> {
+        for lv in &self.lvs {
+            for s in &lv.segments {
+                match &s.kind {
+                    SegmentKind::Striped { stripes, .. } => {
+                        if let Some((key, _)) = stripes.iter().find(|(key, _)| self.pv(key).is_none()) {
+                            return Some(format!(
+                                "LV {} has extents on '{key}', which is no PV (a pvmove in progress?)",
+                                lv.name
+                            ));
+                        }
+                    }
+                    SegmentKind::Unmapped { kind, refers_to } => {
+                        if let Some(key) = refers_to.iter().find(|n| self.pv(n).is_some()) {
+                            return Some(format!(
+                                "LV {} ({kind}) uses PV {key} directly (a pvmove in progress?)",
+                                lv.name
+                            ));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        None
     }
 
     pub fn lv(&self, name: &str) -> Option<&LvDesc> {
@@ -145,15 +210,24 @@ impl VolumeGroup {
 }
 
 fn parse_lv(lv: &Section, extent_size: u64) -> Result<LvDesc> {
-    let mut segments = Vec::new();
+    let mut segments: Vec<Segment> = Vec::new();
     for seg in lv.sections().filter(|s| s.name.starts_with("segment")) {
         segments.push(parse_segment(seg, extent_size).with_context(|| format!("segment {}", seg.name))?);
     }
     segments.sort_by_key(|s| s.start_extent);
-    let mut next = 0;
+    let mut next = 0u64;
     for s in &segments {
         ensure!(s.start_extent == next, "segments leave a gap or overlap at extent {next}");
         next = s.start_extent.checked_add(s.extent_count).context("extent count overflows")?;
+        ensure!(next.checked_mul(extent_size).is_some_and(|b| b < LIMIT), "the LV is larger than any disk");
+    }
+    // A thin LV is one thin segment; anything else with thin segments is not mapped.
+    if segments.len() > 1
+        && segments.iter().any(|s| matches!(s.kind, SegmentKind::Thin { .. } | SegmentKind::ThinPool { .. }))
+    {
+        for s in segments.iter_mut() {
+            s.kind = SegmentKind::Unmapped { kind: "multi-segment thin".into(), refers_to: Vec::new() };
+        }
     }
     Ok(LvDesc {
         name: lv.name.clone(),
@@ -197,11 +271,21 @@ fn parse_segment(seg: &Section, extent_size: u64) -> Result<Segment> {
             );
             SegmentKind::ThinPool { metadata: seg.str("metadata")?.into(), data: seg.str("pool")?.into(), chunk_size }
         }
-        "thin" => SegmentKind::Thin {
-            pool: seg.str("thin_pool")?.into(),
-            device_id: seg.uint("device_id")?,
-            origin: seg.str("origin").ok().map(str::to_string),
+        // A thin volume reading through to an external origin, or one being merged into its
+        // origin, does not read as its own mapping alone.
+        "thin" if seg.value("external_origin").is_some() || seg.value("merge").is_some() => SegmentKind::Unmapped {
+            kind: "thin with an external origin or a merge".into(),
+            refers_to: referenced_names(seg),
         },
+        "thin" => {
+            let device_id = seg.uint("device_id")?;
+            ensure!(device_id < 1 << 24, "thin device id {device_id} does not fit its 24 bits");
+            SegmentKind::Thin {
+                pool: seg.str("thin_pool")?.into(),
+                device_id,
+                origin: seg.str("origin").ok().map(str::to_string),
+            }
+        }
         "zero" | "error" => SegmentKind::Virtual(seg.str("type")?.into()),
         other => SegmentKind::Unmapped { kind: other.to_string(), refers_to: referenced_names(seg) },
     };

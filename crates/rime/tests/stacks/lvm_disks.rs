@@ -221,11 +221,11 @@ fn ubuntu_style_disk_ext4_root_in_lvm_is_browsable_and_its_swap_file_left_out() 
     let err = env.rime(&["ls", "latest", "/"]).fails();
     assert!(err.contains("disk.img:3 (LVM2 PV with disk.img:3/ubuntu-vg/ubuntu-lv)"), "{err}");
 
-    // `rime mount` shows the LV as an image file and as a tree.
+    // `rime mount` shows the LV as an image file and as a tree, named as device-mapper names it.
     let mp = env.path("mp");
     let proc = start_mount(&env, "latest", &mp);
-    let tree = mp.join("disk.img.part3.ubuntu-vg-ubuntu-lv.files");
-    let image = mp.join("disk.img.part3.ubuntu-vg-ubuntu-lv.img");
+    let tree = mp.join("disk.img.part3.ubuntu--vg-ubuntu--lv.files");
+    let image = mp.join("disk.img.part3.ubuntu--vg-ubuntu--lv.img");
     assert_eq!(fs::metadata(&image).unwrap().len(), 80 * EXT);
     let original = RangeLoop::new(&disk.image, lv_at, 80 * EXT);
     with_ro(original.path(), &env.path("orig-for-mount"), &[], |m| {
