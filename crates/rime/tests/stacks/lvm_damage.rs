@@ -127,3 +127,75 @@ fn raid_lvs_and_lvs_on_missing_pvs_are_kept_whole_with_warnings() {
     b.read_exact_at(&mut y, extent_at(p1, pe, 0)).unwrap();
     assert!(x == y, "the RAID images and the spread LV's extents restore bit-exact");
 }
+
+#[test]
+fn cloned_disks_backed_up_together_are_kept_whole_not_confused() {
+    let env = Env::new();
+    let (disk, _, _) = disk_with_two_copies(&env);
+    // A VM disk cloned from a template: the same PV and VG UUIDs on both.
+    let clone = env.path("clone.img");
+    fs::copy(&disk.image, &clone).unwrap();
+    let json = env.backup_json(&[disk.image.to_str().unwrap(), clone.to_str().unwrap()]);
+    let w = warnings(&json);
+    assert!(w.contains("appears on 2 volumes or partitions"), "{w}");
+    let snap = json["snapshot"].as_str().unwrap();
+    for (image, name) in [(&disk.image, "disk.img"), (&clone, "clone.img")] {
+        let restored = env.path(&format!("restored-{name}"));
+        env.restore(snap, &restored, &["--volume", name]);
+        assert_same_bytes(image, &restored);
+    }
+}
+
+#[test]
+fn a_pvmove_in_progress_keeps_its_volume_group_whole() {
+    let env = Env::new();
+    let disk = Disk::new(&env.path("disk.img"), 120, &[(0, LVM_GUID)]);
+    let (p1, _) = disk.part(1);
+    let pv = disk.part_loop(1);
+    let lvm = Lvm::new(&[&pv]);
+    let pe = lvm.create_vg("vgm", &[&pv], &[])[0];
+    // What LVM writes while `pvmove` copies extents 0-4 to 10-14: the LV points at the
+    // temporary mirror, which points at both places on the PV.
+    let mirror = "type = \"mirror\"\nmirror_count = 2\nregion_size = 1024\nmirrors = [\"pv0\", 0, \"pv0\", 10]";
+    lvm.add_lvs(
+        "vgm",
+        &env.path(""),
+        &[
+            lv("moving", true, &[raw(5, "type = \"striped\"\nstripe_count = 1\nstripes = [\"pvmove0\", 0]")]),
+            lv("pvmove0", false, &[raw(5, mirror)]),
+        ],
+    );
+    drop(pv);
+    write_random_at(&disk.image, 95, extent_at(p1, pe, 0), 15 * EXT);
+    let json = env.backup_json(&[disk.image.to_str().unwrap()]);
+    let w = warnings(&json);
+    assert!(w.contains("pvmove"), "{w}");
+    let restored = env.path("restored.img");
+    env.restore(json["snapshot"].as_str().unwrap(), &restored, &[]);
+    assert_same_bytes(&disk.image, &restored);
+}
+
+#[test]
+fn a_stale_swap_signature_under_a_partition_table_is_not_taken_for_swap() {
+    let env = Env::new();
+    let image = env.path("reused.img");
+    fs::File::create(&image).unwrap().set_len(64 * MIB).unwrap();
+    sh("mkswap", &[image.to_str().unwrap()]);
+    // Partitioned later by a tool that leaves old signatures alone: an MBR in sector 0 only.
+    let mut mbr = [0u8; 512];
+    mbr[446 + 4] = 0x83;
+    mbr[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+    mbr[446 + 12..446 + 16].copy_from_slice(&(100 * 1024u32).to_le_bytes());
+    mbr[510] = 0x55;
+    mbr[511] = 0xAA;
+    let f = fs::OpenOptions::new().write(true).open(&image).unwrap();
+    f.write_all_at(&mbr, 0).unwrap();
+    drop(f);
+    write_random_at(&image, 96, MIB, 50 * MIB);
+    let json = env.backup_json(&[image.to_str().unwrap()]);
+    let vol = first_volume(&json);
+    assert_eq!(vol["partition_table"], "mbr", "{vol}");
+    let restored = env.path("restored.img");
+    env.restore(json["snapshot"].as_str().unwrap(), &restored, &[]);
+    assert_same_bytes(&image, &restored);
+}
