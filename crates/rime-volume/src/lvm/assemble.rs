@@ -30,6 +30,16 @@ pub struct FoundPv {
     pub vg: Result<usize, String>,
     /// Metadata copies that were damaged or older.
     pub notes: Vec<String>,
+    /// The label's metadata areas, kept whole whatever the VG text says.
+    pub metadata_areas: Vec<Range<u64>>,
+}
+
+/// What a PV says about its volume group.
+enum Described {
+    Here(VolumeGroup),
+    /// The PV keeps no metadata copy: its VG is described on other PVs.
+    Elsewhere,
+    Damaged(anyhow::Error),
 }
 
 pub struct Assembly {
@@ -86,20 +96,22 @@ impl Assembly {
     /// Finds the PVs among `candidates` (region, label for messages) and assembles their VGs.
     pub fn new(candidates: Vec<(Region, String)>) -> Assembly {
         let mut pvs = Vec::new();
-        let mut texts: Vec<(usize, Result<VolumeGroup>)> = Vec::new();
+        let mut texts: Vec<(usize, Described)> = Vec::new();
         for (region, name) in candidates {
             // One entry per candidate, so callers' indices line up even if a label vanished
             // between their probe and this one.
-            let (uuid, parsed, notes) = match label::probe(&region) {
-                Ok(None) => (None, Err(anyhow::anyhow!("its LVM label is gone")), Vec::new()),
-                Err(e) => (None, Err(e), Vec::new()),
+            let (uuid, parsed, notes, metadata_areas) = match label::probe(&region) {
+                Ok(None) => {
+                    (None, Described::Damaged(anyhow::anyhow!("its LVM label is gone")), Vec::new(), Vec::new())
+                }
+                Err(e) => (None, Described::Damaged(e), Vec::new(), Vec::new()),
                 Ok(Some(l)) => {
                     let (vg, notes) = read_vg(&region, &l);
-                    (Some(l.uuid.clone()), vg, notes)
+                    (Some(l.uuid.clone()), vg, notes, l.metadata_areas.clone())
                 }
             };
             texts.push((pvs.len(), parsed));
-            pvs.push(FoundPv { region, label: name, uuid, vg: Err(String::new()), notes });
+            pvs.push(FoundPv { region, label: name, uuid, vg: Err(String::new()), notes, metadata_areas });
         }
         // The same PV UUID on several regions (cloned disks, a dd copy): none of the copies can
         // be told apart, so each is kept whole.
@@ -110,7 +122,7 @@ impl Assembly {
         for (i, &n) in copies.iter().enumerate() {
             if n > 1 {
                 let uuid = pvs[i].uuid.take().unwrap_or_default();
-                texts[i].1 = Err(anyhow::anyhow!(
+                texts[i].1 = Described::Damaged(anyhow::anyhow!(
                     "PV {uuid} appears on {n} volumes or partitions (cloned disks?), so none of them is mapped"
                 ));
                 pvs[i].notes.clear();
@@ -119,7 +131,7 @@ impl Assembly {
         // One VG per UUID, described by its newest text.
         let mut vgs: Vec<VolumeGroup> = Vec::new();
         for (_, parsed) in &texts {
-            if let Ok(vg) = parsed {
+            if let Described::Here(vg) = parsed {
                 match vgs.iter_mut().find(|v| v.uuid == vg.uuid) {
                     Some(v) if vg.seqno > v.seqno => *v = vg.clone(),
                     Some(_) => {}
@@ -130,14 +142,14 @@ impl Assembly {
         for (i, parsed) in texts {
             let uuid = pvs[i].uuid.clone();
             pvs[i].vg = match parsed {
-                Err(e) if uuid.is_some() && e.to_string().contains("no metadata area") => {
-                    // A PV without metadata copies: its VG is described on another PV.
+                Described::Elsewhere => {
                     vgs.iter().position(|v| v.pvs.iter().any(|p| Some(&p.uuid) == uuid.as_ref())).ok_or_else(|| {
-                        "its volume group is described only on PVs that are not part of this volume".to_string()
+                        "it keeps no metadata copy and its volume group is described only on PVs not being read"
+                            .to_string()
                     })
                 }
-                Err(e) => Err(format!("{e:#}")),
-                Ok(vg) => Ok(vgs.iter().position(|v| v.uuid == vg.uuid).expect("collected above")),
+                Described::Damaged(e) => Err(format!("{e:#}")),
+                Described::Here(vg) => Ok(vgs.iter().position(|v| v.uuid == vg.uuid).expect("collected above")),
             };
         }
         let vgs = vgs
@@ -181,13 +193,14 @@ impl Assembly {
     }
 }
 
-fn read_vg(region: &Region, l: &PvLabel) -> (Result<VolumeGroup>, Vec<String>) {
+fn read_vg(region: &Region, l: &PvLabel) -> (Described, Vec<String>) {
     match label::read_metadata(region, l) {
-        Ok(m) => {
-            let vg = text::parse(&m.text).and_then(|t| VolumeGroup::from_text(&t));
-            (vg, m.notes)
-        }
-        Err(e) => (Err(e), Vec::new()),
+        Ok(Some(m)) => match text::parse(&m.text).and_then(|t| VolumeGroup::from_text(&t)) {
+            Ok(vg) => (Described::Here(vg), m.notes),
+            Err(e) => (Described::Damaged(e), m.notes),
+        },
+        Ok(None) => (Described::Elsewhere, Vec::new()),
+        Err(e) => (Described::Damaged(e), Vec::new()),
     }
 }
 

@@ -133,13 +133,11 @@ pub struct MetadataText {
     pub notes: Vec<String>,
 }
 
-/// Reads every metadata copy and returns the newest valid one.
-pub fn read_metadata(region: &Region, label: &PvLabel) -> Result<MetadataText> {
+/// Reads every metadata copy and returns the newest valid one; `Ok(None)` when the PV keeps
+/// no copy (no metadata area, or every copy marked ignored): its VG is described on other PVs.
+pub fn read_metadata(region: &Region, label: &PvLabel) -> Result<Option<MetadataText>> {
     let mut best: Option<MetadataText> = None;
     let mut notes = Vec::new();
-    if label.metadata_areas.is_empty() {
-        bail!("the PV has no metadata area (its volume group is described on another PV)");
-    }
     for (i, area) in label.metadata_areas.iter().enumerate() {
         match read_area(region, area) {
             Ok(Some((text, seqno))) => {
@@ -157,9 +155,9 @@ pub fn read_metadata(region: &Region, label: &PvLabel) -> Result<MetadataText> {
     match best {
         Some(mut b) => {
             b.notes = notes;
-            Ok(b)
+            Ok(Some(b))
         }
-        None if notes.is_empty() => bail!("every metadata copy of the PV is marked ignored"),
+        None if notes.is_empty() => Ok(None),
         None => bail!("no valid metadata copy ({})", notes.join("; ")),
     }
 }

@@ -121,6 +121,8 @@ pub fn map_pvs(assembly: &Assembly, options: &MapOptions) -> Vec<(PvMap, PvInfo)
                 let area_end = (d.pe_start + d.pe_count * avg.vg.extent_size).min(pv.region.len);
                 ranges[i].push(0..d.pe_start.min(pv.region.len));
                 ranges[i].push(area_end..pv.region.len);
+                ranges[i]
+                    .extend(pv.metadata_areas.iter().map(|a| a.start.min(pv.region.len)..a.end.min(pv.region.len)));
                 if let Some(why) = &avg.unmappable {
                     warnings[i].push(format!("VG {}: {why}; imaging all its non-zero blocks", avg.vg.name));
                     ranges[i].push(0..pv.region.len);

@@ -349,7 +349,7 @@ pub fn sh_status_all(program: &str, args: &[&str]) -> (bool, String, String) {
 }
 
 #[test]
-fn a_volume_group_spanning_two_disks_is_mapped_and_browsed_across_them() {
+fn a_volume_group_spanning_two_disks_is_mapped_and_browsed_across_them_even_from_a_pv_without_metadata() {
     let env = Env::new();
     // Disk 1: GPT with the first PV as partition 1; disk 2: the second PV given directly.
     let disk = Disk::new(&env.path("disk1.img"), 100, &[(0, LVM_GUID)]);
@@ -358,7 +358,11 @@ fn a_volume_group_spanning_two_disks_is_mapped_and_browsed_across_them() {
     let (p1, _) = disk.part(1);
     let (pv1, pv2) = (disk.part_loop(1), RangeLoop::new(&disk2, 0, 100 * MIB));
     let lvm = Lvm::new(&[&pv1, &pv2]);
-    let pes = lvm.create_vg("wide", &[&pv1, &pv2], &[]);
+    // The second PV keeps no metadata copy: its VG is known only from the first disk.
+    lvm.run("pvcreate", &["-ff", "-y", &pv1.dev]);
+    lvm.run("pvcreate", &["-ff", "-y", "--pvmetadatacopies", "0", &pv2.dev]);
+    lvm.run("vgcreate", &["-s", "4m", "wide", &pv1.dev, &pv2.dev]);
+    let pes = [lvm.pe_start(&pv1), lvm.pe_start(&pv2)];
     lvm.add_lvs("wide", &env.path(""), &[lv("span", true, &[linear(15, 0, 0), linear(15, 1, 0)])]);
     drop((pv1, pv2));
     // Stale bytes after the LV on both disks: not read.

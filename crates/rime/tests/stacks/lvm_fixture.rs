@@ -159,12 +159,13 @@ impl Lvm {
         let mut args = vec!["-s", "4m", vg];
         args.extend(pvs.iter().map(|p| p.dev.as_str()));
         self.run("vgcreate", &args);
-        pvs.iter()
-            .map(|p| {
-                let out = self.run("pvs", &["--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", &p.dev]);
-                out.trim().parse().unwrap()
-            })
-            .collect()
+        pvs.iter().map(|p| self.pe_start(p)).collect()
+    }
+
+    /// Where a PV's first extent starts, in bytes.
+    pub fn pe_start(&self, pv: &RangeLoop) -> u64 {
+        let out = self.run("pvs", &["--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", &pv.dev]);
+        out.trim().parse().unwrap()
     }
 
     /// Adds logical volumes (sections built with [`lv`]) to the VG's metadata.
