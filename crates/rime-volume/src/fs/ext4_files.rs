@@ -381,20 +381,9 @@ impl Ext4Files {
         if inode.is_inline() || inode.file_type()? != S_IFREG {
             return Ok(vec![0..inode.size]);
         }
-        let bs = self.sb.block_size;
-        let mut out: Vec<Range<u64>> = Vec::new();
-        for r in self.runs(inode)?.iter().filter(|r| !r.unwritten) {
-            let a = (r.logical * bs).min(inode.size);
-            let b = ((r.logical + r.len) * bs).min(inode.size);
-            if a >= b {
-                continue;
-            }
-            match out.last_mut() {
-                Some(last) if last.end == a => last.end = b,
-                _ => out.push(a..b),
-            }
-        }
-        Ok(out)
+        let runs = self.runs(inode)?;
+        let written = runs.iter().filter(|r| !r.unwritten).map(|r| (r.logical, r.len));
+        Ok(super::records::data_ranges_of(written, self.sb.block_size, inode.size))
     }
 
     /// Parses one xattr entry table. `values` is the buffer value offsets are relative to.

@@ -3,6 +3,8 @@
 //! Names and values are bytes exactly as stored: an image may hold names containing `/`, NUL or
 //! `..`, which callers that create files must refuse.
 
+use std::ops::Range;
+
 /// One name in a directory and the inode it names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {
@@ -16,4 +18,22 @@ pub struct DirEntry {
 pub struct Xattr {
     pub name: Vec<u8>,
     pub value: Vec<u8>,
+}
+
+/// A file's data ranges in bytes from its written extents, given as (first file block, blocks)
+/// in file order: clipped to the file's size, touching ranges merged.
+pub fn data_ranges_of(extents: impl Iterator<Item = (u64, u64)>, block_size: u64, size: u64) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for (first, blocks) in extents {
+        let a = first.saturating_mul(block_size).min(size);
+        let b = first.saturating_add(blocks).saturating_mul(block_size).min(size);
+        if a >= b {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.end == a => last.end = b,
+            _ => out.push(a..b),
+        }
+    }
+    out
 }

@@ -458,20 +458,9 @@ impl XfsFiles {
             return Ok(Vec::new());
         }
         ensure!(inode.flags & DIFLAG_REALTIME == 0, "inode {} keeps its data on the realtime device", inode.ino);
-        let bs = self.sb.block_size;
-        let mut out: Vec<Range<u64>> = Vec::new();
-        for e in self.extents(inode)?.iter().filter(|e| !e.unwritten) {
-            let a = (e.off * bs).min(inode.size);
-            let b = ((e.off + e.len) * bs).min(inode.size);
-            if a >= b {
-                continue;
-            }
-            match out.last_mut() {
-                Some(last) if last.end == a => last.end = b,
-                _ => out.push(a..b),
-            }
-        }
-        Ok(out)
+        let extents = self.extents(inode)?;
+        let written = extents.iter().filter(|e| !e.unwritten).map(|e| (e.off, e.len));
+        Ok(super::records::data_ranges_of(written, self.sb.block_size, inode.size))
     }
 
     /// A symlink's target: in the inode (local) or in remote blocks.
