@@ -293,3 +293,35 @@ pub fn raw(count: u64, body: &str) -> (u64, String) {
 pub fn extent_at(part_start: u64, pe_start: u64, pe: u64) -> u64 {
     part_start + pe_start + pe * EXT
 }
+
+/// Asserts that `restored` equals `original` with every byte Rime's map of it leaves out
+/// zeroed ("bit-exact on used blocks"), and that the map did leave something out.
+#[track_caller]
+pub fn assert_restore_is_masked_original(original: &Path, restored: &Path) {
+    use std::os::unix::fs::FileExt;
+    let volume = rime_volume::Volume::open(original, false).unwrap();
+    let mut layout = rime_volume::layout::map_volume(&volume.region(), &Default::default()).unwrap();
+    let (a, b) = (std::fs::File::open(original).unwrap(), std::fs::File::open(restored).unwrap());
+    let step = 4 * MIB;
+    let (mut x, mut y) = (vec![0u8; step as usize], vec![0u8; step as usize]);
+    let (mut used, mut left_out) = (Vec::new(), false);
+    let mut pos = 0;
+    while pos < volume.size {
+        let n = step.min(volume.size - pos);
+        a.read_exact_at(&mut x[..n as usize], pos).unwrap();
+        b.read_exact_at(&mut y[..n as usize], pos).unwrap();
+        used.clear();
+        layout.map.used_ranges(pos, n, &mut used).unwrap();
+        let mut masked = vec![0u8; n as usize];
+        for r in &used {
+            let (s, e) = ((r.start - pos) as usize, (r.end - pos) as usize);
+            masked[s..e].copy_from_slice(&x[s..e]);
+        }
+        if let Some(i) = (0..n as usize).find(|&i| masked[i] != y[i]) {
+            panic!("{} differs from the masked original at byte {}", restored.display(), pos + i as u64);
+        }
+        left_out |= masked[..] != x[..n as usize];
+        pos += n;
+    }
+    assert!(left_out, "the original held bytes the map leaves out; none were");
+}

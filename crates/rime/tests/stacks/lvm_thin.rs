@@ -203,6 +203,7 @@ fn thin_pool_with_two_thin_volumes_and_a_snapshot_backs_up_browses_and_restores(
     // Restored, each thin volume reads back through the pool into a clean filesystem.
     let restored = env.path("restored.img");
     env.restore(json["snapshot"].as_str().unwrap(), &restored, &[]);
+    assert_restore_is_masked_original(&disk.image, &restored);
     for (map, size, reference, tag) in
         [(&m100, 256 * MIB, &vm100, "vm100"), (&msnap, 256 * MIB, &snap, "snap"), (&m101, 128 * MIB, &vm101, "vm101")]
     {
