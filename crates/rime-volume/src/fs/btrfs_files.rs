@@ -26,7 +26,7 @@
 //!   unchecked, as by the used-block map).
 
 use super::btrfs::{Cursor, Fs, Key, MAX_LEVEL, ROOT_ITEM};
-pub use super::records::Xattr;
+pub use super::records::{InodeTime as Timespec, Xattr};
 use crate::bytes::{le16, le32, le64};
 use crate::device::Region;
 use anyhow::{bail, ensure, Context, Result};
@@ -77,13 +77,6 @@ const S_IFLNK: u32 = 0o120000;
 const S_IFREG: u32 = 0o100000;
 /// A symlink target longer than this is damage (PATH_MAX).
 const MAX_SYMLINK: u64 = 4096;
-
-/// Seconds and nanoseconds since the Unix epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Timespec {
-    pub sec: i64,
-    pub nsec: u32,
-}
 
 /// One `INODE_ITEM`.
 #[derive(Clone, Debug)]

@@ -11,7 +11,7 @@
 //! error, never a wild read.
 
 use super::ext4::Superblock;
-pub use super::records::{DirEntry, Xattr};
+pub use super::records::{DirEntry, InodeTime, Xattr};
 use crate::bytes::{le16, le32, Truncated};
 use crate::device::Region;
 use crate::usedmap::{FileExtent, FileExtents};
@@ -40,13 +40,6 @@ const MAX_EXTENT_DEPTH: u32 = 5;
 const MAX_DIR_BYTES: u64 = 1 << 30;
 /// Run lists kept per inode (cleared when full).
 const RUN_CACHE: usize = 256;
-
-/// Seconds and nanoseconds since the Unix epoch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct InodeTime {
-    pub sec: i64,
-    pub nsec: u32,
-}
 
 /// One parsed inode.
 #[derive(Clone, Debug)]

@@ -5,6 +5,13 @@
 
 use std::ops::Range;
 
+/// An inode timestamp: seconds and nanoseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InodeTime {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
 /// One name in a directory and the inode it names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DirEntry {

@@ -23,7 +23,7 @@
 //!
 //! On-disk numbers are big-endian; CRCs are CRC-32C stored little-endian.
 
-pub use super::records::{DirEntry, Xattr};
+pub use super::records::{DirEntry, InodeTime as XfsTime, Xattr};
 use super::xfs::Superblock;
 use crate::bytes::{be16, be32, be64};
 use crate::checksum::crc32c_skipping;
@@ -71,13 +71,6 @@ const SMALL_LIST: usize = 4096;
 const SYMLINK_MAXLEN: u64 = 1024;
 /// Attribute fork blocks visited at most (the fork's B+tree and leaves).
 const MAX_ATTR_BLOCKS: usize = 1 << 16;
-
-/// Seconds and nanoseconds since the Unix epoch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct XfsTime {
-    pub sec: i64,
-    pub nsec: u32,
-}
 
 /// One parsed inode.
 #[derive(Clone, Debug)]
