@@ -168,7 +168,7 @@ impl FileTree for BtrfsTree {
         if ino == EMPTY_SUBVOL_INO {
             return Ok(Vec::new());
         }
-        Ok(self.files.xattrs(tree, ino)?.into_iter().map(|x| Xattr { name: x.name, value: x.value }).collect())
+        self.files.xattrs(tree, ino)
     }
 
     fn data_ranges(&self, id: NodeId) -> Result<Vec<Range<u64>>> {

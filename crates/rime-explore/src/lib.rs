@@ -131,12 +131,9 @@ impl DirEntry {
     }
 }
 
-/// An extended attribute: full name (`user.comment`, `security.selinux`, ...) and value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Xattr {
-    pub name: Vec<u8>,
-    pub value: Vec<u8>,
-}
+/// An extended attribute: full name (`user.comment`, `security.selinux`, ...) and value; the
+/// record the filesystem readers already return.
+pub use rime_volume::fs::records::Xattr;
 
 /// Read access to one filesystem's tree.
 pub trait FileTree: Send + Sync {

@@ -98,8 +98,7 @@ impl FileTree for XfsTree {
     }
 
     fn xattrs(&self, id: NodeId) -> Result<Vec<Xattr>> {
-        let x = self.files.xattrs(&self.files.inode(id)?)?;
-        Ok(x.into_iter().map(|x| Xattr { name: x.name, value: x.value }).collect())
+        self.files.xattrs(&self.files.inode(id)?)
     }
 
     fn data_ranges(&self, id: NodeId) -> Result<Vec<Range<u64>>> {
