@@ -75,13 +75,25 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
         let reader = explorer.reader(v)?;
         let mut mounted =
             MountedVolume { image: v.name.clone(), replayed_image: None, size: v.size, trees: Vec::new() };
-        let mut selections =
-            vec![(format!("{}.files", v.name), Selection { volume: v.clone(), partition: None, lv: None })];
+        // Each selection is opened once: (tree directory name, label for messages, its bytes).
+        let mut opened: Vec<(String, String, Region)> = Vec::new();
+        let mut open = |dir_name: String, sel: Selection| {
+            let label = sel.label();
+            match explorer.open_selection(sel) {
+                Ok(o) => {
+                    opened.push((dir_name, label, o.region.clone()));
+                    Some(o.region)
+                }
+                Err(e) => {
+                    tracing::warn!("volume {label}: {e:#}");
+                    None
+                }
+            }
+        };
+        open(format!("{}.files", v.name), Selection { volume: v.clone(), partition: None, lv: None });
         for p in &v.partitions {
-            selections.push((
-                format!("{}.part{}.files", v.name, p.number),
-                Selection { volume: v.clone(), partition: Some(p.clone()), lv: None },
-            ));
+            let sel = Selection { volume: v.clone(), partition: Some(p.clone()), lv: None };
+            open(format!("{}.part{}.files", v.name, p.number), sel);
         }
         // Logical volumes: each as an image file (what a loop mount takes) and, where Rime reads
         // its filesystem, as a tree. An LV on several PVs is listed under the first only.
@@ -98,24 +110,12 @@ pub fn mount(repo: Repository, opts: &MountOptions, ready: &dyn Fn(&MountSummary
                 Some(p) => format!("{}.part{}.{dm_name}", v.name, p.number),
                 None => format!("{}.{dm_name}", v.name),
             };
-            match explorer.open_selection(sel.clone()) {
-                Ok(opened) => {
-                    images.push((format!("{base}.img"), opened.region));
-                    selections.push((format!("{base}.files"), sel));
-                }
-                Err(e) => tracing::warn!("logical volume {}: {e:#}", lv.entry.path),
+            if let Some(region) = open(format!("{base}.files"), sel) {
+                images.push((format!("{base}.img"), region));
             }
         }
-        for (dir_name, sel) in selections {
-            let label = sel.label();
-            let opened = match explorer.open_selection(sel) {
-                Ok(o) => o,
-                Err(e) => {
-                    tracing::warn!("volume {label}: {e:#}");
-                    continue;
-                }
-            };
-            match rime_explore::open(&opened.region) {
+        for (dir_name, label, region) in opened {
+            match rime_explore::open(&region) {
                 Ok(Some(fs)) => {
                     mounted.trees.push((dir_name.clone(), fs.fs_type().to_string()));
                     trees.push((dir_name, fs));
