@@ -9,7 +9,10 @@
 //! - [`files`]: every file a domain is made of (XML, disks with their backing chains, media,
 //!   NVRAM, managed-save image, snapshots' external files), and domain XML left behind;
 //! - [`control`]: managed save of many domains at once and their start again, with bounded
-//!   waits.
+//!   waits;
+//! - [`checkpoints`], [`pull_backup`], [`agent`]: the live backup API: checkpoints (the points
+//!   dirty bitmaps count from), pull-mode backup jobs exporting each disk's point-in-time view
+//!   over NBD, and the guest agent's filesystem freeze.
 //!
 //! Invariants: no name, path or XML ever passes through a shell; a domain is addressed by UUID
 //! once it has been found; every wait is bounded; every failure is a one-line [`VirtError`].
@@ -22,9 +25,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod checkpoints;
 pub mod control;
 pub mod domains;
 pub mod files;
+pub mod pull_backup;
 pub mod state;
 pub mod virsh;
 pub mod xml;
