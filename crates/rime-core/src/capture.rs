@@ -71,6 +71,24 @@ impl OpenVolume {
     }
 }
 
+impl OpenVolume {
+    /// A VM's disk read through libvirt's point-in-time export (or its file, for a VM not
+    /// running), under the snapshot volume name `name`.
+    pub fn vm_disk(volume: Volume, name: String) -> OpenVolume {
+        OpenVolume {
+            volume,
+            name,
+            provider: Provider::LibvirtBackup,
+            captured_at: Some(epoch_now()),
+            online: None,
+            _qemu_guard: None,
+            reflink: None,
+            _subvolume_snapshot: None,
+            carried: false,
+        }
+    }
+}
+
 /// Every volume of a backup, captured.
 pub struct Capture {
     pub volumes: Vec<OpenVolume>,

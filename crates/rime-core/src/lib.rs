@@ -12,6 +12,7 @@ pub mod exclusions;
 pub mod explorer;
 pub mod interrupt;
 pub mod inuse;
+pub mod incremental;
 pub mod online;
 pub mod places;
 pub mod progress;

@@ -19,6 +19,8 @@ pub enum Provider {
     Reflink,
     RimeServe,
     Offline,
+    /// A VM's disk through libvirt's backup API (`rime backup --vm`); never chosen by `plan`.
+    LibvirtBackup,
 }
 
 impl Provider {
@@ -41,6 +43,7 @@ impl Provider {
             Provider::Reflink => "reflink",
             Provider::RimeServe => "rime-serve",
             Provider::Offline => "offline",
+            Provider::LibvirtBackup => "libvirt-backup",
         }
     }
 

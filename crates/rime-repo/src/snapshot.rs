@@ -68,6 +68,44 @@ pub struct VmRecord {
     pub files: Vec<VmFileRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// Set for a VM backed up by `rime backup --vm` (docs/VMS.md): how its disks were read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub live: Option<LiveBackupRecord>,
+}
+
+/// How `rime backup --vm` read one VM.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LiveBackupRecord {
+    /// "libvirt-pull" (a running VM through libvirt's backup API) or "disk-files" (a VM that was
+    /// shut off or saved, from its disk images).
+    pub method: String,
+    /// The checkpoint this snapshot's changes count to: the base of the next incremental.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+    /// The snapshot (and its checkpoint) an incremental counted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_checkpoint: Option<String>,
+    /// "application-consistent" (the guest agent froze its filesystems) or "crash-consistent".
+    pub consistency: String,
+    /// Why, in words (the filesystems frozen, or why the agent was not used).
+    pub consistency_detail: String,
+    pub disks: Vec<LiveDiskRecord>,
+}
+
+/// One disk of a live backup.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LiveDiskRecord {
+    /// The guest's name for it ("vda").
+    pub target: String,
+    /// The snapshot volume holding the guest's view of it.
+    pub volume: String,
+    /// "full" or "incremental".
+    pub mode: String,
+    /// Why a disk that could have been incremental was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One file of a VM, and where it is in the snapshot.
@@ -90,6 +128,10 @@ pub struct VmFileRecord {
     /// Where the snapshot holds it (None: it is not in the snapshot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_snapshot: Option<FileInSnapshot>,
+    /// For a disk the snapshot holds as the guest saw it (a live backup): the image format of
+    /// the host file ("qcow2", "raw"), which a restore writes again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// A file inside a snapshot: a path in the filesystem of one of its volumes (or of one

@@ -126,6 +126,19 @@ enum Command {
         /// Longest wait for the VMs' saves (and starts), in seconds.
         #[arg(long, default_value_t = 300, value_name = "SECONDS", requires = "vm_aware")]
         vm_max_wait: u64,
+        /// Back up this VM (name or UUID) while it runs, through libvirt's backup API, with
+        /// incrementals from its last checkpoint; a VM not running is read from its disk files.
+        /// Repeatable; all go into one snapshot (docs/VMS.md).
+        #[arg(long = "vm", value_name = "NAME", conflicts_with_all = ["volumes", "vm_aware", "job"])]
+        vms: Vec<String>,
+        /// With --vm: fail rather than back up a running VM whose guest agent does not answer
+        /// (crash-consistent otherwise).
+        #[arg(long, requires = "vms")]
+        require_agent: bool,
+        /// With --vm: where QEMU keeps the old data of blocks a guest overwrites during its
+        /// backup (and the export's socket).
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/rime/vm-backup", requires = "vms")]
+        scratch_dir: PathBuf,
     },
     /// List snapshots.
     Snapshots {
@@ -313,6 +326,22 @@ fn repo_location(cli_repo: &Option<String>) -> Result<(String, bool)> {
     }
 }
 
+/// `--keep-last`: retention is its own step, after a successful backup; its failure does not
+/// undo the backup.
+fn keep_only_last(repo: &Repository, summary: &mut backup::BackupSummary, n: usize, progress: &dyn rime_core::Progress) {
+    match rime_core::commands::forget::keep_last(repo, &summary.manifest, n, progress) {
+        Ok(cycled) => {
+            summary.forgotten = cycled.forgotten;
+            summary.pruned = cycled.pruned;
+        }
+        Err(e) => {
+            let w = format!("backup succeeded but old snapshots were not removed: {e:#}");
+            progress.warn(&w);
+            summary.warnings.push(w);
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<i32> {
     let threads = cli.threads.unwrap_or_else(rime_core::default_threads).max(1);
     let (location, is_default) = repo_location(&cli.repo)?;
@@ -347,7 +376,29 @@ fn run(cli: Cli) -> Result<i32> {
             vm_no_media,
             vm_resume,
             vm_max_wait,
+            vms,
+            require_agent,
+            scratch_dir,
         } => {
+            if !vms.is_empty() {
+                let repo = Repository::open(&location)?;
+                let opts = rime_core::vms::live::LiveOptions {
+                    names: vms,
+                    require_agent,
+                    tags,
+                    compression: Compression::parse(&compression)?,
+                    threads,
+                    host: rime_core::hostname(),
+                    map_options: MapOptions { cross_check: CrossCheck::parse(&cross_check)? },
+                    scratch_dir,
+                };
+                let mut summary = rime_core::vms::live::backup_vms(&repo, &opts, progress.as_ref())?;
+                if let Some(n) = keep_last {
+                    keep_only_last(&repo, &mut summary, n, progress.as_ref());
+                }
+                output::backup(&summary, cli.json);
+                return Ok(0);
+            }
             let mut volumes = volumes;
             let mut hooks = Hooks::default();
             let mut mode = mode;
@@ -423,19 +474,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let mut summary = backup::backup(&repo, &opts, progress.as_ref())?;
             if let Some(n) = keep_last {
-                // Retention is its own step, after a successful backup; its failure does not
-                // undo the backup.
-                match rime_core::commands::forget::keep_last(&repo, &summary.manifest, n, progress.as_ref()) {
-                    Ok(cycled) => {
-                        summary.forgotten = cycled.forgotten;
-                        summary.pruned = cycled.pruned;
-                    }
-                    Err(e) => {
-                        let w = format!("backup succeeded but old snapshots were not removed: {e:#}");
-                        progress.warn(&w);
-                        summary.warnings.push(w);
-                    }
-                }
+                keep_only_last(&repo, &mut summary, n, progress.as_ref());
             }
             output::backup(&summary, cli.json);
             if let Some(e) = summary.errors.first() {

@@ -469,14 +469,18 @@ fn backup_with_hooks(
         .into_iter()
         .zip(layouts)
         .zip(excluded)
-        .map(|((volume, layout), excluded)| Planned { volume, layout, excluded })
+        .zip(online.iter_mut())
+        .map(|(((volume, layout), excluded), online)| {
+            let note = online.as_ref().map(|o| o.describe());
+            Planned { volume, layout, excluded, note, reuse: online.as_mut().and_then(|o| o.reuse()) }
+        })
         .collect();
 
     // 5. Write: packs, then one volume index per volume.
     let snapshot = SnapshotId::random();
     ctx.snapshot_id = Some(snapshot.0.clone());
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
-    let result = archive_all(repo, opts, planned, &mut online, &snapshot, &mut sink, progress);
+    let result = archive_all(repo, opts.compression, opts.threads, planned, 0, &snapshot, &mut sink, progress);
     let result = result.and_then(|done| sink.flush().map(|_| done));
     // With --vm-resume after-backup, the VMs run again once all data is written.
     if let Some(v) = vms.as_mut() {
@@ -535,17 +539,26 @@ fn backup_with_hooks(
 }
 
 /// A volume with its map decided.
-struct Planned {
-    volume: OpenVolume,
-    layout: layout::Layout,
-    excluded: Vec<rime_repo::snapshot::ExcludedFile>,
+pub(crate) struct Planned<'a> {
+    pub volume: OpenVolume,
+    pub layout: layout::Layout,
+    pub excluded: Vec<rime_repo::snapshot::ExcludedFile>,
+    /// How it was captured, appended to the map's description in the manifest.
+    pub note: Option<String>,
+    /// What an incremental backup takes from an earlier snapshot instead of the volume.
+    pub reuse: Option<&'a mut crate::incremental::Reuse>,
 }
 
-fn archive_all(
+/// Images each planned volume in turn (its snapshot volume number is `first_number` plus its
+/// place in `planned`),
+/// returning their manifest entries and the maps' warnings.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn archive_all(
     repo: &Repository,
-    opts: &BackupOptions,
-    planned: Vec<Planned>,
-    online: &mut [Option<crate::online::OnlineVolume>],
+    compression: Compression,
+    threads: usize,
+    planned: Vec<Planned<'_>>,
+    first_number: usize,
     snapshot: &SnapshotId,
     sink: &mut PackSink,
     progress: &dyn Progress,
@@ -553,27 +566,27 @@ fn archive_all(
     let mut warnings = Vec::new();
     let chunk_size = repo.config.chunk_size;
     let mut entries = Vec::new();
-    for (number, Planned { volume: ov, layout, excluded }) in planned.into_iter().enumerate() {
+    for (i, Planned { volume: ov, layout, excluded, note, reuse }) in planned.into_iter().enumerate() {
+        let number = first_number + i;
         let volume = &ov.volume;
         let filesystem = layout.map.filesystem().map(str::to_string);
         let mut map = layout.map;
         let mut map_description = map.describe();
-        let online = online[number].as_mut();
-        if let Some(o) = &online {
-            map_description = format!("{map_description}; {}", o.describe());
+        if let Some(n) = note {
+            map_description = format!("{map_description}; {n}");
         }
         if ov.reflink.is_some() {
             map_description = format!("{map_description}; point-in-time reflink clone of the image in use");
         }
-        let mut prior = online.and_then(|o| o.prior_fn());
+        let mut prior = reuse.map(|r| r.prior_fn());
         let mut vidx = VolumeIndexWriter::create(repo.backend.as_ref(), chunk_size, volume.size)?;
         progress.begin(&ov.name, volume.size);
         let input = ArchiveInput {
             volume,
             map: map.as_mut(),
             chunk_size,
-            compression: opts.compression,
-            threads: opts.threads,
+            compression,
+            threads,
             prior: prior.as_mut().map(|f| f as &mut (dyn FnMut(u64) -> Result<Option<crate::archive::Prior>> + Send)),
         };
         let stats = match archive_volume(input, sink, &mut vidx, progress) {
@@ -638,7 +651,7 @@ fn archive_all(
 /// only when no snapshot made since this backup started references it: a concurrent backup may
 /// have deduplicated against it. Needs the exclusive lock; if another backup holds the shared
 /// lock, the leftovers stay for `prune`.
-fn cleanup_failed(repo: &Repository, snapshot: &SnapshotId, published: &[FinishedPack], started: Instant) {
+pub(crate) fn cleanup_failed(repo: &Repository, snapshot: &SnapshotId, published: &[FinishedPack], started: Instant) {
     let Ok(_lock) = repo.lock(LockMode::Exclusive, "backup (removing what it wrote)", Duration::ZERO) else {
         return;
     };

@@ -197,7 +197,7 @@ pub fn freeze_targets(plan: &[providers::Choice]) -> Vec<FsFreezeWriter> {
         let carrier = match choice.provider {
             Some(Provider::RimeServe) => rime_serve::find_server(&volume).and_then(|r| r.fuse_file),
             Some(Provider::Reflink | Provider::BtrfsSnapshot) => Some(volume),
-            Some(Provider::Offline) | None => None,
+            Some(Provider::Offline | Provider::LibvirtBackup) | None => None,
         };
         if let Some(file) = carrier {
             devices.extend(devices_of(&file).into_iter().map(|d| (choice.volume.clone(), d)));

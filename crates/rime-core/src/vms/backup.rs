@@ -393,6 +393,7 @@ impl VmBackup {
                 complete,
                 files,
                 warnings: vm.problems.clone(),
+                live: None,
             });
         }
         VmSection {
@@ -443,6 +444,7 @@ fn file_record(
         volume: place.volume.as_ref().map(|v| v.display().to_string()),
         mount_point: place.mount_point.as_ref().map(|m| m.display().to_string()),
         in_snapshot: at,
+        format: None,
     }
 }
 

@@ -2,6 +2,9 @@
 //! VM's coverage by a set of volumes ([`layout`]), the VM part of a `--vm-aware` backup
 //! ([`backup`]), and putting a VM back from a snapshot ([`restore`]).
 
+pub mod allocation;
 pub mod backup;
 pub mod layout;
+pub mod live;
 pub mod restore;
+pub mod used_maps;
