@@ -1,5 +1,6 @@
-//! NBD, in one home: the protocol numbers ([`proto`]), a client that reads an export
-//! ([`client`], used to read disk images through `qemu-nbd`), and a server that exports any
+//! NBD, in one home: the protocol numbers ([`proto`]), a client that reads an export and
+//! queries its metadata contexts ([`client`], used to read disk images through `qemu-nbd`, and
+//! allocation and dirty bitmaps of QEMU's backup exports), and a server that exports any
 //! [`Export`] ([`server`], used by `rime serve` for a protected volume).
 //!
 //! Written here rather than taken from a crate: the maintained NBD crates are client-only or
@@ -13,7 +14,7 @@ pub mod proto;
 pub mod server;
 mod wire;
 
-pub use client::NbdClient;
+pub use client::{Extent, NbdClient, ServerError};
 pub use server::{Address, NbdServer};
 
 /// What an NBD server exports: a fixed-size block device. Offsets and lengths the server passes
