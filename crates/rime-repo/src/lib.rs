@@ -26,7 +26,8 @@ pub use id::{ChunkId, PackId, SnapshotId};
 pub use index::{ChunkIndex, ChunkLocation};
 pub use repo::Repository;
 pub use snapshot::{
-    Consistency, FileInSnapshot, LiveBackupRecord, LiveDiskRecord, Manifest, VmFileRecord, VmRecord, VmSection, VolumeEntry, WriterRecord, VM_FILE_KIND,
+    Consistency, FileInSnapshot, LiveBackupRecord, LiveDiskRecord, Manifest, VmFileRecord, VmRecord, VmSection,
+    VolumeEntry, WriterRecord, VM_FILE_KIND,
 };
 
 /// Version of the on-disk format written by this build. Readers refuse newer versions.

@@ -32,9 +32,9 @@ pub fn new_name(owner: &str, now: std::time::SystemTime) -> String {
 
 /// Whether `name` is a checkpoint Rime made for the repository `owner`.
 pub fn is_ours(name: &str, owner: &str) -> bool {
-    name.strip_prefix(PREFIX)
-        .and_then(|rest| rest.split_once('.'))
-        .is_some_and(|(o, stamp)| o == short_owner(owner) && stamp.len() == 15 && stamp.bytes().all(|b| b.is_ascii_digit()))
+    name.strip_prefix(PREFIX).and_then(|rest| rest.split_once('.')).is_some_and(|(o, stamp)| {
+        o == short_owner(owner) && stamp.len() == 15 && stamp.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 fn short_owner(owner: &str) -> String {

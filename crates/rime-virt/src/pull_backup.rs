@@ -84,7 +84,13 @@ pub fn begin(
         args.push(write("checkpoint.xml", c)?.display().to_string());
     }
     lv.run_for("starting the backup job", &args, Duration::from_secs(120))?;
-    let mut job = PullBackup { lv: lv.clone(), uuid: uuid.to_string(), socket: socket.to_path_buf(), exports: Vec::new(), ended: false };
+    let mut job = PullBackup {
+        lv: lv.clone(),
+        uuid: uuid.to_string(),
+        socket: socket.to_path_buf(),
+        exports: Vec::new(),
+        ended: false,
+    };
     let described = lv.run("reading the backup job", ["backup-dumpxml", uuid])?;
     job.exports = parse_exports(&described).map_err(|e| VirtError::Failed(format!("the backup job: {e}")))?;
     for d in disks {
@@ -160,6 +166,7 @@ mod tests {
         assert_eq!(e.len(), 2);
         assert_eq!(e[0].dirty_context.as_deref(), Some("qemu:dirty-bitmap:backup-vda"));
         assert_eq!(e[1].dirty_context, None);
-        assert!(parse_exports("<domainbackup><disks><disk backupmode='incremental' name='x'/></disks></domainbackup>").is_err());
+        assert!(parse_exports("<domainbackup><disks><disk backupmode='incremental' name='x'/></disks></domainbackup>")
+            .is_err());
     }
 }

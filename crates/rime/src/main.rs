@@ -328,7 +328,12 @@ fn repo_location(cli_repo: &Option<String>) -> Result<(String, bool)> {
 
 /// `--keep-last`: retention is its own step, after a successful backup; its failure does not
 /// undo the backup.
-fn keep_only_last(repo: &Repository, summary: &mut backup::BackupSummary, n: usize, progress: &dyn rime_core::Progress) {
+fn keep_only_last(
+    repo: &Repository,
+    summary: &mut backup::BackupSummary,
+    n: usize,
+    progress: &dyn rime_core::Progress,
+) {
     match rime_core::commands::forget::keep_last(repo, &summary.manifest, n, progress) {
         Ok(cycled) => {
             summary.forgotten = cycled.forgotten;

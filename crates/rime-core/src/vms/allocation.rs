@@ -97,7 +97,9 @@ pub fn dirty_blocks(client: &NbdClient, context: &str, block: u64) -> Result<Bit
     let mut pos = 0;
     while pos < size {
         let len = STATUS_WINDOW.min(size - pos);
-        for e in client.block_status(context, pos, len).with_context(|| format!("reading the dirty bitmap {context}"))? {
+        for e in
+            client.block_status(context, pos, len).with_context(|| format!("reading the dirty bitmap {context}"))?
+        {
             if e.flags & STATE_DIRTY != 0 && e.len > 0 {
                 dirty.set_range(e.offset / block, (e.offset + e.len).div_ceil(block));
             }

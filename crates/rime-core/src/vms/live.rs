@@ -220,11 +220,20 @@ pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress
         for old in &vm.superseded {
             match checkpoints::delete(&lv, &vm.uuid, old) {
                 Ok(()) => maps.forget(&vm.uuid, old),
-                Err(e) => warn(format!("VM {:?}: could not delete the superseded checkpoint {old}: {e}", vm.record.name)),
+                Err(e) => {
+                    warn(format!("VM {:?}: could not delete the superseded checkpoint {old}: {e}", vm.record.name))
+                }
             }
         }
     }
-    Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten: Vec::new(), pruned: None, warnings, errors: Vec::new() })
+    Ok(BackupSummary {
+        snapshot: snapshot.0,
+        manifest,
+        forgotten: Vec::new(),
+        pruned: None,
+        warnings,
+        errors: Vec::new(),
+    })
 }
 
 struct VmContext<'a> {
@@ -318,7 +327,12 @@ impl VmContext<'_> {
                 _ => None,
             };
             let name = unique_name(&domain.name, &d.target, names_taken);
-            disk_records.push(LiveDiskRecord { target: d.target.clone(), volume: name.clone(), mode: mode.into(), reason });
+            disk_records.push(LiveDiskRecord {
+                target: d.target.clone(),
+                volume: name.clone(),
+                mode: mode.into(),
+                reason,
+            });
             used_maps.push((d.target.clone(), used));
             reuses.push(reuse);
             planned_disks.push((OpenVolume::vm_disk(volume, name.clone()), layout));
@@ -372,8 +386,16 @@ impl VmContext<'_> {
         let live = LiveBackupRecord {
             method: if running { "libvirt-pull" } else { "disk-files" }.into(),
             checkpoint: checkpoint.clone(),
-            base_snapshot: chain.base.as_ref().map(|(_, m)| m.id.clone()).filter(|_| disk_records.iter().any(|r| r.mode == "incremental")),
-            base_checkpoint: chain.base.as_ref().map(|(c, _)| c.name.clone()).filter(|_| disk_records.iter().any(|r| r.mode == "incremental")),
+            base_snapshot: chain
+                .base
+                .as_ref()
+                .map(|(_, m)| m.id.clone())
+                .filter(|_| disk_records.iter().any(|r| r.mode == "incremental")),
+            base_checkpoint: chain
+                .base
+                .as_ref()
+                .map(|(c, _)| c.name.clone())
+                .filter(|_| disk_records.iter().any(|r| r.mode == "incremental")),
             consistency: consistency.0,
             consistency_detail: consistency.1,
             disks: disk_records,
@@ -410,11 +432,17 @@ impl VmContext<'_> {
     fn chain(&self, domain: &Domain, warn: &mut dyn FnMut(String)) -> Result<Chain> {
         let owner = &self.repo.config.id;
         let recorded = |name: &str| {
-            self.manifests.iter().filter(|m| m.vms.as_ref().is_some_and(|s| {
-                s.domains.iter().any(|v| v.uuid == domain.uuid && v.live.as_ref().and_then(|l| l.checkpoint.as_deref()) == Some(name))
-            }))
-            .max_by_key(|m| m.time)
-            .cloned()
+            self.manifests
+                .iter()
+                .filter(|m| {
+                    m.vms.as_ref().is_some_and(|s| {
+                        s.domains.iter().any(|v| {
+                            v.uuid == domain.uuid && v.live.as_ref().and_then(|l| l.checkpoint.as_deref()) == Some(name)
+                        })
+                    })
+                })
+                .max_by_key(|m| m.time)
+                .cloned()
         };
         let listed = if matches!(domain.state.state, State::Running | State::Paused | State::Blocked | State::ShutOff) {
             checkpoints::list(self.lv, &domain.uuid)?
@@ -527,7 +555,11 @@ impl VmContext<'_> {
                 .parsed
                 .disks
                 .iter()
-                .filter_map(|d| d.target.clone().map(|t| (t, disks.iter().any(|p| p.target == *d.target.as_ref().unwrap() && p.format == "qcow2"))))
+                .filter_map(|d| {
+                    d.target.clone().map(|t| {
+                        (t, disks.iter().any(|p| p.target == *d.target.as_ref().unwrap() && p.format == "qcow2"))
+                    })
+                })
                 .collect();
             checkpoints::xml(name, &marks)
         });
@@ -539,12 +571,17 @@ impl VmContext<'_> {
                 scratch: work.join(format!("{}.scratch", d.target.replace('/', "_"))),
             })
             .collect();
-        let base = chain.base.as_ref().map(|(c, _)| c.name.clone()).filter(|_| disks.iter().any(|d| d.incremental.is_ok()));
+        let base =
+            chain.base.as_ref().map(|(c, _)| c.name.clone()).filter(|_| disks.iter().any(|d| d.incremental.is_ok()));
 
         // Application consistency: the agent freezes the guest's filesystems for the instant.
         let agent = agent::ping(self.lv, uuid);
         if let (Err(e), true) = (&agent, self.opts.require_agent) {
-            return Err(CommandError::Vm(format!("VM {:?}: the guest agent does not answer ({e}) and --require-agent was given", domain.name)).into());
+            return Err(CommandError::Vm(format!(
+                "VM {:?}: the guest agent does not answer ({e}) and --require-agent was given",
+                domain.name
+            ))
+            .into());
         }
         let frozen = match &agent {
             Ok(()) => match agent::freeze(self.lv, uuid) {
@@ -560,7 +597,8 @@ impl VmContext<'_> {
             Err(_) => None,
         };
         let frozen_count = frozen.as_ref().map(|f| f.count);
-        let began = pull_backup::begin(self.lv, uuid, &socket, &pull, base.as_deref(), checkpoint_xml.as_deref(), &work);
+        let began =
+            pull_backup::begin(self.lv, uuid, &socket, &pull, base.as_deref(), checkpoint_xml.as_deref(), &work);
         let job = match (began, &base) {
             (Ok(j), _) => j,
             // The bitmap is missing or inconsistent (a disk replaced, QEMU crashed): full.
@@ -712,7 +750,9 @@ fn file(
 
 /// `<vm>.<disk>`, with anything but letters, digits, `.`, `_` and `-` replaced, made unique.
 fn unique_name(vm: &str, target: &str, taken: &mut Vec<String>) -> String {
-    let clean = |s: &str| s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect::<String>();
+    let clean = |s: &str| {
+        s.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect::<String>()
+    };
     let base = format!("{}.{}", clean(vm), clean(target));
     let mut name = base.clone();
     let mut n = 2;

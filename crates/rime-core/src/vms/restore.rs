@@ -191,6 +191,9 @@ pub fn restore_vm(repo: &Repository, opts: &VmRestoreOptions, progress: &dyn Pro
         .iter()
         .map(|f| Planned { record: f, at: f.in_snapshot.as_ref().expect("filtered"), dest: dests[&f.path].clone() })
         .collect();
+    for p in &plan {
+        whole_image_format(p.record)?;
+    }
     let in_the_way: Vec<String> =
         plan.iter().filter(|p| p.dest.exists()).map(|p| p.dest.display().to_string()).collect();
     if !in_the_way.is_empty() && !opts.replace {
@@ -213,19 +216,20 @@ pub fn restore_vm(repo: &Repository, opts: &VmRestoreOptions, progress: &dyn Pro
         for p in &plan {
             let tmp = temporary(&p.dest);
             temps.push(tmp.clone());
-            put_file(repo, &manifest, p.at, &tmp, opts.threads, progress)
+            let format = whole_image_format(p.record)?;
+            put_file(repo, &manifest, p.at, &tmp, format, opts.threads, progress)
                 .with_context(|| format!("restoring {} {}", p.record.role, p.record.path))?;
         }
         let xml_file = scratch.path().join("domain.xml");
         let at = FileInSnapshot { volume: xml_volume.clone(), partition: None, path: None };
-        put_file(repo, &manifest, xml_record.unwrap_or(&at), &xml_file, opts.threads, progress)
+        put_file(repo, &manifest, xml_record.unwrap_or(&at), &xml_file, TargetFormat::Raw, opts.threads, progress)
             .context("restoring the domain XML")?;
         let xml = std::fs::read_to_string(&xml_file).context("reading the domain XML")?;
         let save = match vm.files.iter().find(|f| f.role == "managed-save").and_then(|f| f.in_snapshot.as_ref()) {
             Some(at) if vm.state_in_snapshot == "saved" => {
                 let tmp = temporary(&dirs.managed_save(&vm.name));
                 temps.push(tmp.clone());
-                put_file(repo, &manifest, at, &tmp, opts.threads, progress)
+                put_file(repo, &manifest, at, &tmp, TargetFormat::Raw, opts.threads, progress)
                     .context("restoring the managed-save image")?;
                 Some(tmp)
             }
@@ -306,13 +310,27 @@ pub fn restore_vm(repo: &Repository, opts: &VmRestoreOptions, progress: &dyn Pro
     })
 }
 
+/// How a file the snapshot holds as a whole volume is written: a disk of a live backup (the
+/// guest's view) in its host image format again; anything else byte for byte.
+fn whole_image_format(record: &VmFileRecord) -> Result<TargetFormat> {
+    match record.format.as_deref() {
+        None | Some("raw") => Ok(TargetFormat::Raw),
+        Some("qcow2") => Ok(TargetFormat::Qcow2),
+        Some(other) => Err(refused(format!(
+            "disk {} was a {other} image; Rime writes disks back as raw or qcow2 only: restore its volume with `rime restore SNAPSHOT FILE --volume NAME --format qcow2` and convert it",
+            record.path
+        ))),
+    }
+}
+
 /// Writes one file of the snapshot to `dest` (a new file): from inside a volume's filesystem
-/// through the image explorer, or a whole volume.
+/// through the image explorer, or a whole volume (in `format`).
 fn put_file(
     repo: &Repository,
     m: &Manifest,
     at: &FileInSnapshot,
     dest: &Path,
+    format: TargetFormat,
     threads: usize,
     progress: &dyn Progress,
 ) -> Result<()> {
@@ -326,7 +344,7 @@ fn put_file(
             target: dest.to_path_buf(),
             volume: Some(volume),
             threads,
-            format: TargetFormat::Raw,
+            format,
         };
         restore::restore(repo, &opts, progress)?;
         return Ok(());
