@@ -54,9 +54,17 @@ pub fn list(lv: &Libvirt, uuid: &str) -> Result<Vec<Checkpoint>, VirtError> {
 }
 
 /// Deletes one checkpoint's metadata and bitmaps; libvirt merges its bitmaps into its parent's,
-/// so incrementals from older checkpoints stay exact.
+/// so incrementals from older checkpoints stay exact. A checkpoint whose bitmap is already gone
+/// from the disk (the image was replaced) loses its metadata only.
 pub fn delete(lv: &Libvirt, uuid: &str, name: &str) -> Result<(), VirtError> {
-    lv.run(&format!("deleting checkpoint {name:?}"), ["checkpoint-delete", uuid, name]).map(drop)
+    let what = format!("deleting checkpoint {name:?}");
+    match lv.run(&what, ["checkpoint-delete", uuid, name]) {
+        Ok(_) => Ok(()),
+        Err(VirtError::Failed(m)) if m.contains("not found in backing chain") || m.contains("missing or broken bitmap") => {
+            lv.run(&what, ["checkpoint-delete", uuid, name, "--metadata"]).map(drop)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The checkpoint XML for a new checkpoint over the given disks (`bitmap`: the disk tracks

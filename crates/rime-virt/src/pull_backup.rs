@@ -124,6 +124,26 @@ impl Drop for PullBackup {
     }
 }
 
+/// The socket of the backup job running on the domain, if there is one.
+pub fn running_job_socket(lv: &Libvirt, uuid: &str) -> Result<Option<PathBuf>, VirtError> {
+    match lv.run("looking for a running backup job", ["backup-dumpxml", uuid]) {
+        Ok(xml) => Ok(parse_socket(&xml)),
+        Err(VirtError::Failed(m)) if m.contains("no domain backup job") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Ends the backup job running on the domain (one a killed backup left behind).
+pub fn abort(lv: &Libvirt, uuid: &str) -> Result<(), VirtError> {
+    lv.run("ending a backup job", ["domjobabort", uuid]).map(drop)
+}
+
+fn parse_socket(xml: &str) -> Option<PathBuf> {
+    let doc = roxmltree::Document::parse(xml).ok()?;
+    let server = doc.root_element().children().find(|c| c.tag_name().name() == "server")?;
+    server.attribute("socket").map(PathBuf::from)
+}
+
 fn parse_exports(xml: &str) -> Result<Vec<Export>, String> {
     let doc = roxmltree::Document::parse(xml).map_err(|e| format!("unreadable XML: {e}"))?;
     let root = doc.root_element();

@@ -271,7 +271,8 @@ impl VmContext<'_> {
         }
         for d in &disks {
             if let Err(why) = &d.incremental {
-                if chain.base.is_some() {
+                // A raw disk is always full (the snapshot says why); only a broken chain warns.
+                if chain.base.is_some() && d.format == "qcow2" {
                     note(format!("{}: full backup: {why}", d.target), &mut vm_warnings);
                 }
             }
@@ -460,7 +461,10 @@ impl VmContext<'_> {
                     }
                 }
                 None => {
-                    warn(format!("deleting checkpoint {} left by a backup that did not complete", c.name));
+                    warn(format!(
+                        "deleting checkpoint {}: no snapshot of this repository records it (a backup that did not complete, or a snapshot since forgotten)",
+                        c.name
+                    ));
                     checkpoints::delete(self.lv, &domain.uuid, &c.name)?;
                     self.maps.forget(&domain.uuid, &c.name);
                 }
@@ -540,6 +544,7 @@ impl VmContext<'_> {
         warn: &mut dyn FnMut(String),
     ) -> Result<(Opened, Option<LiveJob>, Option<String>, (String, String))> {
         let uuid = &domain.uuid;
+        self.end_abandoned_job(domain, warn)?;
         // The socket and the scratch files live where QEMU (another user) may write.
         let work = self.opts.scratch_dir.join(format!("{}-{}", uuid, std::process::id()));
         std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
@@ -643,6 +648,30 @@ impl VmContext<'_> {
             opened.push((volume, Some(client), dirty));
         }
         Ok((opened, Some(LiveJob { job, _folder: work_guard }), checkpoint, consistency))
+    }
+
+    /// A backup job a killed Rime left running (its socket in a folder of ours named after a
+    /// process that is gone) is ended; any other job is someone else's, and this backup fails.
+    fn end_abandoned_job(&self, domain: &Domain, warn: &mut dyn FnMut(String)) -> Result<()> {
+        let Some(socket) = pull_backup::running_job_socket(self.lv, &domain.uuid)? else { return Ok(()) };
+        let folder = socket.parent().filter(|f| f.parent() == Some(self.opts.scratch_dir.as_path()));
+        let owner = folder
+            .and_then(|f| f.file_name()?.to_str()?.rsplit('-').next()?.parse::<u32>().ok())
+            .filter(|pid| !rime_os::process::is_alive(*pid));
+        match (folder, owner) {
+            (Some(f), Some(pid)) => {
+                warn(format!("ending the backup job left by a Rime that stopped (process {pid})"));
+                pull_backup::abort(self.lv, &domain.uuid)?;
+                let _ = std::fs::remove_dir_all(f);
+                Ok(())
+            }
+            _ => Err(CommandError::Vm(format!(
+                "VM {:?} already has a backup job running (exporting on {}); wait for it, or end it with `virsh domjobabort`",
+                domain.name,
+                socket.display()
+            ))
+            .into()),
+        }
     }
 
     /// A VM that is not running: its disk images read directly (qemu-nbd for image formats).
