@@ -285,7 +285,8 @@ impl VmContext<'_> {
         std::fs::write(&xml_copy, xml.as_bytes())?;
         let xml_host = rime_virt::files::LibvirtDirs::of(self.lv).domain_xml(&domain.name);
         carried.push((Role::DomainXml, xml_host.display().to_string(), xml_copy));
-        if let Some(nvram) = &domain.parsed.nvram {
+        // A VM never started has no NVRAM file yet (libvirt makes it from its template).
+        if let Some(nvram) = domain.parsed.nvram.as_ref().filter(|n| Path::new(n).exists()) {
             let copy = staging.path().join("nvram");
             std::fs::copy(nvram, &copy).with_context(|| format!("copying NVRAM {nvram}"))?;
             carried.push((Role::Nvram, nvram.clone(), copy));

@@ -12,6 +12,7 @@ mod hot_support;
 mod vm_support;
 
 mod layout;
+mod live_backup;
 mod stop_resume;
 mod vm_backup;
 mod vm_restore;
