@@ -49,11 +49,18 @@ pub struct QemuNbd {
 
 impl QemuNbd {
     pub fn start(image: &Path, format: &str) -> Result<QemuNbd> {
+        Self::start_with_bitmaps(image, format, &[])
+    }
+
+    /// [`QemuNbd::start`], also exporting the image's persistent dirty bitmaps `bitmaps` (as the
+    /// NBD meta contexts `qemu:dirty-bitmap:<name>`).
+    pub fn start_with_bitmaps(image: &Path, format: &str, bitmaps: &[String]) -> Result<QemuNbd> {
         let dir = std::env::temp_dir().join(format!("rime-nbd-{}-{}", std::process::id(), unique()));
         std::fs::create_dir_all(&dir)?;
         let socket = dir.join("sock");
         let child = Command::new("qemu-nbd")
             .arg("--read-only")
+            .args(bitmaps.iter().map(|b| format!("--bitmap={b}")))
             .arg(format!("--format={format}"))
             .arg("--socket")
             .arg(&socket)
@@ -95,9 +102,14 @@ impl QemuNbd {
     /// Connects, retrying while qemu-nbd is still starting: it binds its socket before it
     /// listens, and before it opens the image. If it exits instead, its own reason is reported.
     pub fn connect(&mut self) -> Result<NbdClient> {
+        self.connect_with(&[])
+    }
+
+    /// [`QemuNbd::connect`] asking for the NBD meta contexts `contexts`.
+    pub fn connect_with(&mut self, contexts: &[&str]) -> Result<NbdClient> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            match NbdClient::connect_unix(&self.socket) {
+            match NbdClient::connect_unix_export(&self.socket, "", contexts) {
                 Ok(c) => return Ok(c),
                 Err(e) => {
                     if self.child.try_wait()?.is_some() {
@@ -121,6 +133,40 @@ impl QemuNbd {
         }
         err.lines().last().unwrap_or("it exited").trim().to_string()
     }
+}
+
+/// A persistent dirty bitmap of a qcow2 image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistentBitmap {
+    pub name: String,
+    /// Not marked in use: the QEMU that last wrote the image stored it when it stopped.
+    pub consistent: bool,
+}
+
+/// The persistent dirty bitmaps of a qcow2 image, per `qemu-img info` (shared with any user of
+/// the image, which must not be writing it for the answer to hold).
+pub fn persistent_bitmaps(image: &Path) -> Result<Vec<PersistentBitmap>> {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(image)
+        .stdin(Stdio::null())
+        .output()
+        .context("run qemu-img (install qemu-utils)")?;
+    if !out.status.success() {
+        bail!("qemu-img info {}: {}", image.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("qemu-img info printed no JSON")?;
+    let bitmaps = info["format-specific"]["data"]["bitmaps"].as_array().cloned().unwrap_or_default();
+    Ok(bitmaps
+        .iter()
+        .filter_map(|b| {
+            let flags = b["flags"].as_array()?;
+            Some(PersistentBitmap {
+                name: b["name"].as_str()?.to_string(),
+                consistent: !flags.iter().any(|f| f == "in-use"),
+            })
+        })
+        .collect())
 }
 
 fn unique() -> String {

@@ -40,6 +40,7 @@ use rime_virt::checkpoints::{self, Checkpoint};
 use rime_virt::files::Role;
 use rime_virt::pull_backup::{self, PullBackup, PullDisk};
 use rime_virt::{agent, domains, Domain, Libvirt, State};
+use rime_volume::qemu::QemuNbd;
 use rime_volume::{layout, Volume, VolumeKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -81,6 +82,8 @@ struct Chain {
     base: Option<(Checkpoint, Manifest)>,
     /// Every checkpoint of ours that a snapshot records (deleted once a newer one is done).
     completed: Vec<String>,
+    /// Checkpoints newer than the base, anyone's: their bitmaps hold the base's later changes.
+    later: Vec<Checkpoint>,
 }
 
 /// One VM's part of the snapshot, done.
@@ -295,7 +298,7 @@ impl VmContext<'_> {
         let (mut opened, job, checkpoint, consistency) = if running {
             self.open_live(domain, &mut disks, &chain, &mut |w| note(w, &mut vm_warnings))?
         } else {
-            let opened = self.open_offline(domain, &mut disks)?;
+            let opened = self.open_offline(domain, &mut disks, &chain)?;
             let why = format!("{}: read from its disk files, nothing stopped", domain.state.label());
             (opened, None, None, ("crash-consistent".to_string(), why))
         };
@@ -304,8 +307,11 @@ impl VmContext<'_> {
         let mut planned_disks = Vec::new();
         let mut used_maps = Vec::new();
         let mut reuses: Vec<Option<Reuse>> = Vec::new();
+        // The private qemu-nbd servers of a VM not running, alive until its disks are imaged.
+        let mut servers: Vec<QemuNbd> = Vec::new();
         let mut disk_records = Vec::new();
-        for (d, (volume, client, dirty)) in disks.iter().zip(opened.drain(..)) {
+        for (d, OpenedDisk { volume, client, dirty, server }) in disks.iter().zip(opened.drain(..)) {
+            servers.extend(server);
             let mut layout = layout::map_volume(&volume.region(), &self.opts.map_options)
                 .with_context(|| format!("mapping disk {} of VM {:?}", d.target, domain.name))?;
             if let Some(c) = &client {
@@ -315,10 +321,10 @@ impl VmContext<'_> {
             let materialized = Materialized::build(layout.map.as_mut(), volume.size, BLOCK, &used, &partial)
                 .with_context(|| format!("mapping the used blocks of disk {}", d.target))?;
             layout.map = Box::new(materialized);
-            let reuse = match (&d.incremental, &client, &dirty, &chain.base) {
-                (Ok(base_volume), Some(c), Some(ctx), Some((cp, base))) => {
+            let reuse = match (&d.incremental, &client, &chain.base) {
+                (Ok(base_volume), Some(c), Some((cp, base))) if !dirty.is_empty() => {
                     let base_of = Base { volume: base_volume, checkpoint: cp, snapshot: base };
-                    self.reuse(domain, d, &base_of, c, ctx, &used, &partial, volume.size)?
+                    self.reuse(domain, d, &base_of, c, &dirty, &used, &partial, volume.size)?
                 }
                 _ => None,
             };
@@ -453,7 +459,8 @@ impl VmContext<'_> {
         };
         let mut base: Option<(Checkpoint, Manifest)> = None;
         let mut completed = Vec::new();
-        for c in listed.into_iter().filter(|c| checkpoints::is_ours(&c.name, owner)) {
+        let mut stale = Vec::new();
+        for c in listed.iter().filter(|c| checkpoints::is_ours(&c.name, owner)).cloned() {
             match recorded(&c.name) {
                 Some(m) => {
                     completed.push(c.name.clone());
@@ -468,6 +475,7 @@ impl VmContext<'_> {
                     ));
                     checkpoints::delete(self.lv, &domain.uuid, &c.name)?;
                     self.maps.forget(&domain.uuid, &c.name);
+                    stale.push(c.name);
                 }
             }
         }
@@ -487,7 +495,14 @@ impl VmContext<'_> {
                 ));
             }
         }
-        Ok(Chain { base, completed })
+        let later = match &base {
+            Some((b, _)) => listed
+                .into_iter()
+                .filter(|c| c.created >= b.created && c.name != b.name && !stale.contains(&c.name))
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(Chain { base, completed, later })
     }
 
     /// The VM's disks Rime reads, each with whether it can be incremental.
@@ -636,17 +651,15 @@ impl VmContext<'_> {
         let mut opened = Vec::new();
         for d in disks.iter() {
             let export = job.exports.iter().find(|e| e.target == d.target).expect("checked by begin");
-            let dirty = export.dirty_context.clone().filter(|_| d.incremental.is_ok());
+            let dirty: Vec<String> = export.dirty_context.iter().filter(|_| d.incremental.is_ok()).cloned().collect();
             let mut contexts = vec![BASE_ALLOCATION];
-            if let Some(ctx) = &dirty {
-                contexts.push(ctx);
-            }
+            contexts.extend(dirty.iter().map(String::as_str));
             let client = NbdClient::connect_unix_export(&job.socket, &export.name, &contexts)
                 .with_context(|| format!("reading the export of disk {}", d.target))?;
             let client = Arc::new(client);
             let kind = VolumeKind::DiskImage(d.format.clone());
             let volume = Volume::from_source(PathBuf::from(&d.source), kind, client.size(), client.clone());
-            opened.push((volume, Some(client), dirty));
+            opened.push(OpenedDisk { volume, client: Some(client), dirty, server: None });
         }
         Ok((opened, Some(LiveJob { job, _folder: work_guard }), checkpoint, consistency))
     }
@@ -675,18 +688,54 @@ impl VmContext<'_> {
         }
     }
 
-    /// A VM that is not running: its disk images read directly (qemu-nbd for image formats).
-    fn open_offline(&self, domain: &Domain, disks: &mut [DiskPlan]) -> Result<Opened> {
+    /// A VM that is not running: each disk image served by a private read-only `qemu-nbd`
+    /// (whose lock keeps the VM from starting on it meanwhile), with the persistent bitmaps
+    /// of the base checkpoint and every later one when the disk can be incremental: their union
+    /// is what changed since the base.
+    fn open_offline(&self, domain: &Domain, disks: &mut [DiskPlan], chain: &Chain) -> Result<Opened> {
         let mut out = Vec::new();
         for d in disks.iter_mut() {
-            if d.incremental.is_ok() {
-                d.incremental = Err(format!("{}: read whole from its disk file", domain.state.label()));
-            }
-            let v = Volume::open(Path::new(&d.source), false)
+            let bitmaps = match (&d.incremental, &chain.base) {
+                (Ok(_), Some((base, _))) => match self.offline_bitmaps(d, base, &chain.later) {
+                    Ok(b) => b,
+                    Err(why) => {
+                        d.incremental = Err(why);
+                        Vec::new()
+                    }
+                },
+                _ => Vec::new(),
+            };
+            let image = Path::new(&d.source);
+            let mut server = QemuNbd::start_with_bitmaps(image, &d.format, &bitmaps)
                 .with_context(|| format!("opening disk {} of VM {:?}", d.target, domain.name))?;
-            out.push((v, None, None));
+            let dirty: Vec<String> = bitmaps.iter().map(|b| format!("qemu:dirty-bitmap:{b}")).collect();
+            let mut contexts = vec![BASE_ALLOCATION];
+            contexts.extend(dirty.iter().map(String::as_str));
+            let client = Arc::new(server.connect_with(&contexts)?);
+            let kind = VolumeKind::DiskImage(d.format.clone());
+            let volume = Volume::from_source(image.to_path_buf(), kind, client.size(), client.clone());
+            out.push(OpenedDisk { volume, client: Some(client), dirty, server: Some(server) });
         }
         Ok(out)
+    }
+
+    /// The bitmaps of a shut-off VM's qcow2 that together hold its changes since `base`: the
+    /// base's and those of every later checkpoint; all must be in the image and consistent.
+    fn offline_bitmaps(&self, d: &DiskPlan, base: &Checkpoint, later: &[Checkpoint]) -> Result<Vec<String>, String> {
+        let in_image = rime_volume::qemu::persistent_bitmaps(Path::new(&d.source)).map_err(|e| format!("{e:#}"))?;
+        let mut names = Vec::new();
+        for cp in std::iter::once(base).chain(later) {
+            let Some((_, bitmap)) = cp.bitmaps.iter().find(|(t, _)| *t == d.target) else { continue };
+            match in_image.iter().find(|b| b.name == *bitmap) {
+                Some(b) if b.consistent => names.push(bitmap.clone()),
+                Some(_) => return Err(format!("bitmap {bitmap} in the image is inconsistent (QEMU did not stop cleanly)")),
+                None => return Err(format!("bitmap {bitmap} of checkpoint {} is not in the image (disk replaced)", cp.name)),
+            }
+        }
+        if names.is_empty() {
+            return Err(format!("checkpoint {} tracks no changes on it", base.name));
+        }
+        Ok(names)
     }
 
     /// What this disk's backup takes from the base snapshot: chunks whose blocks the dirty
@@ -698,7 +747,7 @@ impl VmContext<'_> {
         d: &DiskPlan,
         base: &Base<'_>,
         client: &NbdClient,
-        dirty_context: &str,
+        dirty_contexts: &[String],
         used: &Bitmap,
         partial: &Bitmap,
         size: u64,
@@ -711,7 +760,10 @@ impl VmContext<'_> {
         let Some(prev_used) = self.maps.load(&domain.uuid, &base.checkpoint.name, &d.target, BLOCK, bits)? else {
             return Ok(None);
         };
-        let changed = allocation::dirty_blocks(client, dirty_context, BLOCK)?;
+        let changed = allocation::dirty_blocks(client, &dirty_contexts[0], BLOCK)?;
+        for more in &dirty_contexts[1..] {
+            changed.or_with(&allocation::dirty_blocks(client, more, BLOCK)?);
+        }
         let id = base.snapshot.id.clone();
         Reuse::find(self.repo, self.index, id, entry, BLOCK, changed, &prev_used, used, partial)
     }
@@ -737,7 +789,17 @@ impl LiveJob {
     }
 }
 
-type Opened = Vec<(Volume, Option<Arc<NbdClient>>, Option<String>)>;
+/// A disk opened for reading: through an NBD client (the backup job's export, or a private
+/// `qemu-nbd` of the image file), with the meta contexts holding its changes since the base.
+struct OpenedDisk {
+    volume: Volume,
+    client: Option<Arc<NbdClient>>,
+    /// `qemu:dirty-bitmap:*` contexts; the blocks any of them marks changed since the base.
+    dirty: Vec<String>,
+    server: Option<QemuNbd>,
+}
+
+type Opened = Vec<OpenedDisk>;
 
 /// A map that maps nothing (a placeholder while the real one is wrapped).
 struct NoMap;
