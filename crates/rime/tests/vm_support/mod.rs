@@ -17,6 +17,8 @@ use std::process::Command;
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
+pub mod guest;
+
 static LIBVIRT: RwLock<()> = RwLock::new(());
 
 fn check_libvirt() {
@@ -126,6 +128,7 @@ pub fn raw(path: &Path, size_kib: u64) {
 }
 
 /// A disk of a test domain.
+#[derive(Clone, Copy)]
 pub enum Disk<'a> {
     Qcow2(&'a Path),
     Raw(&'a Path),
@@ -133,13 +136,12 @@ pub enum Disk<'a> {
     Floppy(&'a Path),
 }
 
-fn escape(s: &str) -> String {
+pub fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('\'', "&apos;").replace('"', "&quot;")
 }
 
-/// The XML of a small test domain: 64 MiB, TCG, no guest OS (SeaBIOS finds nothing to boot and
-/// waits), the disks given; `nvram` adds OVMF with a variables file; `extra` goes in `<domain>`.
-pub fn domain_xml(name: &str, disks: &[Disk], nvram: bool, extra: &str) -> String {
+/// The `<disk>` elements of `disks`: virtio ones are vda, vdb… in order, CD-ROMs hdc, hdd….
+pub fn disks_xml(disks: &[Disk]) -> String {
     let mut devices = String::new();
     let (mut vd, mut hd) = (b'a', b'c');
     for d in disks {
@@ -160,6 +162,13 @@ pub fn domain_xml(name: &str, disks: &[Disk], nvram: bool, extra: &str) -> Strin
             escape(path.to_str().unwrap())
         ));
     }
+    devices
+}
+
+/// The XML of a small test domain: 64 MiB, TCG, no guest OS (SeaBIOS finds nothing to boot and
+/// waits), the disks given; `nvram` adds OVMF with a variables file; `extra` goes in `<domain>`.
+pub fn domain_xml(name: &str, disks: &[Disk], nvram: bool, extra: &str) -> String {
+    let devices = disks_xml(disks);
     let firmware = if nvram {
         "<loader readonly='yes' type='pflash'>/usr/share/OVMF/OVMF_CODE_4M.fd</loader><nvram template='/usr/share/OVMF/OVMF_VARS_4M.fd'/>"
     } else {
