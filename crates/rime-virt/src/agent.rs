@@ -35,7 +35,7 @@ pub struct Frozen {
 
 /// Freezes every filesystem the guest has mounted.
 pub fn freeze(lv: &Libvirt, uuid: &str) -> Result<Frozen, VirtError> {
-    let out = lv.run_for("freezing the guest's filesystems", ["domfsfreeze", uuid], FREEZE_TIMEOUT)?;
+    let out = lv.run_verbose("freezing the guest's filesystems", ["domfsfreeze", uuid], FREEZE_TIMEOUT)?;
     // "Froze 2 filesystem(s)"
     let count = out.split_whitespace().find_map(|w| w.parse().ok()).unwrap_or(0);
     Ok(Frozen { lv: lv.clone(), uuid: uuid.to_string(), count, thawed: false })

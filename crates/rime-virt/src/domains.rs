@@ -47,6 +47,20 @@ pub fn list(lv: &Libvirt) -> Result<Vec<Domain>, VirtError> {
     Ok(out)
 }
 
+/// The domain named `name` (or, failing that, with the UUID `name`), as it is now; one listing
+/// of names rather than a read of every domain on the host.
+pub fn find(lv: &Libvirt, name: &str) -> Result<Domain, VirtError> {
+    let listing = lv.run("listing domains", ["list", "--all", "--uuid", "--name"])?;
+    let pairs: Vec<(&str, &str)> = listing.lines().filter_map(|l| l.trim_start().split_once(' ')).collect();
+    let uuid = pairs
+        .iter()
+        .find(|(_, n)| *n == name)
+        .or_else(|| pairs.iter().find(|(u, _)| u.eq_ignore_ascii_case(name)))
+        .map(|(u, _)| u.to_string())
+        .ok_or_else(|| crate::control::no_such(name))?;
+    get(lv, &uuid)
+}
+
 /// The domain with this UUID, as it is now.
 pub fn get(lv: &Libvirt, uuid: &str) -> Result<Domain, VirtError> {
     let transient = listed(lv, &["--transient"])?;

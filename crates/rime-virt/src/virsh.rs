@@ -55,9 +55,23 @@ impl Libvirt {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        self.command_with(true, args)
+    }
+
+    /// `quiet`: without virsh's informational messages ("Domain started"); some answers
+    /// ("Froze 2 filesystem(s)") are only in those.
+    fn command_with<I, S>(&self, quiet: bool, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new("virsh");
-        cmd.arg("--connect").arg(&self.uri).arg("--quiet").args(args);
+        cmd.arg("--connect").arg(&self.uri);
+        if quiet {
+            cmd.arg("--quiet");
+        }
+        cmd.args(args);
         cmd.env("LC_ALL", "C").env_remove("LANGUAGE").stdin(Stdio::null());
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
         cmd
@@ -79,18 +93,17 @@ impl Libvirt {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut running = self.spawn(what, args)?;
-        let started = Instant::now();
-        loop {
-            if let Some(outcome) = running.poll() {
-                return outcome;
-            }
-            if started.elapsed() >= limit {
-                running.kill();
-                return Err(VirtError::Timeout(format!("{what}: libvirt did not answer within {} s", limit.as_secs())));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.spawn(what, args)?.wait_for(limit)
+    }
+
+    /// [`Libvirt::run_for`] keeping virsh's informational messages in the output.
+    pub fn run_verbose<I, S>(&self, what: &str, args: I, limit: Duration) -> Result<String, VirtError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut running = self.spawn_command(what, self.command_with(false, args))?;
+        running.wait_for(limit)
     }
 
     /// Starts one `virsh` command and returns at once; [`Running::poll`] says when it is done.
@@ -99,7 +112,11 @@ impl Libvirt {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut child = self.command(args).spawn().map_err(|e| match e.kind() {
+        self.spawn_command(what, self.command(args))
+    }
+
+    fn spawn_command(&self, what: &str, mut cmd: Command) -> Result<Running, VirtError> {
+        let mut child = cmd.spawn().map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => VirtError::NoVirsh,
             _ => VirtError::Failed(format!("{what}: cannot run virsh: {e}")),
         })?;
@@ -143,6 +160,25 @@ impl Running {
         let stdout = String::from_utf8_lossy(&collect(self.stdout.take())).into_owned();
         let stderr = String::from_utf8_lossy(&collect(self.stderr.take())).into_owned();
         Some(if status.success() { Ok(stdout) } else { Err(classify(&self.what, &self.uri, &stderr)) })
+    }
+
+    /// Waits for its outcome at most `limit` (then kills it: a timeout).
+    fn wait_for(&mut self, limit: Duration) -> Result<String, VirtError> {
+        let started = Instant::now();
+        loop {
+            if let Some(outcome) = self.poll() {
+                return outcome;
+            }
+            if started.elapsed() >= limit {
+                self.kill();
+                return Err(VirtError::Timeout(format!(
+                    "{}: libvirt did not answer within {} s",
+                    self.what,
+                    limit.as_secs()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Stops waiting for it (the libvirt job it asked for may go on; the caller decides).

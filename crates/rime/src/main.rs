@@ -49,97 +49,7 @@ enum Command {
         chunk_size: Option<u32>,
     },
     /// Back up volumes into a new snapshot. With no volume, backs up a sample ext4 volume.
-    Backup {
-        /// Block devices, image files, mount points, or loop devices of served volumes.
-        volumes: Vec<PathBuf>,
-        #[arg(long = "tag")]
-        tags: Vec<String>,
-        #[arg(long, default_value = "normal", value_parser = ["none", "fast", "normal", "best"])]
-        compression: String,
-        /// offline, auto or online (default auto, or the job's).
-        #[arg(long, value_parser = ["offline", "auto", "online"])]
-        mode: Option<String>,
-        /// Image every block, not only those the filesystem uses.
-        #[arg(long)]
-        all_blocks: bool,
-        /// Leave out the data of this file (a path inside the volume's filesystem, e.g.
-        /// /swapfile); it is restored with its size, reading as zeros. Repeatable.
-        #[arg(long = "exclude-file", value_name = "PATH")]
-        exclude_files: Vec<String>,
-        /// Cyclic backup: keep the last N snapshots of this set of volumes, prune the rest.
-        #[arg(long, value_parser = at_least_one)]
-        keep_last: Option<usize>,
-        /// Check allocation records against the files using them before trusting them (ext
-        /// block bitmaps against in-use inodes, a FAT against its directories). auto: where
-        /// nothing else vouches for them (ext without metadata_csum, a FAT marked dirty).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
-        cross_check: String,
-        /// Run before the snapshot (freeze an application), by /bin/sh -c; repeatable. A failure
-        /// or timeout aborts the backup; the after-snapshot and after-backup hooks still run.
-        #[arg(long = "before-snapshot", value_name = "CMD")]
-        before_snapshot: Vec<String>,
-        /// Run after the snapshot (thaw), always, also when the snapshot failed; repeatable.
-        #[arg(long = "after-snapshot", value_name = "CMD")]
-        after_snapshot: Vec<String>,
-        /// Run after the backup with its outcome in RIME_ERROR; repeatable.
-        #[arg(long = "after-backup", value_name = "CMD")]
-        after_backup: Vec<String>,
-        /// Hold the writers found on the volumes for the snapshot: the filesystems mounted from
-        /// them (fsfreeze) and the PostgreSQL clusters there (CHECKPOINT first). auto: one that
-        /// cannot be held fails the backup; try: go on, its data crash-consistent (recorded and
-        /// warned); never: a crash-consistent snapshot.
-        #[arg(long, default_value = "auto", value_parser = ["auto", "try", "never"])]
-        freeze: String,
-        /// The snapshot provider every volume must use: btrfs-snapshot, reflink, rime-serve or
-        /// offline (default auto: the best available for each).
-        #[arg(long, default_value = "auto", value_parser = ["auto", "btrfs-snapshot", "reflink", "rime-serve", "offline"])]
-        provider: String,
-        /// Hold this SQLite database consistent for the snapshot (WAL checkpoint, then its write
-        /// lock until the thaw); repeatable.
-        #[arg(long = "sqlite", value_name = "DB")]
-        sqlite: Vec<PathBuf>,
-        /// Say which provider each volume would use, and why; back up nothing.
-        #[arg(long)]
-        dry_run: bool,
-        /// Timeout of each command-line hook, in seconds.
-        #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
-        hook_timeout: f64,
-        /// A job file (TOML, docs/CONSISTENCY.md): volumes, mode and hooks of a job.
-        #[arg(long, value_name = "FILE")]
-        job: Option<PathBuf>,
-        /// The job to run from --job (needed when the file holds several).
-        #[arg(long, value_name = "NAME", requires = "job")]
-        job_name: Option<String>,
-        /// Find the VMs on the volumes, managed-save the running ones for the snapshot, start
-        /// them again right after it, and record them (docs/VMS.md).
-        #[arg(long)]
-        vm_aware: bool,
-        /// full: take only VMs whose files are all on the volumes; partial: also VMs partly there.
-        #[arg(long, default_value = "full", value_parser = ["full", "partial"], requires = "vm_aware")]
-        vm_criterion: String,
-        /// Leave CD/DVD and floppy images out of the VMs' coverage.
-        #[arg(long, requires = "vm_aware")]
-        vm_no_media: bool,
-        /// When stopped VMs start again: after-snapshot (default) or after-backup.
-        #[arg(long, default_value = "after-snapshot", value_parser = ["after-snapshot", "after-backup"], requires = "vm_aware")]
-        vm_resume: String,
-        /// Longest wait for the VMs' saves (and starts), in seconds.
-        #[arg(long, default_value_t = 300, value_name = "SECONDS", requires = "vm_aware")]
-        vm_max_wait: u64,
-        /// Back up this VM (name or UUID) while it runs, through libvirt's backup API, with
-        /// incrementals from its last checkpoint; a VM not running is read from its disk files.
-        /// Repeatable; all go into one snapshot (docs/VMS.md).
-        #[arg(long = "vm", value_name = "NAME", conflicts_with_all = ["volumes", "vm_aware", "job"])]
-        vms: Vec<String>,
-        /// With --vm: fail rather than back up a running VM whose guest agent does not answer
-        /// (crash-consistent otherwise).
-        #[arg(long, requires = "vms")]
-        require_agent: bool,
-        /// With --vm: where QEMU keeps the old data of blocks a guest overwrites during its
-        /// backup (and the export's socket).
-        #[arg(long, value_name = "DIR", default_value = "/var/lib/rime/vm-backup", requires = "vms")]
-        scratch_dir: PathBuf,
-    },
+    Backup(Box<BackupArgs>),
     /// List snapshots.
     Snapshots {
         /// Also show each volume's layers: partitions, LVM physical and logical volumes,
@@ -326,6 +236,100 @@ fn repo_location(cli_repo: &Option<String>) -> Result<(String, bool)> {
     }
 }
 
+/// `rime backup`.
+#[derive(clap::Args)]
+struct BackupArgs {
+    /// Block devices, image files, mount points, or loop devices of served volumes.
+    volumes: Vec<PathBuf>,
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+    #[arg(long, default_value = "normal", value_parser = ["none", "fast", "normal", "best"])]
+    compression: String,
+    /// offline, auto or online (default auto, or the job's).
+    #[arg(long, value_parser = ["offline", "auto", "online"])]
+    mode: Option<String>,
+    /// Image every block, not only those the filesystem uses.
+    #[arg(long)]
+    all_blocks: bool,
+    /// Leave out the data of this file (a path inside the volume's filesystem, e.g.
+    /// /swapfile); it is restored with its size, reading as zeros. Repeatable.
+    #[arg(long = "exclude-file", value_name = "PATH")]
+    exclude_files: Vec<String>,
+    /// Cyclic backup: keep the last N snapshots of this set of volumes, prune the rest.
+    #[arg(long, value_parser = at_least_one)]
+    keep_last: Option<usize>,
+    /// Check allocation records against the files using them before trusting them (ext
+    /// block bitmaps against in-use inodes, a FAT against its directories). auto: where
+    /// nothing else vouches for them (ext without metadata_csum, a FAT marked dirty).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    cross_check: String,
+    /// Run before the snapshot (freeze an application), by /bin/sh -c; repeatable. A failure
+    /// or timeout aborts the backup; the after-snapshot and after-backup hooks still run.
+    #[arg(long = "before-snapshot", value_name = "CMD")]
+    before_snapshot: Vec<String>,
+    /// Run after the snapshot (thaw), always, also when the snapshot failed; repeatable.
+    #[arg(long = "after-snapshot", value_name = "CMD")]
+    after_snapshot: Vec<String>,
+    /// Run after the backup with its outcome in RIME_ERROR; repeatable.
+    #[arg(long = "after-backup", value_name = "CMD")]
+    after_backup: Vec<String>,
+    /// Hold the writers found on the volumes for the snapshot: the filesystems mounted from
+    /// them (fsfreeze) and the PostgreSQL clusters there (CHECKPOINT first). auto: one that
+    /// cannot be held fails the backup; try: go on, its data crash-consistent (recorded and
+    /// warned); never: a crash-consistent snapshot.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "try", "never"])]
+    freeze: String,
+    /// The snapshot provider every volume must use: btrfs-snapshot, reflink, rime-serve or
+    /// offline (default auto: the best available for each).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "btrfs-snapshot", "reflink", "rime-serve", "offline"])]
+    provider: String,
+    /// Hold this SQLite database consistent for the snapshot (WAL checkpoint, then its write
+    /// lock until the thaw); repeatable.
+    #[arg(long = "sqlite", value_name = "DB")]
+    sqlite: Vec<PathBuf>,
+    /// Say which provider each volume would use, and why; back up nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Timeout of each command-line hook, in seconds.
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    hook_timeout: f64,
+    /// A job file (TOML, docs/CONSISTENCY.md): volumes, mode and hooks of a job.
+    #[arg(long, value_name = "FILE")]
+    job: Option<PathBuf>,
+    /// The job to run from --job (needed when the file holds several).
+    #[arg(long, value_name = "NAME", requires = "job")]
+    job_name: Option<String>,
+    /// Find the VMs on the volumes, managed-save the running ones for the snapshot, start
+    /// them again right after it, and record them (docs/VMS.md).
+    #[arg(long)]
+    vm_aware: bool,
+    /// full: take only VMs whose files are all on the volumes; partial: also VMs partly there.
+    #[arg(long, default_value = "full", value_parser = ["full", "partial"], requires = "vm_aware")]
+    vm_criterion: String,
+    /// Leave CD/DVD and floppy images out of the VMs' coverage.
+    #[arg(long, requires = "vm_aware")]
+    vm_no_media: bool,
+    /// When stopped VMs start again: after-snapshot (default) or after-backup.
+    #[arg(long, default_value = "after-snapshot", value_parser = ["after-snapshot", "after-backup"], requires = "vm_aware")]
+    vm_resume: String,
+    /// Longest wait for the VMs' saves (and starts), in seconds.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS", requires = "vm_aware")]
+    vm_max_wait: u64,
+    /// Back up this VM (name or UUID) while it runs, through libvirt's backup API, with
+    /// incrementals from its last checkpoint; a VM not running is read from its disk files.
+    /// Repeatable; all go into one snapshot (docs/VMS.md).
+    #[arg(long = "vm", value_name = "NAME", conflicts_with_all = ["volumes", "vm_aware", "job"])]
+    vms: Vec<String>,
+    /// With --vm: fail rather than back up a running VM whose guest agent does not answer
+    /// (crash-consistent otherwise).
+    #[arg(long, requires = "vms")]
+    require_agent: bool,
+    /// With --vm: where QEMU keeps the old data of blocks a guest overwrites during its
+    /// backup (and the export's socket).
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/rime/vm-backup", requires = "vms")]
+    scratch_dir: PathBuf,
+}
+
 /// `--keep-last`: retention is its own step, after a successful backup; its failure does not
 /// undo the backup.
 fn keep_only_last(
@@ -357,34 +361,35 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = rime_core::commands::init::init(&location, chunk_size)?;
             output::init(&repo, cli.json);
         }
-        Command::Backup {
-            volumes,
-            tags,
-            compression,
-            mode,
-            all_blocks,
-            exclude_files,
-            keep_last,
-            cross_check,
-            before_snapshot,
-            after_snapshot,
-            after_backup,
-            hook_timeout,
-            job,
-            job_name,
-            freeze,
-            provider,
-            dry_run,
-            sqlite,
-            vm_aware,
-            vm_criterion,
-            vm_no_media,
-            vm_resume,
-            vm_max_wait,
-            vms,
-            require_agent,
-            scratch_dir,
-        } => {
+        Command::Backup(args) => {
+            let BackupArgs {
+                volumes,
+                tags,
+                compression,
+                mode,
+                all_blocks,
+                exclude_files,
+                keep_last,
+                cross_check,
+                before_snapshot,
+                after_snapshot,
+                after_backup,
+                hook_timeout,
+                job,
+                job_name,
+                freeze,
+                provider,
+                dry_run,
+                sqlite,
+                vm_aware,
+                vm_criterion,
+                vm_no_media,
+                vm_resume,
+                vm_max_wait,
+                vms,
+                require_agent,
+                scratch_dir,
+            } = *args;
             if !vms.is_empty() {
                 let repo = Repository::open(&location)?;
                 let opts = rime_core::vms::live::LiveOptions {

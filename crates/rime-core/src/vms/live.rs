@@ -103,14 +103,9 @@ pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress
     }
     let started = Instant::now();
     let lv = Libvirt::connect()?;
-    let all = domains::list(&lv)?;
-    let mut chosen: Vec<&Domain> = Vec::new();
+    let mut chosen: Vec<Domain> = Vec::new();
     for name in &opts.names {
-        let d = all
-            .iter()
-            .find(|d| &d.name == name)
-            .or_else(|| all.iter().find(|d| d.uuid.eq_ignore_ascii_case(name)))
-            .ok_or_else(|| rime_virt::control::no_such(name))?;
+        let d = domains::find(&lv, name)?;
         if !chosen.iter().any(|c| c.uuid == d.uuid) {
             chosen.push(d);
         }
@@ -295,12 +290,12 @@ impl VmContext<'_> {
             carried.push((Role::Nvram, nvram.clone(), copy));
         }
 
-        let (mut opened, job, checkpoint, consistency) = if running {
+        let Began { mut opened, job, checkpoint, consistency } = if running {
             self.open_live(domain, &mut disks, &chain, &mut |w| note(w, &mut vm_warnings))?
         } else {
             let opened = self.open_offline(domain, &mut disks, &chain)?;
             let why = format!("{}: read from its disk files, nothing stopped", domain.state.label());
-            (opened, None, None, ("crash-consistent".to_string(), why))
+            Began { opened, job: None, checkpoint: None, consistency: ("crash-consistent".to_string(), why) }
         };
 
         // Map each disk through its export, then image it.
@@ -558,7 +553,7 @@ impl VmContext<'_> {
         disks: &mut [DiskPlan],
         chain: &Chain,
         warn: &mut dyn FnMut(String),
-    ) -> Result<(Opened, Option<LiveJob>, Option<String>, (String, String))> {
+    ) -> Result<Began> {
         let uuid = &domain.uuid;
         self.end_abandoned_job(domain, warn)?;
         // The socket and the scratch files live where QEMU (another user) may write.
@@ -596,7 +591,11 @@ impl VmContext<'_> {
             chain.base.as_ref().map(|(c, _)| c.name.clone()).filter(|_| disks.iter().any(|d| d.incremental.is_ok()));
 
         // Application consistency: the agent freezes the guest's filesystems for the instant.
-        let agent = agent::ping(self.lv, uuid);
+        let agent = if domain.xml.contains("org.qemu.guest_agent.0") {
+            agent::ping(self.lv, uuid).map_err(|e| e.to_string())
+        } else {
+            Err("the VM has no guest agent channel (org.qemu.guest_agent.0)".to_string())
+        };
         if let (Err(e), true) = (&agent, self.opts.require_agent) {
             return Err(CommandError::Vm(format!(
                 "VM {:?}: the guest agent does not answer ({e}) and --require-agent was given",
@@ -661,7 +660,7 @@ impl VmContext<'_> {
             let volume = Volume::from_source(PathBuf::from(&d.source), kind, client.size(), client.clone());
             opened.push(OpenedDisk { volume, client: Some(client), dirty, server: None });
         }
-        Ok((opened, Some(LiveJob { job, _folder: work_guard }), checkpoint, consistency))
+        Ok(Began { opened, job: Some(LiveJob { job, _folder: work_guard }), checkpoint, consistency })
     }
 
     /// A backup job a killed Rime left running (its socket in a folder of ours named after a
@@ -728,8 +727,15 @@ impl VmContext<'_> {
             let Some((_, bitmap)) = cp.bitmaps.iter().find(|(t, _)| *t == d.target) else { continue };
             match in_image.iter().find(|b| b.name == *bitmap) {
                 Some(b) if b.consistent => names.push(bitmap.clone()),
-                Some(_) => return Err(format!("bitmap {bitmap} in the image is inconsistent (QEMU did not stop cleanly)")),
-                None => return Err(format!("bitmap {bitmap} of checkpoint {} is not in the image (disk replaced)", cp.name)),
+                Some(_) => {
+                    return Err(format!("bitmap {bitmap} in the image is inconsistent (QEMU did not stop cleanly)"))
+                }
+                None => {
+                    return Err(format!(
+                        "bitmap {bitmap} of checkpoint {} is not in the image (disk replaced)",
+                        cp.name
+                    ))
+                }
             }
         }
         if names.is_empty() {
@@ -800,6 +806,17 @@ struct OpenedDisk {
 }
 
 type Opened = Vec<OpenedDisk>;
+
+/// A VM's disks opened for its backup.
+struct Began {
+    opened: Opened,
+    /// The backup job of a running VM (ended once its disks are imaged).
+    job: Option<LiveJob>,
+    /// The checkpoint the job created.
+    checkpoint: Option<String>,
+    /// "application-consistent" or "crash-consistent", and why.
+    consistency: (String, String),
+}
 
 /// A map that maps nothing (a placeholder while the real one is wrapped).
 struct NoMap;

@@ -6,6 +6,7 @@
 //! before the VM started) against the volume Rime restores, byte for byte.
 
 use crate::common::*;
+use crate::vm_support::guest;
 use crate::vm_support::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
@@ -26,10 +27,13 @@ fn disk_now(image: &Path, out: &Path) {
     sh("qemu-img", &["convert", "-q", "-U", "-O", "raw", p(image), p(out)]);
 }
 
-/// Writes `len` bytes of `pattern` at `offset` of the running domain's disk `drive`.
+/// Writes `len` bytes of `pattern` at `offset` of the running domain's disk `drive`, flushed
+/// to the image file (so that a reader outside QEMU sees it too).
 fn guest_write(d: &TestDomain, drive: &str, offset: u64, len: u64, pattern: u8) {
     let out = d.hmp(&format!("qemu-io {drive} \"write -P {pattern} {offset} {len}\""));
     assert!(!out.to_lowercase().contains("error"), "qemu-io: {out}");
+    let out = d.hmp(&format!("qemu-io {drive} flush"));
+    assert!(!out.to_lowercase().contains("error"), "qemu-io flush: {out}");
 }
 
 const VDB: &str = "-d /machine/peripheral/virtio-disk1/virtio-backend";
@@ -105,7 +109,8 @@ fn a_running_vm_is_imaged_at_the_instant_its_backup_began_and_incrementals_read_
     // Writes while the backup reads: a block of a file on vda, the end of vdb.
     let file = "/bin/random-2.bin";
     let (a, b) = (ext_block_of(&ext, file, 3), ext_block_of(&ext, file, 40));
-    let mut child = env.spawn(&["backup", "--vm", &d.name, "--json", "--threads", "1"]);
+    // One thread at the best compression: slow enough that the writes land while it reads.
+    let mut child = env.spawn(&["backup", "--vm", &d.name, "--json", "--threads", "1", "--compression", "best"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !job_info(&d).contains("Backup") {
         assert!(child.try_wait().unwrap().is_none(), "the backup ended before its job was seen");
@@ -128,7 +133,7 @@ fn a_running_vm_is_imaged_at_the_instant_its_backup_began_and_incrementals_read_
     assert!(l["checkpoint"].as_str().unwrap().starts_with("rime."), "{l:#}");
     assert_eq!(disk(&first, &d.name, "vda")["mode"], "full");
     // Only what the filesystem uses was read: not the garbage in its free blocks.
-    let v = volume(&first, &disk(&first, &d.name, "vda")["volume"].as_str().unwrap().to_string()).clone();
+    let v = volume(&first, disk(&first, &d.name, "vda")["volume"].as_str().unwrap()).clone();
     assert_eq!(v["filesystem"], "ext4", "{v:#}");
     assert!(v["read_bytes"].as_u64().unwrap() < ext_used_bytes(&ext) + 8 * MIB, "{v:#}");
 
@@ -273,6 +278,7 @@ fn a_killed_backup_changes_nothing_and_the_next_one_counts_from_the_last_complet
     write_random_file(&source, 8, 320 * MIB);
     let out = d.hmp(&format!("qemu-io {VDA} \"write -s {} 64M 320M\"", p(&source)));
     assert!(!out.to_lowercase().contains("error"), "qemu-io: {out}");
+    d.hmp(&format!("qemu-io {VDA} flush"));
     let mut child = env.spawn(&["backup", "--vm", &name, "--threads", "1", "--compression", "best"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while !job_info(&d).contains("Backup") {
@@ -331,6 +337,38 @@ fn a_vm_that_is_not_running_is_read_from_its_disk_files_and_restore_vm_writes_qc
     let roles: Vec<&str> = files.iter().map(|f| f["role"].as_str().unwrap()).collect();
     assert_eq!(roles, vec!["domain-xml", "disk"]);
 
+    // Started, backed up live (a checkpoint), changed, stopped: the backup of the VM shut off
+    // is incremental from that checkpoint through the image's persistent bitmap.
+    d.start();
+    d.wait_state("running", Duration::from_secs(30));
+    let running = env.backup_json(&["--vm", &d.name]);
+    guest_write(&d, VDA, 20 * MIB, 64 * 1024, 0x6b);
+    quit(&d);
+    let off = env.backup_json(&["--vm", &d.name]);
+    let l = live(&off, &d.name);
+    assert_eq!(
+        (l["method"].as_str(), disk(&off, &d.name, "vda")["mode"].as_str()),
+        (Some("disk-files"), Some("incremental")),
+        "{l:#}"
+    );
+    assert_eq!(l["base_checkpoint"], live(&running, &d.name)["checkpoint"]);
+    let vol = format!("{}.vda", d.name.replace(' ', "_"));
+    assert!(volume(&off, &vol)["read_bytes"].as_u64().unwrap() <= 2 * 65536, "{:#}", volume(&off, &vol));
+    let now = env.path("now.raw");
+    disk_now(&image, &now);
+    let r = restored(&env, off["snapshot"].as_str().unwrap(), &vol, &env.path("r.raw"));
+    assert!(same_bytes(&now, &r), "{:?}", first_difference(&now, &r));
+    // Running again, the chain goes on from the same checkpoint, the changes accumulated.
+    d.start();
+    d.wait_state("running", Duration::from_secs(30));
+    guest_write(&d, VDA, 30 * MIB, 64 * 1024, 0x6c);
+    let on_again = env.backup_json(&["--vm", &d.name]);
+    assert_eq!(disk(&on_again, &d.name, "vda")["mode"], "incremental");
+    assert_eq!(live(&on_again, &d.name)["base_checkpoint"], live(&running, &d.name)["checkpoint"]);
+    assert!(volume(&on_again, &vol)["read_bytes"].as_u64().unwrap() <= 4 * 65536);
+    quit(&d);
+    let s = on_again;
+
     // Put back elsewhere: the disk is a qcow2 again with the same contents, the XML points at it.
     let to = env.path("restored");
     env.rime(&["restore", "--vm", &d.name, s["snapshot"].as_str().unwrap(), "--replace", "--to", p(&to)]).ok();
@@ -339,4 +377,83 @@ fn a_vm_that_is_not_running_is_read_from_its_disk_files_and_restore_vm_writes_qc
     let (same, out) = sh_status("qemu-img", &["compare", "-q", p(&image), p(&back)]);
     assert!(same, "{out}");
     assert!(virsh(&["dumpxml", &d.uuid]).contains(p(&back)));
+}
+
+/// What a snapshot's copy of the writer's folder says: its log is 1..=n in order and the file
+/// of round n is whole. Returns n.
+fn writer_state_is_whole(raw: &Path) -> u64 {
+    let log = guest::debugfs_cat(raw, "/writer/log");
+    let rounds: Vec<u64> = log.lines().map(|l| l.trim().parse().unwrap()).collect();
+    assert!(!rounds.is_empty(), "no writer rounds in the copy");
+    assert_eq!(rounds, (rounds[0]..rounds[0] + rounds.len() as u64).collect::<Vec<_>>(), "log out of order");
+    let n = *rounds.last().unwrap();
+    let last = guest::debugfs_cat(raw, &format!("/writer/f{}", n % 16));
+    let expected: String = format!("rime-writer {n}\n").repeat(65536 / 8).chars().take(65536).collect();
+    assert!(last == expected, "round {n}'s file is not whole or holds another round");
+    n
+}
+
+#[test]
+fn a_guest_agent_freezes_the_guest_for_the_instant_and_the_copy_needs_no_journal_replay() {
+    let _lv = shared();
+    let t = tag("agent");
+    let env = Env::new();
+    open_up(&env);
+    let data = env.path("data.qcow2");
+    guest::ext4_qcow2(&data, 256);
+    let g = guest::Guest::boot(env.dir.path(), &format!("{t} app"), &data, &[]);
+    g.wait_ready(Duration::from_secs(180));
+    g.start_writer();
+    let name = g.domain.name.clone();
+    let vol = format!("{}.vda", name.replace(' ', "_"));
+
+    // Backed up while the writer writes: frozen by the agent for the instant the job began.
+    let first = env.backup_json(&["--vm", &name, "--require-agent"]);
+    let l = live(&first, &name);
+    assert_eq!(l["consistency"], "application-consistent", "{l:#}");
+    assert!(l["consistency_detail"].as_str().unwrap().contains("froze 1 filesystem"), "{l:#}");
+    let before = g.writer_rounds().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(g.writer_rounds().unwrap() > before, "the guest was left frozen");
+    // The copy is clean as it stands: no journal to replay, every file whole.
+    let r1 = restored(&env, first["snapshot"].as_str().unwrap(), &vol, &env.path("r1.raw"));
+    let (clean, out) = guest::e2fsck(&r1);
+    assert!(clean && !out.contains("recover"), "{out}");
+    let n1 = writer_state_is_whole(&r1);
+
+    // Shut down by the guest, booted again: the next backup is incremental and as whole.
+    g.sync_and_shutdown(Duration::from_secs(60));
+    g.domain.start();
+    g.wait_ready(Duration::from_secs(180));
+    g.start_writer();
+    let second = env.backup_json(&["--vm", &name, "--require-agent"]);
+    assert_eq!(disk(&second, &name, "vda")["mode"], "incremental", "{:#}", live(&second, &name));
+    assert_eq!(live(&second, &name)["consistency"], "application-consistent");
+    let r2 = restored(&env, second["snapshot"].as_str().unwrap(), &vol, &env.path("r2.raw"));
+    let (clean, out) = guest::e2fsck(&r2);
+    assert!(clean && !out.contains("recover"), "{out}");
+    assert!(writer_state_is_whole(&r2) > n1);
+}
+
+#[test]
+fn without_an_agent_the_backup_is_crash_consistent_or_refused_with_require_agent() {
+    let _lv = shared();
+    let t = tag("noagent");
+    let env = Env::new();
+    open_up(&env);
+    let image = env.path("d.qcow2");
+    qcow2(&image, 64, None);
+    let d = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} plain"), &[Disk::Qcow2(&image)], false, ""));
+    d.start();
+    d.wait_state("running", Duration::from_secs(30));
+    let refused = env.rime(&["backup", "--vm", &d.name, "--require-agent"]);
+    let err = refused.fails();
+    assert!(err.contains("guest agent") && err.lines().count() == 1, "{err}");
+    assert!(env.snapshot_ids().is_empty());
+    assert_eq!(virsh(&["checkpoint-list", &d.uuid, "--name"]).trim(), "", "a refused backup made a checkpoint");
+    let s = env.backup_json(&["--vm", &d.name]);
+    assert_eq!(live(&s, &d.name)["consistency"], "crash-consistent");
+    // Unknown VMs are one-line errors too.
+    let err = env.rime(&["backup", "--vm", &format!("{t} nosuch")]).fails();
+    assert!(err.contains("nosuch") && err.lines().count() == 1, "{err}");
 }
