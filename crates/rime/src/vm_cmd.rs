@@ -252,10 +252,29 @@ fn print_snapshot_layout(id: &str, vms: &VmSection, quiet: bool, json: bool) {
             };
             println!("  {what:<20} {}\n  {:<20} {at}", f.path, "");
         }
+        if let Some(l) = &vm.live {
+            print_live(l);
+        }
         if !vm.complete {
             println!("  not every file is in the snapshot: `rime restore --vm` refuses this VM");
         }
         println!();
+    }
+}
+
+/// How `rime backup --vm` read the VM: consistency, checkpoint, each disk's mode.
+fn print_live(l: &rime_repo::LiveBackupRecord) {
+    println!("  {} ({}): {}", l.consistency, l.method, l.consistency_detail);
+    if let Some(c) = &l.checkpoint {
+        println!("  checkpoint {c}: the base of the next incremental");
+    }
+    for d in &l.disks {
+        let how = match (&d.reason, &l.base_snapshot) {
+            (None, Some(base)) => format!("incremental from snapshot {}", &base[..base.len().min(8)]),
+            (Some(why), _) => format!("{}: {why}", d.mode),
+            (None, None) => d.mode.clone(),
+        };
+        println!("  disk {:<15} {how}", d.target);
     }
 }
 
