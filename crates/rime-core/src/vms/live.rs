@@ -87,7 +87,7 @@ struct Chain {
 }
 
 /// One VM's part of the snapshot, done.
-struct VmDone {
+pub(crate) struct VmDone {
     record: VmRecord,
     /// The checkpoint created, its used-block maps (per disk), kept once the manifest exists.
     checkpoint: Option<String>,
@@ -95,6 +95,7 @@ struct VmDone {
     /// Checkpoints to delete once the manifest exists.
     superseded: Vec<String>,
     uuid: String,
+    warnings: Vec<String>,
 }
 
 pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress) -> Result<BackupSummary> {
@@ -162,16 +163,7 @@ pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress
         crate::commands::backup::cleanup_failed(repo, &snapshot, &published, started);
         return Err(e);
     }
-    // The maps of the new checkpoints go first: a checkpoint a manifest records always has them.
-    for vm in &done {
-        if let Some(c) = &vm.checkpoint {
-            for (target, used) in &vm.maps {
-                if let Err(e) = maps.save(&vm.uuid, c, target, BLOCK, used) {
-                    warn(format!("could not keep the used-block map of {target} ({e:#}): its next backup is full"));
-                }
-            }
-        }
-    }
+    keep_maps(&maps, &done, &mut warn);
     let manifest = Manifest {
         format_version: rime_repo::FORMAT_VERSION,
         id: snapshot.0.clone(),
@@ -205,25 +197,11 @@ pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress
         let published = sink.abandon();
         drop(lock);
         crate::commands::backup::cleanup_failed(repo, &snapshot, &published, started);
-        for vm in &done {
-            if let Some(c) = &vm.checkpoint {
-                maps.forget(&vm.uuid, c);
-            }
-        }
+        forget_maps(&maps, &done);
         return Err(e.context("writing the snapshot manifest"));
     }
     drop(lock);
-    // The new checkpoints are the bases now: the older ones of this repository go.
-    for vm in &done {
-        for old in &vm.superseded {
-            match checkpoints::delete(&lv, &vm.uuid, old) {
-                Ok(()) => maps.forget(&vm.uuid, old),
-                Err(e) => {
-                    warn(format!("VM {:?}: could not delete the superseded checkpoint {old}: {e}", vm.record.name))
-                }
-            }
-        }
-    }
+    delete_superseded(&lv, &maps, &done, &mut warn);
     Ok(BackupSummary {
         snapshot: snapshot.0,
         manifest,
@@ -234,18 +212,147 @@ pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress
     })
 }
 
-struct VmContext<'a> {
-    repo: &'a Repository,
-    index: &'a Arc<ChunkIndex>,
-    lv: &'a Libvirt,
-    opts: &'a LiveOptions,
-    maps: &'a UsedMaps,
-    snapshot: &'a SnapshotId,
-    manifests: &'a [Manifest],
-    progress: &'a dyn Progress,
+/// One disk of a VM, mapped and ready to image.
+struct MappedDisk {
+    /// Taken by [`LiveVm::planned`].
+    volume: Option<OpenVolume>,
+    layout: Option<layout::Layout>,
+    reuse: Option<Reuse>,
+    record: LiveDiskRecord,
+    /// Its used blocks, kept with the new checkpoint.
+    used: Bitmap,
+}
+
+/// A VM whose backup has begun: its job (when running) holds the point-in-time exports its
+/// disks are read from until [`LiveVm::finish`].
+pub(crate) struct LiveVm {
+    uuid: String,
+    running: bool,
+    chain: Chain,
+    disks: Vec<DiskPlan>,
+    job: Option<LiveJob>,
+    checkpoint: Option<String>,
+    consistency: (String, String),
+    mapped: Vec<MappedDisk>,
+    /// The private qemu-nbd servers of a VM not running.
+    _servers: Vec<QemuNbd>,
+    pub warnings: Vec<String>,
+}
+
+impl LiveVm {
+    /// Its disks, to image (each once).
+    pub fn planned(&mut self) -> Vec<Planned<'_>> {
+        let live = self.job.is_some();
+        let mut out = Vec::new();
+        for m in self.mapped.iter_mut() {
+            let (Some(volume), Some(layout)) = (m.volume.take(), m.layout.take()) else { continue };
+            let note = Some(match (live, m.reuse.as_ref()) {
+                (true, Some(r)) => format!("live through libvirt's backup API; {}", r.describe()),
+                (true, None) => "live through libvirt's backup API".to_string(),
+                (false, _) => "from the disk file of a VM that was not running".to_string(),
+            });
+            out.push(Planned { volume, layout, excluded: Vec::new(), note, reuse: m.reuse.as_mut() });
+        }
+        out
+    }
+
+    /// The disk files of its record, each in its snapshot volume (sizes from `entries`).
+    pub fn disk_files(&self, entries: &[rime_repo::VolumeEntry]) -> Vec<VmFileRecord> {
+        self.disks
+            .iter()
+            .zip(&self.mapped)
+            .map(|(d, m)| {
+                let size = entries.iter().find(|e| e.name == m.record.volume).map(|e| e.size);
+                let at = whole(m.record.volume.clone());
+                file(Role::Disk, &d.source, Some(d.target.clone()), size, at, Some(d.format.clone()))
+            })
+            .collect()
+    }
+
+    /// Ends the job; returns its record and what is left to do once the manifest exists.
+    pub fn finish(mut self) -> Result<(LiveBackupRecord, VmDone)> {
+        if let Some(j) = self.job.as_mut() {
+            j.end()?;
+        }
+        let records: Vec<LiveDiskRecord> = self.mapped.iter().map(|m| m.record.clone()).collect();
+        let any_incremental = records.iter().any(|r| r.mode == "incremental");
+        let base = self.chain.base.as_ref().filter(|_| any_incremental);
+        let live = LiveBackupRecord {
+            method: if self.running { "libvirt-pull" } else { "disk-files" }.into(),
+            checkpoint: self.checkpoint.clone(),
+            base_snapshot: base.map(|(_, m)| m.id.clone()),
+            base_checkpoint: base.map(|(c, _)| c.name.clone()),
+            consistency: self.consistency.0.clone(),
+            consistency_detail: self.consistency.1.clone(),
+            disks: records,
+        };
+        // Once this snapshot exists, the checkpoints it supersedes go; without a new one (raw
+        // disks only, or a VM not running) the chain stays as it was.
+        let superseded = if self.checkpoint.is_some() { self.chain.completed.clone() } else { Vec::new() };
+        let maps = self.mapped.into_iter().map(|m| (m.record.target, m.used)).collect();
+        let done = VmDone {
+            record: VmRecord::default(),
+            checkpoint: self.checkpoint,
+            maps,
+            superseded,
+            uuid: self.uuid,
+            warnings: self.warnings,
+        };
+        Ok((live, done))
+    }
+}
+
+/// Before the manifest: the used-block maps of the new checkpoints are kept, so that a
+/// checkpoint a manifest records always has them.
+pub(crate) fn keep_maps(maps: &UsedMaps, done: &[VmDone], warn: &mut dyn FnMut(String)) {
+    for vm in done {
+        if let Some(c) = &vm.checkpoint {
+            for (target, used) in &vm.maps {
+                if let Err(e) = maps.save(&vm.uuid, c, target, BLOCK, used) {
+                    warn(format!("could not keep the used-block map of {target} ({e:#}): its next backup is full"));
+                }
+            }
+        }
+    }
+}
+
+/// The manifest was not written: the maps kept for its checkpoints go.
+pub(crate) fn forget_maps(maps: &UsedMaps, done: &[VmDone]) {
+    for vm in done {
+        if let Some(c) = &vm.checkpoint {
+            maps.forget(&vm.uuid, c);
+        }
+    }
+}
+
+/// After the manifest: the new checkpoints are the bases now, the older ones of this
+/// repository go.
+pub(crate) fn delete_superseded(lv: &Libvirt, maps: &UsedMaps, done: &[VmDone], warn: &mut dyn FnMut(String)) {
+    for vm in done {
+        for old in &vm.superseded {
+            match checkpoints::delete(lv, &vm.uuid, old) {
+                Ok(()) => maps.forget(&vm.uuid, old),
+                Err(e) => warn(format!("VM {}: could not delete the superseded checkpoint {old}: {e}", vm.uuid)),
+            }
+        }
+    }
+}
+
+/// What backing up VMs live needs from the backup around it.
+pub(crate) struct VmContext<'a> {
+    pub repo: &'a Repository,
+    pub index: &'a Arc<ChunkIndex>,
+    pub lv: &'a Libvirt,
+    pub opts: &'a LiveOptions,
+    pub maps: &'a UsedMaps,
+    pub snapshot: &'a SnapshotId,
+    pub manifests: &'a [Manifest],
+    pub progress: &'a dyn Progress,
 }
 
 impl VmContext<'_> {
+    /// Backs up one VM on its own (`rime backup --vm`): begins, images its disks and carried
+    /// files (its definition and NVRAM), ends.
     fn back_up(
         &self,
         domain: &Domain,
@@ -255,6 +362,79 @@ impl VmContext<'_> {
         warn: &mut dyn FnMut(String),
     ) -> Result<(Vec<rime_repo::VolumeEntry>, VmDone)> {
         let uuid = domain.uuid.as_str();
+        // The carried files: the definition (as libvirt would start it) and NVRAM.
+        let staging = tempfile::Builder::new().prefix("rime-vm-").tempdir_in(staging_parent())?;
+        let mut carried: Vec<(Role, String, PathBuf)> = Vec::new();
+        let xml = if domain.persistent { domains::definition(self.lv, uuid)? } else { domain.xml.clone() };
+        let xml_copy = staging.path().join("domain.xml");
+        std::fs::write(&xml_copy, xml.as_bytes())?;
+        let xml_host = rime_virt::files::LibvirtDirs::of(self.lv).domain_xml(&domain.name);
+        carried.push((Role::DomainXml, xml_host.display().to_string(), xml_copy));
+        // A VM never started has no NVRAM file yet (libvirt makes it from its template).
+        if let Some(nvram) = domain.parsed.nvram.as_ref().filter(|n| Path::new(n).exists()) {
+            let copy = staging.path().join("nvram");
+            std::fs::copy(nvram, &copy).with_context(|| format!("copying NVRAM {nvram}"))?;
+            carried.push((Role::Nvram, nvram.clone(), copy));
+        }
+        let mut vm = self.begin(domain, names_taken, warn)?;
+        let mut planned = vm.planned();
+        for (role, host, read_from) in &carried {
+            let ov = OpenVolume::carried(Path::new(host), read_from, carried_name(uuid, *role))?;
+            planned.push(Planned {
+                volume: ov,
+                layout: layout::all_blocks("a VM file carried into the snapshot"),
+                excluded: Vec::new(),
+                note: None,
+                reuse: None,
+            });
+        }
+        let (vm_entries, map_warnings) = archive_all(
+            self.repo,
+            self.opts.compression,
+            self.opts.threads,
+            planned,
+            first_volume,
+            self.snapshot,
+            sink,
+            self.progress,
+        )?;
+        for w in map_warnings {
+            warn(format!("VM {:?}: {w}", domain.name));
+            vm.warnings.push(w);
+        }
+        let mut files = Vec::new();
+        files.push(file(Role::DomainXml, &carried[0].1, None, None, whole(carried_name(uuid, Role::DomainXml)), None));
+        files.extend(vm.disk_files(&vm_entries));
+        if let Some((_, host, _)) = carried.iter().find(|c| c.0 == Role::Nvram) {
+            files.push(file(Role::Nvram, host, None, None, whole(carried_name(uuid, Role::Nvram)), None));
+        }
+        let state = domain.state.label().to_string();
+        let action = if vm.running {
+            "backed up while running (libvirt backup API, pull mode)"
+        } else {
+            "backed up from its disk files"
+        };
+        let (live, done) = vm.finish()?;
+        let record = VmRecord {
+            name: domain.name.clone(),
+            uuid: uuid.to_string(),
+            state: state.clone(),
+            state_in_snapshot: state,
+            coverage: "full".into(),
+            persistent: domain.persistent,
+            action: action.into(),
+            interruption_ms: None,
+            complete: true,
+            files,
+            warnings: done.warnings.clone(),
+            live: Some(live),
+        };
+        Ok((vm_entries, VmDone { record, ..done }))
+    }
+
+    /// Begins one VM's backup: the chain, each disk's plan, the job (or, for a VM not running,
+    /// its images opened), each disk mapped through its export with what it reuses.
+    pub(crate) fn begin(&self, domain: &Domain, names_taken: &mut Vec<String>, warn: &mut dyn FnMut(String)) -> Result<LiveVm> {
         let running = matches!(domain.state.state, State::Running | State::Paused | State::Blocked);
         let mut vm_warnings = Vec::new();
         let mut note = |w: String, vm_warnings: &mut Vec<String>| {
@@ -275,21 +455,6 @@ impl VmContext<'_> {
                 }
             }
         }
-        // The carried files: the definition (as libvirt would start it) and NVRAM.
-        let staging = tempfile::Builder::new().prefix("rime-vm-").tempdir_in(staging_parent())?;
-        let mut carried: Vec<(Role, String, PathBuf)> = Vec::new();
-        let xml = if domain.persistent { domains::definition(self.lv, uuid)? } else { domain.xml.clone() };
-        let xml_copy = staging.path().join("domain.xml");
-        std::fs::write(&xml_copy, xml.as_bytes())?;
-        let xml_host = rime_virt::files::LibvirtDirs::of(self.lv).domain_xml(&domain.name);
-        carried.push((Role::DomainXml, xml_host.display().to_string(), xml_copy));
-        // A VM never started has no NVRAM file yet (libvirt makes it from its template).
-        if let Some(nvram) = domain.parsed.nvram.as_ref().filter(|n| Path::new(n).exists()) {
-            let copy = staging.path().join("nvram");
-            std::fs::copy(nvram, &copy).with_context(|| format!("copying NVRAM {nvram}"))?;
-            carried.push((Role::Nvram, nvram.clone(), copy));
-        }
-
         let Began { mut opened, job, checkpoint, consistency } = if running {
             self.open_live(domain, &mut disks, &chain, &mut |w| note(w, &mut vm_warnings))?
         } else {
@@ -297,14 +462,9 @@ impl VmContext<'_> {
             let why = format!("{}: read from its disk files, nothing stopped", domain.state.label());
             Began { opened, job: None, checkpoint: None, consistency: ("crash-consistent".to_string(), why) }
         };
-
-        // Map each disk through its export, then image it.
-        let mut planned_disks = Vec::new();
-        let mut used_maps = Vec::new();
-        let mut reuses: Vec<Option<Reuse>> = Vec::new();
-        // The private qemu-nbd servers of a VM not running, alive until its disks are imaged.
+        // Map each disk through its export, with what it can take from the base.
+        let mut mapped = Vec::new();
         let mut servers: Vec<QemuNbd> = Vec::new();
-        let mut disk_records = Vec::new();
         for (d, OpenedDisk { volume, client, dirty, server }) in disks.iter().zip(opened.drain(..)) {
             servers.extend(server);
             let mut layout = layout::map_volume(&volume.region(), &self.opts.map_options)
@@ -330,102 +490,21 @@ impl VmContext<'_> {
                 _ => None,
             };
             let name = unique_name(&domain.name, &d.target, names_taken);
-            disk_records.push(LiveDiskRecord {
-                target: d.target.clone(),
-                volume: name.clone(),
-                mode: mode.into(),
-                reason,
-            });
-            used_maps.push((d.target.clone(), used));
-            reuses.push(reuse);
-            planned_disks.push((OpenVolume::vm_disk(volume, name.clone()), layout));
+            let record = LiveDiskRecord { target: d.target.clone(), volume: name.clone(), mode: mode.into(), reason };
+            mapped.push(MappedDisk { volume: Some(OpenVolume::vm_disk(volume, name)), layout: Some(layout), reuse, record, used });
         }
-        let mut planned: Vec<Planned> = Vec::new();
-        for ((ov, layout), reuse) in planned_disks.into_iter().zip(reuses.iter_mut()) {
-            let note = Some(match (&job, reuse.as_ref()) {
-                (Some(_), Some(r)) => format!("live through libvirt's backup API; {}", r.describe()),
-                (Some(_), None) => "live through libvirt's backup API".to_string(),
-                (None, _) => "from the disk file of a VM that was not running".to_string(),
-            });
-            planned.push(Planned { volume: ov, layout, excluded: Vec::new(), note, reuse: reuse.as_mut() });
-        }
-        for (role, host, read_from) in &carried {
-            let ov = OpenVolume::carried(Path::new(host), read_from, carried_name(uuid, *role))?;
-            planned.push(Planned {
-                volume: ov,
-                layout: layout::all_blocks("a VM file carried into the snapshot"),
-                excluded: Vec::new(),
-                note: None,
-                reuse: None,
-            });
-        }
-        let (vm_entries, map_warnings) = archive_all(
-            self.repo,
-            self.opts.compression,
-            self.opts.threads,
-            planned,
-            first_volume,
-            self.snapshot,
-            sink,
-            self.progress,
-        )?;
-        for w in map_warnings {
-            note(w, &mut vm_warnings);
-        }
-        if let Some(mut j) = job {
-            j.end()?;
-        }
-        let mut files = Vec::new();
-        files.push(file(Role::DomainXml, &carried[0].1, None, None, whole(carried_name(uuid, Role::DomainXml)), None));
-        for (d, rec) in disks.iter().zip(&disk_records) {
-            let size = vm_entries.iter().find(|e| e.name == rec.volume).map(|e| e.size);
-            let at = whole(rec.volume.clone());
-            files.push(file(Role::Disk, &d.source, Some(d.target.clone()), size, at, Some(d.format.clone())));
-        }
-        if let Some((_, host, _)) = carried.iter().find(|c| c.0 == Role::Nvram) {
-            files.push(file(Role::Nvram, host, None, None, whole(carried_name(uuid, Role::Nvram)), None));
-        }
-        let state = domain.state.label().to_string();
-        let live = LiveBackupRecord {
-            method: if running { "libvirt-pull" } else { "disk-files" }.into(),
-            checkpoint: checkpoint.clone(),
-            base_snapshot: chain
-                .base
-                .as_ref()
-                .map(|(_, m)| m.id.clone())
-                .filter(|_| disk_records.iter().any(|r| r.mode == "incremental")),
-            base_checkpoint: chain
-                .base
-                .as_ref()
-                .map(|(c, _)| c.name.clone())
-                .filter(|_| disk_records.iter().any(|r| r.mode == "incremental")),
-            consistency: consistency.0,
-            consistency_detail: consistency.1,
-            disks: disk_records,
-        };
-        let record = VmRecord {
-            name: domain.name.clone(),
-            uuid: uuid.to_string(),
-            state: state.clone(),
-            state_in_snapshot: state,
-            coverage: "full".into(),
-            persistent: domain.persistent,
-            action: if running {
-                "backed up while running (libvirt backup API, pull mode)".into()
-            } else {
-                "backed up from its disk files".into()
-            },
-            interruption_ms: None,
-            complete: true,
-            files,
+        Ok(LiveVm {
+            uuid: domain.uuid.clone(),
+            running,
+            chain,
+            disks,
+            job,
+            checkpoint,
+            consistency,
+            mapped,
+            _servers: servers,
             warnings: vm_warnings,
-            live: Some(live),
-        };
-        // Once this snapshot exists, the checkpoints it supersedes go; without a new one (raw
-        // disks only, or a VM not running) the chain stays as it was.
-        let superseded = if checkpoint.is_some() { chain.completed.clone() } else { Vec::new() };
-        let done = VmDone { record, checkpoint, maps: used_maps, superseded, uuid: uuid.to_string() };
-        Ok((vm_entries, done))
+        })
     }
 
     /// Rime's checkpoints of this VM for this repository: the ones a snapshot records, and the
