@@ -315,6 +315,10 @@ struct BackupArgs {
     /// Longest wait for the VMs' saves (and starts), in seconds.
     #[arg(long, default_value_t = 300, value_name = "SECONDS", requires = "vm_aware")]
     vm_max_wait: u64,
+    /// Do not stop the running VMs: read their disks through libvirt's backup API into the same
+    /// snapshot, with incrementals from their checkpoints (docs/VMS.md).
+    #[arg(long, requires = "vm_aware")]
+    vm_live: bool,
     /// Back up this VM (name or UUID) while it runs, through libvirt's backup API, with
     /// incrementals from its last checkpoint; a VM not running is read from its disk files.
     /// Repeatable; all go into one snapshot (docs/VMS.md).
@@ -386,6 +390,7 @@ fn run(cli: Cli) -> Result<i32> {
                 vm_no_media,
                 vm_resume,
                 vm_max_wait,
+                vm_live,
                 vms,
                 require_agent,
                 scratch_dir,
@@ -477,6 +482,7 @@ fn run(cli: Cli) -> Result<i32> {
                         media: !vm_no_media,
                         resume: rime_core::vms::backup::ResumeAt::parse(&vm_resume)?,
                         max_wait: Duration::from_secs(vm_max_wait),
+                        live: vm_live,
                     })
                 } else {
                     None

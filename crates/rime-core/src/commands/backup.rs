@@ -420,6 +420,21 @@ fn backup_with_hooks(
     }
     // If the snapshot failed, no data is read.
     let Capture { mut volumes, coherent, instant, gate_closed_ms, capture_ms } = opened?;
+    // `--vm-live`: the running VMs' backup jobs begin right after the volumes' snapshot.
+    let snapshot = SnapshotId::random();
+    let live_setup = match vms.as_ref().filter(|v| !v.live_uuids().is_empty()) {
+        Some(v) => Some(LiveSetup::new(repo, opts, v.libvirt().clone())?),
+        None => None,
+    };
+    let mut live_vms = Vec::new();
+    if let (Some(v), Some(setup)) = (vms.as_ref(), live_setup.as_ref()) {
+        let mut names: Vec<String> = volumes.iter().map(|ov| ov.name.clone()).collect();
+        let ctx = setup.context(repo, &index, &snapshot, progress);
+        for uuid in v.live_uuids() {
+            let domain = rime_virt::domains::get(v.libvirt(), &uuid)?;
+            live_vms.push(ctx.begin(&domain, &mut names, &mut warn)?);
+        }
+    }
     // The VM files the volumes do not hold go into the snapshot beside them.
     let imaged = volumes.len();
     if let Some(v) = vms.as_ref() {
@@ -465,7 +480,7 @@ fn backup_with_hooks(
             None => None,
         });
     }
-    let planned: Vec<Planned> = volumes
+    let mut planned: Vec<Planned> = volumes
         .into_iter()
         .zip(layouts)
         .zip(excluded)
@@ -475,9 +490,9 @@ fn backup_with_hooks(
             Planned { volume, layout, excluded, note, reuse: online.as_mut().and_then(|o| o.reuse()) }
         })
         .collect();
+    planned.extend(live_vms.iter_mut().flat_map(|v| v.planned()));
 
     // 5. Write: packs, then one volume index per volume.
-    let snapshot = SnapshotId::random();
     ctx.snapshot_id = Some(snapshot.0.clone());
     let mut sink = PackSink::new(repo.backend.clone(), index, repo.config.pack_size as u64);
     let result = archive_all(repo, opts.compression, opts.threads, planned, 0, &snapshot, &mut sink, progress);
@@ -499,10 +514,23 @@ fn backup_with_hooks(
         }
     };
     // 6. Publish: the manifest makes the snapshot exist.
-    let vm_record = vms.as_ref().map(|v| {
+    let mut vm_record = vms.as_ref().map(|v| {
         let names = opts.volumes.iter().zip(&entries[..imaged]);
         v.record(&names.map(|(p, e)| (p.display().to_string(), e.name.clone())).collect())
     });
+    let mut live_done = Vec::new();
+    for vm in live_vms {
+        let disks = vm.disk_files(&entries);
+        let uuid = vm.uuid().to_string();
+        let (live, done) = vm.finish()?;
+        if let Some(section) = vm_record.as_mut() {
+            crate::vms::backup::apply_live(section, &uuid, live, disks);
+        }
+        live_done.push(done);
+    }
+    if let Some(setup) = &live_setup {
+        crate::vms::live::keep_maps(&setup.maps, &live_done, &mut warn);
+    }
     let manifest = Manifest {
         format_version: rime_repo::FORMAT_VERSION,
         id: snapshot.0.clone(),
@@ -524,9 +552,15 @@ fn backup_with_hooks(
         let published = sink.abandon();
         drop(lock);
         cleanup_failed(repo, &snapshot, &published, started);
+        if let Some(setup) = &live_setup {
+            crate::vms::live::forget_maps(&setup.maps, &live_done);
+        }
         return Err(e.context("writing the snapshot manifest"));
     }
     drop(lock);
+    if let Some(setup) = &live_setup {
+        crate::vms::live::delete_superseded(&setup.lv, &setup.maps, &live_done, &mut warn);
+    }
     for o in online.iter().flatten() {
         if let Err(e) = o.finish(&snapshot.0) {
             warn(format!(
@@ -536,6 +570,50 @@ fn backup_with_hooks(
     }
     let errors = vms.map(|v| std::mem::take(&mut v.resume_errors)).unwrap_or_default();
     Ok(BackupSummary { snapshot: snapshot.0, manifest, forgotten: Vec::new(), pruned: None, warnings, errors })
+}
+
+/// What `--vm-live` needs for the running VMs of a `--vm-aware` backup.
+struct LiveSetup {
+    lv: rime_virt::Libvirt,
+    opts: crate::vms::live::LiveOptions,
+    maps: crate::vms::used_maps::UsedMaps,
+    manifests: Vec<Manifest>,
+}
+
+impl LiveSetup {
+    fn new(repo: &Repository, opts: &BackupOptions, lv: rime_virt::Libvirt) -> Result<LiveSetup> {
+        let live = crate::vms::live::LiveOptions {
+            names: Vec::new(),
+            require_agent: false,
+            tags: opts.tags.clone(),
+            compression: opts.compression,
+            threads: opts.threads,
+            host: opts.host.clone(),
+            map_options: opts.map_options.clone(),
+            scratch_dir: crate::vms::live::DEFAULT_SCRATCH_DIR.into(),
+        };
+        let (manifests, _) = repo.manifests()?;
+        Ok(LiveSetup { lv, opts: live, maps: crate::vms::used_maps::UsedMaps::open(), manifests })
+    }
+
+    fn context<'a>(
+        &'a self,
+        repo: &'a Repository,
+        index: &'a Arc<rime_repo::ChunkIndex>,
+        snapshot: &'a SnapshotId,
+        progress: &'a dyn Progress,
+    ) -> crate::vms::live::VmContext<'a> {
+        crate::vms::live::VmContext {
+            repo,
+            index,
+            lv: &self.lv,
+            opts: &self.opts,
+            maps: &self.maps,
+            snapshot,
+            manifests: &self.manifests,
+            progress,
+        }
+    }
 }
 
 /// A volume with its map decided.

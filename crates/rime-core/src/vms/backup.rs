@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use rime_repo::{FileInSnapshot, VmFileRecord, VmRecord, VmSection};
 use rime_virt::control::{self, Started, Stopped, Target};
 use rime_virt::files::{LibvirtDirs, Role};
-use rime_virt::{domains, Libvirt, Treatment};
+use rime_virt::{domains, Libvirt, State, Treatment};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -62,6 +62,9 @@ pub struct VmAwareOptions {
     pub resume: ResumeAt,
     /// Longest wait for the saves (and for the starts).
     pub max_wait: Duration,
+    /// `--vm-live`: running VMs are not stopped; their disks are read through libvirt's backup
+    /// API (docs/VMS.md, "Live backup") into the same snapshot.
+    pub live: bool,
 }
 
 /// A carried file staged for the snapshot.
@@ -147,6 +150,28 @@ impl VmBackup {
         })
     }
 
+    /// With `--vm-live`: the taken domains that run (running, paused, blocked), backed up
+    /// through libvirt's backup API rather than stopped.
+    pub fn live_uuids(&self) -> Vec<String> {
+        if !self.opts.live {
+            return Vec::new();
+        }
+        self.taken
+            .iter()
+            .map(|&i| &self.layout.domains[i])
+            .filter(|vm| {
+                vm.domain_state
+                    .as_ref()
+                    .is_some_and(|s| matches!(s.state, State::Running | State::Paused | State::Blocked))
+            })
+            .map(|vm| vm.uuid.clone())
+            .collect()
+    }
+
+    pub fn libvirt(&self) -> &Libvirt {
+        &self.lv
+    }
+
     /// Whether this backup takes any domain (it then counts in the freeze window).
     pub fn takes_any(&self) -> bool {
         !self.taken.is_empty()
@@ -168,6 +193,7 @@ impl VmBackup {
             .filter(|vm| {
                 vm.domain_state.as_ref().is_some_and(|s| matches!(s.treatment(), Treatment::Stop | Treatment::WaitOut))
             })
+            .filter(|vm| !self.live_uuids().contains(&vm.uuid))
             .map(|vm| Target { name: vm.name.clone(), uuid: vm.uuid.clone() })
             .collect();
         if targets.is_empty() {
@@ -519,4 +545,22 @@ pub fn remove_stale_links(lv: &Libvirt) {
             let _ = std::fs::remove_file(e.path());
         }
     }
+}
+
+/// A VM of a `--vm-aware` backup that `--vm-live` read through libvirt's backup API: its disks
+/// are the snapshot volumes of the live export (not the files inside the volume images, which
+/// were written to as the snapshot was taken), it was not stopped, and its record says how.
+pub fn apply_live(section: &mut VmSection, uuid: &str, live: rime_repo::LiveBackupRecord, disks: Vec<VmFileRecord>) {
+    let Some(vm) = section.domains.iter_mut().find(|d| d.uuid == uuid) else { return };
+    for f in vm.files.iter_mut().filter(|f| f.role == "disk") {
+        if let Some(d) = disks.iter().find(|d| d.target == f.target) {
+            f.in_snapshot = d.in_snapshot.clone();
+            f.format = d.format.clone();
+            f.size = d.size;
+        }
+    }
+    vm.state_in_snapshot = vm.state.clone();
+    vm.action = "backed up while running through libvirt's backup API (--vm-live): not stopped".into();
+    vm.interruption_ms = None;
+    vm.live = Some(live);
 }

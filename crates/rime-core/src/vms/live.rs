@@ -46,6 +46,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Where QEMU keeps its scratch files and socket unless `--scratch-dir` says otherwise.
+pub const DEFAULT_SCRATCH_DIR: &str = "/var/lib/rime/vm-backup";
+
 /// Granularity of the used-block maps kept with checkpoints and of the dirty bitmaps as Rime
 /// reads them.
 const BLOCK: u64 = 4096;
@@ -240,6 +243,10 @@ pub(crate) struct LiveVm {
 }
 
 impl LiveVm {
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
     /// Its disks, to image (each once).
     pub fn planned(&mut self) -> Vec<Planned<'_>> {
         let live = self.job.is_some();
@@ -434,7 +441,12 @@ impl VmContext<'_> {
 
     /// Begins one VM's backup: the chain, each disk's plan, the job (or, for a VM not running,
     /// its images opened), each disk mapped through its export with what it reuses.
-    pub(crate) fn begin(&self, domain: &Domain, names_taken: &mut Vec<String>, warn: &mut dyn FnMut(String)) -> Result<LiveVm> {
+    pub(crate) fn begin(
+        &self,
+        domain: &Domain,
+        names_taken: &mut Vec<String>,
+        warn: &mut dyn FnMut(String),
+    ) -> Result<LiveVm> {
         let running = matches!(domain.state.state, State::Running | State::Paused | State::Blocked);
         let mut vm_warnings = Vec::new();
         let mut note = |w: String, vm_warnings: &mut Vec<String>| {
@@ -491,7 +503,13 @@ impl VmContext<'_> {
             };
             let name = unique_name(&domain.name, &d.target, names_taken);
             let record = LiveDiskRecord { target: d.target.clone(), volume: name.clone(), mode: mode.into(), reason };
-            mapped.push(MappedDisk { volume: Some(OpenVolume::vm_disk(volume, name)), layout: Some(layout), reuse, record, used });
+            mapped.push(MappedDisk {
+                volume: Some(OpenVolume::vm_disk(volume, name)),
+                layout: Some(layout),
+                reuse,
+                record,
+                used,
+            });
         }
         Ok(LiveVm {
             uuid: domain.uuid.clone(),

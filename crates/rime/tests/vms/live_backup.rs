@@ -457,3 +457,58 @@ fn without_an_agent_the_backup_is_crash_consistent_or_refused_with_require_agent
     let err = env.rime(&["backup", "--vm", &format!("{t} nosuch")]).fails();
     assert!(err.contains("nosuch") && err.lines().count() == 1, "{err}");
 }
+
+#[test]
+fn vm_live_in_a_vm_aware_backup_reads_running_vms_without_stopping_them() {
+    let _lv = shared();
+    let t = tag("vmlive");
+    let env = Env::new();
+    open_up(&env);
+    let store = Volume::new(&env, "store", 256, true);
+    let image = store.path("web.qcow2");
+    qcow2(&image, 64, None);
+    let d = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} web"), &[Disk::Qcow2(&image)], false, ""));
+    d.start();
+    d.wait_state("running", Duration::from_secs(30));
+    guest_write(&d, VDA, 0, MIB, 0x71);
+    let id_before = virsh(&["domid", &d.uuid]);
+
+    let first = env.backup_json(&["--vm-aware", store.mount_point(), "--vm-live"]);
+    let rec = first["manifest"]["vms"]["domains"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["uuid"] == d.uuid.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (rec["state"].as_str(), rec["state_in_snapshot"].as_str()),
+        (Some("running"), Some("running")),
+        "{rec:#}"
+    );
+    assert!(rec["action"].as_str().unwrap().contains("--vm-live"), "{rec:#}");
+    assert_eq!(rec["live"]["method"], "libvirt-pull");
+    // Never stopped: the same QEMU process (domain id) runs it.
+    assert_eq!(virsh(&["domid", &d.uuid]), id_before);
+    let vol = format!("{}.vda", d.name.replace(' ', "_"));
+    let disk_file = rec["files"].as_array().unwrap().iter().find(|f| f["role"] == "disk").unwrap();
+    assert_eq!(disk_file["in_snapshot"]["volume"].as_str(), Some(vol.as_str()), "{rec:#}");
+
+    // The next one is incremental through the VM's checkpoint.
+    guest_write(&d, VDA, 8 * MIB, 64 * 1024, 0x72);
+    let second = env.backup_json(&["--vm-aware", store.mount_point(), "--vm-live"]);
+    assert_eq!(disk(&second, &d.name, "vda")["mode"], "incremental", "{:#}", live(&second, &d.name));
+    assert!(volume(&second, &vol)["read_bytes"].as_u64().unwrap() <= 2 * 65536);
+    let now = env.path("now.raw");
+    disk_now(&image, &now);
+    let r = restored(&env, second["snapshot"].as_str().unwrap(), &vol, &env.path("r.raw"));
+    assert!(same_bytes(&now, &r), "{:?}", first_difference(&now, &r));
+
+    // restore --vm puts it back from the live volume (the VM shut down first).
+    quit(&d);
+    let to = env.path("back");
+    env.rime(&["restore", "--vm", &d.name, second["snapshot"].as_str().unwrap(), "--replace", "--to", p(&to)]).ok();
+    let back = to.join("web.qcow2");
+    let (same, out) = sh_status("qemu-img", &["compare", "-q", p(&image), p(&back)]);
+    assert!(same, "{out}");
+}
