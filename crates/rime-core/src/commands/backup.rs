@@ -589,7 +589,7 @@ impl LiveSetup {
             compression: opts.compression,
             threads: opts.threads,
             host: opts.host.clone(),
-            map_options: opts.map_options.clone(),
+            map_options: opts.map_options,
             scratch_dir: crate::vms::live::DEFAULT_SCRATCH_DIR.into(),
         };
         let (manifests, _) = repo.manifests()?;
