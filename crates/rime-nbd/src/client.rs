@@ -647,6 +647,25 @@ impl Coverage {
     }
 }
 
+/// The next chunk header of a structured reply to `request`: (flags, type, length).
+/// Servers must not answer with a simple reply once structured replies are on; one carrying
+/// an error (no payload) as the first answer is still unambiguous, so it is accepted as the
+/// whole reply (`Ok(Err)`). An `NBD_REPLY_TYPE_NONE` chunk is checked here.
+fn next_chunk(c: &mut Conn, cookie: u64, first: &mut bool, request: &str) -> Reply<(u16, u16, u32)> {
+    let header = read_header(c, cookie)?;
+    let was_first = std::mem::replace(first, false);
+    match header {
+        Header::Simple { error } if was_first && error != 0 => Ok(Err(server_error(error, String::new(), None))),
+        Header::Simple { .. } => Err(violation(format!("simple reply without an error to {request}"))),
+        Header::Chunk { flags, kind, len } => {
+            if kind == REPLY_TYPE_NONE && (len != 0 || flags & REPLY_FLAG_DONE == 0) {
+                return Err(violation("NBD_REPLY_TYPE_NONE with a payload or not as the last chunk"));
+            }
+            Ok(Ok((flags, kind, len)))
+        }
+    }
+}
+
 /// A structured reply to a read of `buf.len()` bytes at `offset`.
 fn read_structured(c: &mut Conn, cookie: u64, buf: &mut [u8], offset: u64) -> Reply<()> {
     let len = buf.len() as u64;
@@ -654,23 +673,12 @@ fn read_structured(c: &mut Conn, cookie: u64, buf: &mut [u8], offset: u64) -> Re
     let mut error: Option<std::io::Error> = None;
     let mut first = true;
     loop {
-        let (flags, kind, clen) = match read_header(c, cookie)? {
-            // Servers must not answer a read with a simple reply once structured replies are
-            // on; an error without payload is still unambiguous, so it is accepted as the
-            // whole reply.
-            Header::Simple { error } if first && error != 0 => {
-                return Ok(Err(server_error(error, String::new(), None)));
-            }
-            Header::Simple { .. } => return Err(violation("simple reply to a read with structured replies on")),
-            Header::Chunk { flags, kind, len } => (flags, kind, len),
+        let (flags, kind, clen) = match next_chunk(c, cookie, &mut first, "a read")? {
+            Ok(chunk) => chunk,
+            Err(e) => return Ok(Err(e)),
         };
-        first = false;
         match kind {
-            REPLY_TYPE_NONE => {
-                if clen != 0 || flags & REPLY_FLAG_DONE == 0 {
-                    return Err(violation("NBD_REPLY_TYPE_NONE with a payload or not as the last chunk"));
-                }
-            }
+            REPLY_TYPE_NONE => {}
             REPLY_TYPE_OFFSET_DATA => {
                 if clen < 9 || (clen - 8) as u64 > len {
                     return Err(violation(format!("data chunk of length {clen} for a read of {len} bytes")));
@@ -738,21 +746,12 @@ fn read_block_status(
     let mut error: Option<std::io::Error> = None;
     let mut first = true;
     loop {
-        let (flags, kind, clen) = match read_header(c, cookie)? {
-            // A simple reply may carry an error (no payload) instead of chunks.
-            Header::Simple { error } if first && error != 0 => {
-                return Ok(Err(server_error(error, String::new(), None)));
-            }
-            Header::Simple { .. } => return Err(violation("simple reply without status to a block status request")),
-            Header::Chunk { flags, kind, len } => (flags, kind, len),
+        let (flags, kind, clen) = match next_chunk(c, cookie, &mut first, "a block status request")? {
+            Ok(chunk) => chunk,
+            Err(e) => return Ok(Err(e)),
         };
-        first = false;
         match kind {
-            REPLY_TYPE_NONE => {
-                if clen != 0 || flags & REPLY_FLAG_DONE == 0 {
-                    return Err(violation("NBD_REPLY_TYPE_NONE with a payload or not as the last chunk"));
-                }
-            }
+            REPLY_TYPE_NONE => {}
             REPLY_TYPE_BLOCK_STATUS => {
                 if clen < 12 || (clen - 4) % 8 != 0 || (clen - 4) / 8 > MAX_CHUNK_EXTENTS {
                     return Err(violation(format!("block status chunk of length {clen}")));

@@ -257,13 +257,8 @@ fn backup_with_hooks(
 
     // 1. Lock: from here until the manifest is written, no forget or prune removes what this
     //    backup reads (a base snapshot) or deduplicates against.
-    let lock = repo.lock(LockMode::Shared, "backup", Duration::from_secs(30))?;
     // 2. Load the chunk index, once: deduplication and incremental reuse both consult it.
-    let (index, bad) = repo.load_index()?;
-    for b in bad {
-        warn(format!("ignoring unreadable pack index {}: {}", b.path, b.reason));
-    }
-    let index = Arc::new(index);
+    let (lock, index) = lock_and_load_index(repo, &mut warn)?;
     // 3. Snapshot, between the hooks: before-snapshot (freeze), open every volume (snapshots of
     //    protected ones), after-snapshot (thaw) whatever happened.
     //    Writers (the filesystems mounted from the volumes taken by snapshot) freeze after the
@@ -531,33 +526,15 @@ fn backup_with_hooks(
     if let Some(setup) = &live_setup {
         crate::vms::live::keep_maps(&setup.maps, &live_done, &mut warn);
     }
-    let manifest = Manifest {
-        format_version: rime_repo::FORMAT_VERSION,
-        id: snapshot.0.clone(),
-        time: chrono::Utc::now(),
-        host: opts.host.clone(),
-        tags: opts.tags.clone(),
-        volumes: entries,
-        duration: started.elapsed().as_secs_f64(),
-        rime_version: env!("CARGO_PKG_VERSION").to_string(),
-        consistency: Some(consistency),
-        vms: vm_record,
-    };
+    let manifest =
+        new_manifest(&snapshot, opts.host.clone(), opts.tags.clone(), entries, started, consistency, vm_record);
     // An interruption's undo may have thawed the filesystems before the snapshot: never publish.
-    let saved = match crate::interrupt::interrupted() {
-        true => Err(anyhow::anyhow!("interrupted")),
-        false => repo.save_manifest(&manifest),
-    };
-    if let Err(e) = saved {
-        let published = sink.abandon();
-        drop(lock);
-        cleanup_failed(repo, &snapshot, &published, started);
+    if let Err(e) = publish(repo, &manifest, sink, lock, started) {
         if let Some(setup) = &live_setup {
             crate::vms::live::forget_maps(&setup.maps, &live_done);
         }
-        return Err(e.context("writing the snapshot manifest"));
+        return Err(e);
     }
-    drop(lock);
     if let Some(setup) = &live_setup {
         crate::vms::live::delete_superseded(&setup.lv, &setup.maps, &live_done, &mut warn);
     }
@@ -723,6 +700,69 @@ pub(crate) fn archive_all(
         });
     }
     Ok((entries, warnings))
+}
+
+/// The manifest of a backup that started at `started` and is about to be published.
+pub(crate) fn new_manifest(
+    snapshot: &SnapshotId,
+    host: String,
+    tags: Vec<String>,
+    volumes: Vec<VolumeEntry>,
+    started: Instant,
+    consistency: Consistency,
+    vms: Option<rime_repo::VmSection>,
+) -> Manifest {
+    Manifest {
+        format_version: rime_repo::FORMAT_VERSION,
+        id: snapshot.0.clone(),
+        time: chrono::Utc::now(),
+        host,
+        tags,
+        volumes,
+        duration: started.elapsed().as_secs_f64(),
+        rime_version: env!("CARGO_PKG_VERSION").to_string(),
+        consistency: Some(consistency),
+        vms,
+    }
+}
+
+/// The shared lock a backup holds until its manifest is written, and the chunk index it
+/// deduplicates against (unreadable pack indexes are warnings).
+pub(crate) fn lock_and_load_index(
+    repo: &Repository,
+    warn: &mut dyn FnMut(String),
+) -> Result<(rime_repo::lock::RepoLock, Arc<rime_repo::ChunkIndex>)> {
+    let lock = repo.lock(LockMode::Shared, "backup", Duration::from_secs(30))?;
+    let (index, bad) = repo.load_index()?;
+    for b in bad {
+        warn(format!("ignoring unreadable pack index {}: {}", b.path, b.reason));
+    }
+    Ok((lock, Arc::new(index)))
+}
+
+/// Writes the manifest (unless the backup was interrupted: an interruption's undo may have
+/// thawed what the snapshot needed frozen), then releases the lock. On failure everything the
+/// backup wrote is removed, so the repository is as it was.
+pub(crate) fn publish(
+    repo: &Repository,
+    manifest: &Manifest,
+    sink: PackSink,
+    lock: rime_repo::lock::RepoLock,
+    started: Instant,
+) -> Result<()> {
+    let saved = match crate::interrupt::interrupted() {
+        true => Err(anyhow::anyhow!("interrupted")),
+        false => repo.save_manifest(manifest),
+    };
+    if let Err(e) = saved {
+        let published = sink.abandon();
+        drop(lock);
+        let snapshot = SnapshotId(manifest.id.clone());
+        cleanup_failed(repo, &snapshot, &published, started);
+        return Err(e.context("writing the snapshot manifest"));
+    }
+    drop(lock);
+    Ok(())
 }
 
 /// Removes what a failed backup published, so the repository is as it was. A pack is removed

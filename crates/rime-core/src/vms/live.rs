@@ -28,9 +28,8 @@ use crate::commands::backup::{archive_all, BackupSummary, Planned};
 use crate::error::CommandError;
 use crate::incremental::{Materialized, Reuse};
 use crate::progress::Progress;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use rime_nbd::NbdClient;
-use rime_repo::lock::LockMode;
 use rime_repo::{
     ChunkIndex, Compression, Consistency, FileInSnapshot, LiveBackupRecord, LiveDiskRecord, Manifest, Repository,
     SnapshotId, VmFileRecord, VmRecord, VmSection,
@@ -44,7 +43,7 @@ use rime_volume::qemu::QemuNbd;
 use rime_volume::{layout, Volume, VolumeKind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// Where QEMU keeps its scratch files and socket unless `--scratch-dir` says otherwise.
 pub const DEFAULT_SCRATCH_DIR: &str = "/var/lib/rime/vm-backup";
@@ -120,12 +119,7 @@ pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress
         warnings.push(w);
     };
 
-    let lock = repo.lock(LockMode::Shared, "backup", Duration::from_secs(30))?;
-    let (index, bad) = repo.load_index()?;
-    for b in bad {
-        warn(format!("ignoring unreadable pack index {}: {}", b.path, b.reason));
-    }
-    let index = Arc::new(index);
+    let (lock, index) = crate::commands::backup::lock_and_load_index(repo, &mut warn)?;
     let (manifests, _) = repo.manifests()?;
     let maps = UsedMaps::open();
     let snapshot = SnapshotId::random();
@@ -167,43 +161,34 @@ pub fn backup_vms(repo: &Repository, opts: &LiveOptions, progress: &dyn Progress
         return Err(e);
     }
     keep_maps(&maps, &done, &mut warn);
-    let manifest = Manifest {
-        format_version: rime_repo::FORMAT_VERSION,
-        id: snapshot.0.clone(),
-        time: chrono::Utc::now(),
-        host: opts.host.clone(),
-        tags: opts.tags.clone(),
-        volumes: entries,
-        duration: started.elapsed().as_secs_f64(),
-        rime_version: env!("CARGO_PKG_VERSION").to_string(),
-        consistency: Some(Consistency {
-            coherent: done.len() <= 1,
-            instant: match done.len() {
-                1 => "one VM's disks at the instant its backup job began".into(),
-                n => format!("{n} VMs, each at the instant its own backup job began"),
-            },
-            ..Consistency::default()
-        }),
-        vms: Some(VmSection {
-            criterion: "named".into(),
-            media: false,
-            resume: "not stopped".into(),
-            uri: lv.uri().to_string(),
-            domains: done.iter().map(|d| d.record.clone()).collect(),
-        }),
+    let consistency = Consistency {
+        coherent: done.len() <= 1,
+        instant: match done.len() {
+            1 => "one VM's disks at the instant its backup job began".into(),
+            n => format!("{n} VMs, each at the instant its own backup job began"),
+        },
+        ..Consistency::default()
     };
-    let saved = match crate::interrupt::interrupted() {
-        true => Err(anyhow!("interrupted")),
-        false => repo.save_manifest(&manifest),
-    };
-    if let Err(e) = saved {
-        let published = sink.abandon();
-        drop(lock);
-        crate::commands::backup::cleanup_failed(repo, &snapshot, &published, started);
+    let vms = Some(VmSection {
+        criterion: "named".into(),
+        media: false,
+        resume: "not stopped".into(),
+        uri: lv.uri().to_string(),
+        domains: done.iter().map(|d| d.record.clone()).collect(),
+    });
+    let manifest = crate::commands::backup::new_manifest(
+        &snapshot,
+        opts.host.clone(),
+        opts.tags.clone(),
+        entries,
+        started,
+        consistency,
+        vms,
+    );
+    if let Err(e) = crate::commands::backup::publish(repo, &manifest, sink, lock, started) {
         forget_maps(&maps, &done);
-        return Err(e.context("writing the snapshot manifest"));
+        return Err(e);
     }
-    drop(lock);
     delete_superseded(&lv, &maps, &done, &mut warn);
     Ok(BackupSummary {
         snapshot: snapshot.0,

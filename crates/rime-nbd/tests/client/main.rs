@@ -285,17 +285,24 @@ fn base_allocation_equals_qemu_img_map() {
     assert_eq!(c.block_status("base:allocation", 0, SIZE).unwrap(), all);
 }
 
-#[test]
-fn block_status_beyond_one_request() {
-    // More than MAX_STATUS (1 GiB), and more than a request's 32-bit length: the client asks
-    // several times.
-    require(&["qemu-nbd", "qemu-img", "qemu-io"]);
+/// A sparse qcow2 of 4 GiB + 5 MiB (more than a request's 32-bit length) with 128 KiB of data
+/// past 2 GiB: (its folder, path, size, where the data is).
+fn big_image() -> (tempfile::TempDir, std::path::PathBuf, u64, u64) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("big.qcow2");
     let size = 4 * 1024 * MIB + 5 * MIB;
     run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), &size.to_string()]);
     let at = 2 * 1024 * MIB + 3 * MIB;
     run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P 7 {at} 128k"), s(&img)]);
+    (dir, img, size, at)
+}
+
+#[test]
+fn block_status_beyond_one_request() {
+    // More than MAX_STATUS (1 GiB), and more than a request's 32-bit length: the client asks
+    // several times.
+    require(&["qemu-nbd", "qemu-img", "qemu-io"]);
+    let (dir, img, size, at) = big_image();
     let server = QemuNbd::start(dir.path(), &["--format=qcow2", s(&img)]);
     let c = NbdClient::connect_unix_export(&server.socket, "", &["base:allocation"]).unwrap();
     let all = c.block_status("base:allocation", 0, size).unwrap();
@@ -430,12 +437,7 @@ fn start_failing(dir: &Path, img: &Path, event: &str) -> QemuNbd {
 #[test]
 fn server_errors_fail_one_request_and_broken_replies_the_connection() {
     require(&["qemu-nbd", "qemu-img", "qemu-io"]);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("big.qcow2");
-    let size = 4 * 1024 * MIB + 5 * MIB;
-    run("qemu-img", &["create", "-q", "-f", "qcow2", s(&img), &size.to_string()]);
-    let at = 2 * 1024 * MIB + 3 * MIB;
-    run("qemu-io", &["-f", "qcow2", "-c", &format!("write -P 7 {at} 128k"), s(&img)]);
+    let (dir, img, _size, at) = big_image();
 
     // Every L2 table load fails. Block status needs the L2 table of an allocated range, not
     // of one whose L1 entry is empty; a read asks for block status first (to send holes).
