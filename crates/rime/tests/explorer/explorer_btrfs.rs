@@ -203,36 +203,27 @@ fn ls_of_directories_and_subvolumes_matches_the_kernel() {
     drop(lo);
 }
 
-/// Logical address of a non-root leaf of the top-level subvolume's tree holding an item of
-/// inode `objectid`, per `btrfs inspect-internal dump-tree`.
-fn fs_tree_leaf_with(image: &Path, objectid: u64) -> u64 {
+/// Every leaf of the top-level subvolume's tree, per `btrfs inspect-internal dump-tree`: its
+/// logical address and the lowest and highest objectid keyed in it.
+fn fs_tree_leaves(image: &Path) -> Vec<(u64, u64, u64)> {
     let dump = sh("btrfs", &["inspect-internal", "dump-tree", "-t", "5", image.to_str().unwrap()]);
-    let mut leaf = None;
+    let mut leaves: Vec<(u64, u64, u64)> = Vec::new();
+    let mut in_leaf = false;
     for l in dump.lines() {
-        if let Some(rest) = l.strip_prefix("leaf ") {
-            if rest.contains("items") {
-                leaf = rest.split(' ').next().map(|n| n.parse::<u64>().unwrap());
-            }
-        }
-        if l.contains(&format!("key ({objectid} ")) {
-            if let Some(b) = leaf {
-                return b;
-            }
+        // "leaf N items ..." opens a leaf; "leaf N flags ..." follows it.
+        if let Some(rest) = l.strip_prefix("leaf ").filter(|r| r.contains(" items ")) {
+            in_leaf = true;
+            leaves.push((rest.split(' ').next().unwrap().parse().unwrap(), u64::MAX, 0));
+        } else if l.starts_with("node ") && l.contains(" items ") {
+            in_leaf = false;
+        } else if let (true, Some(key)) = (in_leaf, l.split(" key (").nth(1)) {
+            let id: u64 = key.split(' ').next().unwrap().parse().unwrap();
+            let last = leaves.last_mut().unwrap();
+            (last.1, last.2) = (last.1.min(id), last.2.max(id));
         }
     }
-    panic!("no leaf holds inode {objectid}:\n{}", &dump[..dump.len().min(2000)]);
-}
-
-/// The lowest and highest objectid keyed in the tree block at `logical`.
-fn leaf_objectid_range(image: &Path, logical: u64) -> (u64, u64) {
-    let dump = sh("btrfs", &["inspect-internal", "dump-tree", "-b", &logical.to_string(), image.to_str().unwrap()]);
-    let ids: Vec<u64> = dump
-        .lines()
-        .filter_map(|l| l.split(" key (").nth(1))
-        .map(|k| k.split(' ').next().unwrap().parse().unwrap())
-        .collect();
-    assert!(!ids.is_empty(), "{dump}");
-    (*ids.iter().min().unwrap(), *ids.iter().max().unwrap())
+    assert!(leaves.len() > 1, "the fs tree should have several leaves:\n{}", &dump[..dump.len().min(2000)]);
+    leaves
 }
 
 /// Each regular file under `root` (relative path) with the inode numbers of the root, every
@@ -283,26 +274,30 @@ fn damaged_btrfs_trees_give_clear_errors_never_panics_and_stay_inside_the_target
     let outside = env.path("outside");
     fs::create_dir_all(&outside).unwrap();
 
-    // The inode of one file deep in the tree: its leaf is not the root of the fs tree.
-    use std::os::unix::fs::MetadataExt;
     // Every regular file with the inode numbers of its path, as the kernel sees them.
-    let (ino, files) = {
+    let files = {
         let (lo, m) = loop_ro(&image, &env.path("ro"));
-        let ino = fs::metadata(m.dir.join("many/d07/f0599.txt")).unwrap().ino();
         let files = files_with_inode_paths(&m.dir);
         m.unmount();
         drop(lo);
-        (ino, files)
+        files
     };
-    let leaf = fs_tree_leaf_with(&image, ino);
-    // A file none of whose path's items can lie in the damaged leaf (which inodes share that
-    // leaf depends on the order mkfs read the source directory in): it must still extract.
-    let (first, last) = leaf_objectid_range(&image, leaf);
-    let intact = files
+    // The leaf to damage: one holding files of many/ but none of the root directory's items,
+    // and a file none of whose path's items can lie in it, which must still extract. Which
+    // inodes share a leaf depends on the order mkfs read the source directories in, so both
+    // are chosen from the tree as it came out.
+    let leaves = fs_tree_leaves(&image);
+    let (leaf, intact) = leaves
         .iter()
-        .find(|(_, inos)| inos.iter().all(|i| *i < first || *i > last))
-        .map(|(path, _)| path.clone())
-        .expect("a file outside the damaged leaf");
+        .filter(|(_, first, _)| *first > 256)
+        .filter(|(_, first, last)| {
+            files.iter().any(|(p, inos)| p.starts_with("many") && (*first..=*last).contains(inos.last().unwrap()))
+        })
+        .find_map(|&(leaf, first, last)| {
+            let outside = files.iter().find(|(_, inos)| inos.iter().all(|i| !(first..=last).contains(i)))?;
+            Some((leaf, outside.0.clone()))
+        })
+        .unwrap_or_else(|| panic!("no leaf of many/ files without the root's items and a file outside it: {leaves:?}"));
     let clean = fs::read(&image).unwrap();
 
     type Damage = fn(&mut [u8]);
