@@ -30,4 +30,9 @@ pub trait Export: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_punch: bool) -> std::io::Result<()>;
     fn trim(&self, offset: u64, len: u64) -> std::io::Result<()>;
     fn flush(&self) -> std::io::Result<()>;
+    /// A read-only export: the server advertises it as such and refuses writes, trims and
+    /// write-zeroes with EPERM before they reach [`Export::write`] and its kin.
+    fn read_only(&self) -> bool {
+        false
+    }
 }

@@ -4,7 +4,10 @@
 //! on a unix socket, one thread per connection.
 //!
 //! Invariants: no request outside `0..export.size()` reaches the export (reads and trims get
-//! EINVAL, writes ENOSPC); no payload above [`MAX_PAYLOAD`] is read into memory.
+//! EINVAL, writes ENOSPC); no payload above [`MAX_PAYLOAD`] is read into memory; a read-only
+//! export ([`Export::read_only`]) is advertised with `NBD_FLAG_READ_ONLY` and never sees a
+//! write, trim or write-zeroes (each gets EPERM); a failed read is an error reply to that
+//! request, and the connection goes on.
 //!
 //! Protocol facts from the NBD protocol document (`doc/proto.md` of the NBD project).
 
@@ -118,6 +121,9 @@ impl NbdServer {
     }
 
     fn tflags(&self) -> u16 {
+        if self.export.read_only() {
+            return TFLAG_HAS_FLAGS | TFLAG_READ_ONLY | TFLAG_SEND_FLUSH | TFLAG_CAN_MULTI_CONN;
+        }
         TFLAG_HAS_FLAGS
             | TFLAG_SEND_FLUSH
             | TFLAG_SEND_FUA
@@ -231,6 +237,7 @@ impl NbdServer {
             let fua = flags & CMD_FLAG_FUA != 0;
             let in_range = offset.checked_add(len as u64).is_some_and(|e| e <= self.export.size());
             let errno = |e: std::io::Error| e.raw_os_error().map(|n| n as u32).unwrap_or(EIO);
+            let read_only = self.export.read_only();
             match cmd {
                 CMD_READ => {
                     if len > MAX_PAYLOAD || !in_range {
@@ -252,7 +259,9 @@ impl NbdServer {
                     anyhow::ensure!(len <= MAX_PAYLOAD, "write of {len} bytes is too large");
                     buf.resize(len as usize, 0);
                     r.read_exact(&mut buf)?;
-                    let err = if !in_range {
+                    let err = if read_only {
+                        EPERM
+                    } else if !in_range {
                         ENOSPC
                     } else {
                         self.export.write(offset, &buf, fua).err().map(errno).unwrap_or(0)
@@ -264,7 +273,9 @@ impl NbdServer {
                     simple_reply(w, err, handle, &[])?;
                 }
                 CMD_TRIM => {
-                    let err = if !in_range {
+                    let err = if read_only {
+                        EPERM
+                    } else if !in_range {
                         EINVAL
                     } else {
                         let mut e = self.export.trim(offset, len as u64).err().map(errno).unwrap_or(0);
@@ -276,7 +287,9 @@ impl NbdServer {
                     simple_reply(w, err, handle, &[])?;
                 }
                 CMD_WRITE_ZEROES => {
-                    let err = if !in_range {
+                    let err = if read_only {
+                        EPERM
+                    } else if !in_range {
                         ENOSPC
                     } else {
                         self.export

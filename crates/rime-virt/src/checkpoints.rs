@@ -60,7 +60,9 @@ pub fn delete(lv: &Libvirt, uuid: &str, name: &str) -> Result<(), VirtError> {
     let what = format!("deleting checkpoint {name:?}");
     match lv.run(&what, ["checkpoint-delete", uuid, name]) {
         Ok(_) => Ok(()),
-        Err(VirtError::Failed(m)) if m.contains("not found in backing chain") || m.contains("missing or broken bitmap") => {
+        Err(VirtError::Failed(m))
+            if m.contains("not found in backing chain") || m.contains("missing or broken bitmap") =>
+        {
             lv.run(&what, ["checkpoint-delete", uuid, name, "--metadata"]).map(drop)
         }
         Err(e) => Err(e),

@@ -284,6 +284,9 @@ fn main() {
     // go). Commands report through their own output and log only errors unless RIME_LOG asks.
     let default = match cli.command {
         Command::Serve(_) => tracing_subscriber::filter::LevelFilter::INFO,
+        Command::Vm { command: vm_cmd::VmCommand::InstantServe { .. } } => {
+            tracing_subscriber::filter::LevelFilter::INFO
+        }
         _ => tracing_subscriber::filter::LevelFilter::ERROR,
     };
     tracing_subscriber::fmt()
@@ -574,7 +577,9 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = Repository::open(&location)?;
             output::prune(&prune::prune(&repo, progress.as_ref(), lock_wait)?, None, cli.json);
         }
-        Command::Vm { command } => return vm_cmd::run(command, || Ok(Repository::open(&location)?), cli.json),
+        Command::Vm { command } => {
+            return vm_cmd::run(command, &location, || Ok(Repository::open(&location)?), cli.json)
+        }
         Command::Serve(_) => unreachable!("handled in main"),
     }
     Ok(0)

@@ -95,7 +95,10 @@ fn a_running_vm_is_imaged_at_the_instant_its_backup_began_and_incrementals_read_
     write_random_at(&vdb, 42, 40 * MIB, 24 * MIB);
     let vdb_before = env.path("vdb-before.raw");
     std::fs::copy(&vdb, &vdb_before).unwrap();
-    let d = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} web"), &[Disk::Qcow2(&vda), Disk::Raw(&vdb)], false, ""));
+    let d = TestDomain::define(
+        env.dir.path(),
+        &domain_xml(&format!("{t} web"), &[Disk::Qcow2(&vda), Disk::Raw(&vdb)], false, ""),
+    );
     d.start();
     d.wait_state("running", Duration::from_secs(30));
 
@@ -202,7 +205,11 @@ fn incrementals_survive_a_vm_restart_and_a_broken_chain_falls_back_to_a_full_bac
     guest_write(&d, VDA, 120 * MIB, 64 * 1024, 0x33);
     let deleted = env.backup_json(&["--vm", &name]);
     assert_eq!(disk(&deleted, &name, "vda")["mode"], "full");
-    assert!(warnings(&deleted).contains(&format!("checkpoint {cp} of its last backup is gone from libvirt")), "{}", warnings(&deleted));
+    assert!(
+        warnings(&deleted).contains(&format!("checkpoint {cp} of its last backup is gone from libvirt")),
+        "{}",
+        warnings(&deleted)
+    );
     check(deleted["snapshot"].as_str().unwrap(), "after the checkpoint was deleted");
 
     // The disk replaced while the VM was off (a copy without the bitmaps): libvirt refuses the

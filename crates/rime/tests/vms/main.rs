@@ -11,6 +11,7 @@ mod hot_support;
 #[path = "../vm_support/mod.rs"]
 mod vm_support;
 
+mod instant;
 mod layout;
 mod live_backup;
 mod stop_resume;
