@@ -17,7 +17,7 @@
 //! renamed, without UUID and MAC addresses, its own NVRAM path) and started.
 //!
 //! Finish: each disk is copied by libvirt's block copy (the whole chain, overlay and export,
-//! into a standalone qcow2) while the guest runs and the guest is pivoted onto it; the
+//! into a standalone image: qcow2, or raw for a disk that was raw) while the guest runs and the guest is pivoted onto it; the
 //! definition follows; only then the server stops and the overlays go. Cancel: the domain is
 //! destroyed and undefined, its NVRAM, the overlays and the server go.
 //!
@@ -280,7 +280,6 @@ fn read_volume(explorer: &Explorer, volume: &str) -> Result<Vec<u8>> {
 }
 
 /// What a failed start leaves to undo, undone in reverse.
-#[derive(Default)]
 struct Undo {
     lv: Option<Libvirt>,
     uuid: Option<String>,
@@ -431,8 +430,7 @@ pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantS
     }
 
     // The state, then the server.
-    let mut undo = Undo::default();
-    undo.armed = true;
+    let mut undo = Undo { lv: None, uuid: None, server: None, nvram: None, dirs: Vec::new(), armed: true };
     for root in [Path::new("/run/rime"), Path::new(STATE_ROOT)] {
         if !root.exists() {
             make_dir(root)?;
@@ -771,7 +769,7 @@ pub fn finish(name: &str, to: Option<&Path>) -> Result<FinishSummary> {
                     "--dest".as_ref(),
                     dest_arg,
                     "--format".as_ref(),
-                    "qcow2".as_ref(),
+                    finished_format(d).as_ref(),
                     "--wait".as_ref(),
                     "--pivot".as_ref(),
                     "--transient-job".as_ref(),
@@ -791,7 +789,7 @@ pub fn finish(name: &str, to: Option<&Path>) -> Result<FinishSummary> {
                 dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
             ));
             let out = Command::new("qemu-img")
-                .args(["convert", "-q", "-f", "qcow2", "-O", "qcow2"])
+                .args(["convert", "-q", "-f", "qcow2", "-O", finished_format(d)])
                 .arg(&d.overlay)
                 .arg(&tmp)
                 .stdin(Stdio::null())
@@ -824,7 +822,7 @@ pub fn finish(name: &str, to: Option<&Path>) -> Result<FinishSummary> {
         .map(|(d, dest)| DiskSwap {
             target: d.target.clone(),
             file: dest.display().to_string(),
-            format: "qcow2".into(),
+            format: finished_format(d).into(),
         })
         .collect();
     if !swaps.is_empty() {
@@ -847,6 +845,16 @@ pub fn finish(name: &str, to: Option<&Path>) -> Result<FinishSummary> {
     stop_server(&state)?;
     remove_files(&state);
     Ok(FinishSummary { name: state.name.clone(), uuid, disks: finished, seconds: started.elapsed().as_secs_f64() })
+}
+
+/// The format a disk is finished in: raw for a disk that was raw at backup time, else qcow2
+/// (a standalone image: the copy has no backing file).
+fn finished_format(d: &InstantDisk) -> &'static str {
+    if d.format == "raw" {
+        "raw"
+    } else {
+        "qcow2"
+    }
 }
 
 fn remove_files(state: &InstantState) {

@@ -74,6 +74,12 @@ fn instant<'a>(env: &'a Env, snapshot: &str, vm: &str, name: &str, extra: &[&str
     Instant { env, name: name.to_string(), json }
 }
 
+/// Makes the guest's writes to its first disk durable (qcow2 metadata included), so that a
+/// reader outside QEMU sees them.
+fn flush(d: &TestDomain) {
+    d.hmp(&format!("qemu-io {VDA} \"flush\""));
+}
+
 fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
@@ -150,6 +156,7 @@ fn a_vm_runs_from_the_repository_at_once_and_finish_moves_it_onto_local_disks_wh
     assert_same_bytes(&want_vdb, &guest_view(&a.overlay("vdb"), &env.path("a-vdb.raw")));
     // Its writes land in the overlay; the repository stays as it was.
     write_in_guest_disk(&dom, VDA, 0xab, 64);
+    flush(&dom);
     assert!(image_holds(&a.overlay("vda"), 0xab, 64), "the guest's write is in its overlay");
     env.assert_verify_clean();
     let restored = env.path("r-vda.raw");
@@ -175,10 +182,11 @@ fn a_vm_runs_from_the_repository_at_once_and_finish_moves_it_onto_local_disks_wh
     let done = env.rime(&["vm", "instant-restore", "--finish", &new, "--to", p(&to), "--json"]).ok().json();
     assert_eq!(done["disks"].as_array().unwrap().len(), 2, "{done:#}");
     assert!(dom.state().starts_with("running"), "it ran on: {}", dom.state());
+    // Each in its format at backup time: vda qcow2, vdb raw.
     let (fa, fb) = (to.join("vda.qcow2"), to.join("vdb.raw"));
-    for f in [&fa, &fb] {
+    for (f, format) in [(&fa, "qcow2"), (&fb, "raw")] {
         let info = sh("qemu-img", &["info", "-U", p(f)]);
-        assert!(info.contains("file format: qcow2") && !info.contains("backing file"), "{info}");
+        assert!(info.contains(&format!("file format: {format}")) && !info.contains("backing file"), "{info}");
     }
     let mut want_after = std::fs::read(&want_vda).unwrap();
     want_after[..64 << 10].fill(0xab);
@@ -194,6 +202,7 @@ fn a_vm_runs_from_the_repository_at_once_and_finish_moves_it_onto_local_disks_wh
     assert!(!a.state_dir().exists() && !a.overlay("vda").exists());
     // Still writable, into the local copy.
     write_in_guest_disk(&dom, VDA, 0xcd, 64);
+    flush(&dom);
     assert!(image_holds(&fa, 0xcd, 64));
 
     // Cancel: the other instance, its domain, NVRAM, overlays and server are gone.
