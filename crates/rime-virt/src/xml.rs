@@ -298,10 +298,10 @@ pub fn edit(xml: &str, edits: &Edits) -> Result<String, XmlError> {
                 }
             }
         }
-        let new_driver = driver
-            .is_none()
-            .then(|| format!("<driver name='qemu' type='{}'/>", escape(&swap.format)))
-            .unwrap_or_default();
+        let new_driver = match driver {
+            Some(_) => String::new(),
+            None => format!("<driver name='qemu' type='{}'/>", escape(&swap.format)),
+        };
         match child(*disk, "source") {
             Some(src) => out.push((src.range(), format!("{new_driver}{source}"))),
             None => {

@@ -633,7 +633,7 @@ pub fn serve(state_dir: &Path) -> Result<()> {
 fn all_states() -> Vec<InstantState> {
     let Ok(entries) = std::fs::read_dir(STATE_ROOT) else { return Vec::new() };
     let mut out: Vec<InstantState> = entries.flatten().filter_map(|e| read_state(&e.path()).ok()).collect();
-    out.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+    out.sort_by_key(|a| a.started_at);
     out
 }
 

@@ -543,7 +543,7 @@ impl VmContext<'_> {
         disks: &mut [DiskPlan],
         chain: &Chain,
         warn: &mut dyn FnMut(String),
-    ) -> Result<(Opened, Option<LiveJob>, Option<String>, (String, String))> {
+    ) -> Result<LiveOpened> {
         let uuid = &domain.uuid;
         self.end_abandoned_job(domain, warn)?;
         // The socket and the scratch files live where QEMU (another user) may write.
@@ -738,6 +738,8 @@ impl LiveJob {
 }
 
 type Opened = Vec<(Volume, Option<Arc<NbdClient>>, Option<String>)>;
+/// The volumes, the backup job, the new checkpoint and the consistency reached (kind, why).
+type LiveOpened = (Opened, Option<LiveJob>, Option<String>, (String, String));
 
 /// A map that maps nothing (a placeholder while the real one is wrapped).
 struct NoMap;

@@ -128,7 +128,7 @@ fn a_running_vm_is_imaged_at_the_instant_its_backup_began_and_incrementals_read_
     assert!(l["checkpoint"].as_str().unwrap().starts_with("rime."), "{l:#}");
     assert_eq!(disk(&first, &d.name, "vda")["mode"], "full");
     // Only what the filesystem uses was read: not the garbage in its free blocks.
-    let v = volume(&first, &disk(&first, &d.name, "vda")["volume"].as_str().unwrap().to_string()).clone();
+    let v = volume(&first, disk(&first, &d.name, "vda")["volume"].as_str().unwrap()).clone();
     assert_eq!(v["filesystem"], "ext4", "{v:#}");
     assert!(v["read_bytes"].as_u64().unwrap() < ext_used_bytes(&ext) + 8 * MIB, "{v:#}");
 
