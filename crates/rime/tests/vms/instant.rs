@@ -177,7 +177,13 @@ fn a_vm_runs_from_the_repository_at_once_and_finish_moves_it_onto_local_disks_wh
     let text = env.rime(&["vm", "instant-restore", "--status"]).ok().stdout;
     assert!(text.contains(&format!("{new:?} running from snapshot {}", &snap[..8])), "{text}");
 
-    // Finish: copied while it runs, onto standalone qcow2 images; the server and overlays go.
+    // Finish: by default onto the disks' paths at backup time, which the source VM still has:
+    // refused, nothing changed.
+    let in_the_way = env.rime(&["vm", "instant-restore", "--finish", &new]);
+    assert_eq!(in_the_way.code, Some(11));
+    assert!(in_the_way.fails().contains("--to"));
+    assert!(alive(a.server_pid()) && a.overlay("vda").exists());
+    // Into a folder: copied while it runs, onto standalone images; the server and overlays go.
     let to = env.path("finished");
     let done = env.rime(&["vm", "instant-restore", "--finish", &new, "--to", p(&to), "--json"]).ok().json();
     assert_eq!(done["disks"].as_array().unwrap().len(), 2, "{done:#}");
