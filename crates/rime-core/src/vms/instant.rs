@@ -324,6 +324,7 @@ impl Drop for Undo {
 
 /// Starts the VM from the snapshot; returns once it runs.
 pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantSummary> {
+    let step = |what: &str| tracing::info!("{what} after {:.2} s", opts.started.elapsed().as_secs_f64());
     let repo = Repository::open(location)?;
     let manifest = repo.resolve(&opts.snapshot)?;
     let vm = instant_vm(&manifest, &opts.vm)?.clone();
@@ -331,6 +332,7 @@ pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantS
     if name.is_empty() || name.contains('/') {
         bail!("{name:?} cannot be a domain name");
     }
+    step("checked the snapshot");
     let lv = Libvirt::connect()?;
     let on_host = domain_names(&lv)?;
     if on_host.iter().any(|(_, n)| *n == name) {
@@ -358,6 +360,7 @@ pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantS
         }
     }
 
+    step("checked the host");
     // The definition and NVRAM, from the snapshot.
     let explorer = Explorer::open(repo.clone(), &manifest.id, Some(4 << 20))?;
     let xml_volume = vm
@@ -392,6 +395,7 @@ pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantS
     let cache_bytes = opts.cache_bytes.unwrap_or(crate::snapshot_reader::DEFAULT_CACHE_BYTES);
     drop(explorer);
 
+    step("read the definition and NVRAM");
     // Disks and media.
     let mut warnings = Vec::new();
     let mut disks = Vec::new();
@@ -465,6 +469,7 @@ pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantS
     undo.server = Some(child);
     wait_ready(undo.server.as_mut().expect("just set"), &state_dir)?;
 
+    step("server listening");
     // Overlays on the exports.
     for d in &disks {
         let out = Command::new("qemu-img")
@@ -480,6 +485,7 @@ pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantS
             bail!("qemu-img create {}: {}", d.overlay.display(), String::from_utf8_lossy(&out.stderr).trim());
         }
     }
+    step("overlays made");
     // NVRAM into place (under a temporary name first).
     if let (Some(bytes), Some(dest)) = (&nvram_bytes, &nvram_path) {
         let dest = PathBuf::from(dest);
@@ -524,6 +530,7 @@ pub fn instant_restore(location: &str, opts: &InstantOptions) -> Result<InstantS
     undo.uuid = Some(uuid.clone());
     state.uuid = Some(uuid.clone());
     write_state(&state)?;
+    step("defined");
     lv.run_for(&format!("starting domain {name:?}"), ["start", "--domain", &uuid], Duration::from_secs(300))?;
     let seconds_to_running = opts.started.elapsed().as_secs_f64();
     undo.armed = false;

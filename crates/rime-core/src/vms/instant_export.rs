@@ -5,7 +5,9 @@
 //! returns exactly the snapshot's bytes or an error for that request, never anything else (a
 //! repository that answers slowly makes the read wait; one that fails is retried a few times,
 //! then the request fails with EIO, and the next request is tried afresh); a panic inside the
-//! reader is caught and becomes EIO, so one bad read never takes the server down.
+//! reader is caught and becomes EIO, so one bad read never takes the server down. It reports
+//! the ranges made of zero-marker chunks as zeros (`base:allocation`), from the volume index
+//! alone, so clients skip them; any other range is reported as data.
 
 use crate::snapshot_reader::SnapshotReader;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -90,5 +92,19 @@ impl rime_nbd::Export for SnapshotExport {
 
     fn read_only(&self) -> bool {
         true
+    }
+
+    fn reports_zeros(&self) -> bool {
+        true
+    }
+
+    /// Zero-marker chunks read as zeros: a client (QEMU's block copy, `qemu-img convert`)
+    /// skips them instead of reading them.
+    fn zero_extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
+        match catch_unwind(AssertUnwindSafe(|| self.reader.zero_runs(offset, len, 1024))) {
+            Ok(Ok(runs)) => Ok(runs),
+            Ok(Err(e)) => Err(std::io::Error::other(format!("{e:#}"))),
+            Err(_) => Err(std::io::Error::other("the snapshot reader panicked")),
+        }
     }
 }
