@@ -80,7 +80,7 @@ EOF
         state=$(virsh -q domstate "$name")
         [[ $state == running ]] || { log "$name is $state"; exit 1; }
         log "${gib} GiB round $r: running after $s s"
-        times+=("$s")
+        times+=("$(printf '%.2f' "$s")")
         rime vm instant-restore --cancel "$name" >/dev/null
     done
     name="$PREFIX-$gib-finish"

@@ -134,7 +134,7 @@ impl Export for Sparse {
         let mut runs = Vec::new();
         let mut pos = offset;
         while pos < offset + len {
-            let upto = ((pos >> 20) + 1 << 20).min(offset + len);
+            let upto = (((pos >> 20) + 1) << 20).min(offset + len);
             runs.push((upto - pos, (pos >> 20) % 2 == 1));
             pos = upto;
         }
