@@ -298,7 +298,15 @@ impl Drop for Undo {
             let _ = lv.run("stopping the domain", ["destroy", "--domain", uuid]);
             let _ = lv.run(
                 "undefining the domain",
-                ["undefine", "--domain", uuid, "--managed-save", "--snapshots-metadata", "--checkpoints-metadata"],
+                [
+                    "undefine",
+                    "--domain",
+                    uuid,
+                    "--managed-save",
+                    "--snapshots-metadata",
+                    "--checkpoints-metadata",
+                    "--keep-nvram",
+                ],
             );
         }
         if let Some(mut child) = self.server.take() {
@@ -690,10 +698,12 @@ fn stop_server(state: &InstantState) -> Result<bool> {
 /// Whether any disk of the domain's live XML still reads through this recovery (its overlay or
 /// its sockets).
 fn still_served(xml: &str, state: &InstantState) -> bool {
-    state
-        .disks
-        .iter()
-        .any(|d| xml.contains(&*d.overlay.display().to_string()) || xml.contains(&*d.socket.display().to_string()))
+    let escaped = |p: &Path| {
+        let p = p.display().to_string();
+        let e = p.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+        [e.replace('\'', "&apos;").replace('"', "&quot;"), e, p]
+    };
+    state.disks.iter().flat_map(|d| escaped(&d.overlay).into_iter().chain(escaped(&d.socket))).any(|p| xml.contains(&p))
 }
 
 /// Copies every disk to local images while the VM runs, moves the definition onto them, then
