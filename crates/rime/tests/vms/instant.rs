@@ -68,7 +68,10 @@ impl Drop for Instant<'_> {
 }
 
 fn instant<'a>(env: &'a Env, snapshot: &str, vm: &str, name: &str, extra: &[&str]) -> Instant<'a> {
-    let mut args = vec!["vm", "instant-restore", snapshot, "--vm", vm, "--as", name, "--json"];
+    let mut args = vec!["vm", "instant-restore", snapshot, "--vm", vm, "--json"];
+    if name != vm {
+        args.extend(["--as", name]);
+    }
     args.extend_from_slice(extra);
     let json = env.rime(&args).ok().json();
     Instant { env, name: name.to_string(), json }
@@ -250,7 +253,7 @@ fn a_vm_runs_from_the_repository_at_once_and_finish_moves_it_onto_local_disks_wh
 }
 
 #[test]
-fn a_repository_that_fails_a_read_fails_that_request_only_and_the_server_goes_on() {
+fn a_lost_vm_runs_again_under_its_own_name_and_a_failing_repository_fails_only_that_read() {
     let _lv = shared();
     let t = tag("readerr");
     let env = Env::new();
@@ -264,7 +267,11 @@ fn a_repository_that_fails_a_read_fails_that_request_only_and_the_server_goes_on
     sh("qemu-img", &["convert", "-q", "-f", "raw", "-O", "qcow2", p(&data), p(&vda)]);
     let src = TestDomain::define(env.dir.path(), &domain_xml(&format!("{t} src"), &[Disk::Qcow2(&vda)], false, ""));
     let snap = env.backup(&["--vm", &src.name]);
-    let a = instant(&env, &snap, &src.name, &format!("{t} a"), &["--cache-size", "1"]);
+    // The VM is lost; it comes back under its own name and UUID.
+    let (name, uuid) = (src.name.clone(), src.uuid.clone());
+    drop(src);
+    let a = instant(&env, &snap, &name, &name, &["--cache-size", "1"]);
+    assert_eq!(a.uuid(), uuid);
     // Every pack emptied in place (the server keeps them open): reads of chunks it has not
     // cached fail.
     let packs: Vec<PathBuf> = files_under(&env.repo.join("packs")).into_iter().collect();
