@@ -217,6 +217,30 @@ impl SnapshotReader {
         Ok(Some(data))
     }
 
+    /// `offset..offset + len` as consecutive `(length, reads as zeros)` runs, in order: a zero
+    /// run is made of zero-marker chunks (no data in the repository). At most `max_runs` runs:
+    /// they may cover only a prefix of the range. Reads only volume index records.
+    pub fn zero_runs(&self, offset: u64, len: u64, max_runs: usize) -> Result<Vec<(u64, bool)>> {
+        let end = offset.checked_add(len).context("range overflows")?.min(self.header.volume_size);
+        let cs = self.header.chunk_size as u64;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        let mut inner = self.inner.lock().unwrap();
+        let mut pos = offset;
+        while pos < end {
+            let n = pos / cs;
+            let upto = ((n + 1) * cs).min(end);
+            let zero = self.chunk_id(&mut inner, n)?.is_zero_marker();
+            let full = runs.len() >= max_runs.max(1);
+            match runs.last_mut() {
+                Some((l, z)) if *z == zero => *l += upto - pos,
+                _ if full => break,
+                _ => runs.push((upto - pos, zero)),
+            }
+            pos = upto;
+        }
+        Ok(runs)
+    }
+
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let end = offset.checked_add(buf.len() as u64).context("read range overflows")?;

@@ -30,4 +30,21 @@ pub trait Export: Send + Sync {
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool, may_punch: bool) -> std::io::Result<()>;
     fn trim(&self, offset: u64, len: u64) -> std::io::Result<()>;
     fn flush(&self) -> std::io::Result<()>;
+    /// A read-only export: the server advertises it as such and refuses writes, trims and
+    /// write-zeroes with EPERM before they reach [`Export::write`] and its kin.
+    fn read_only(&self) -> bool {
+        false
+    }
+    /// The export can tell which of its ranges read as zeros ([`Export::zero_extents`]): the
+    /// server then offers structured replies and the `base:allocation` metadata context, so a
+    /// client such as QEMU skips those ranges instead of reading them.
+    fn reports_zeros(&self) -> bool {
+        false
+    }
+    /// `offset..offset + len` (within the export) as consecutive `(length, reads as zeros)` runs
+    /// in order, covering the range or a prefix of it (at least one run).
+    fn zero_extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, bool)>> {
+        let _ = offset;
+        Ok(vec![(len, false)])
+    }
 }

@@ -32,3 +32,23 @@ pub fn signal_group(pgid: u32, signal: crate::signals::Signal) {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), signal);
     }
 }
+
+/// Sends `signal` to process `pid` (errors ignored: it may be gone already).
+pub fn signal(pid: u32, signal: crate::signals::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
+}
+
+/// Makes the calling process the leader of a new session (no controlling terminal, its own
+/// process group), so that a terminal's hangup or Ctrl-C never reaches it: what a daemon
+/// started by a command does first.
+pub fn new_session() -> std::io::Result<()> {
+    rustix::process::setsid().map(drop).map_err(std::io::Error::from)
+}
+
+/// The arguments process `pid` was started with (`/proc/PID/cmdline`); None if it is gone.
+pub fn command_line(pid: u32) -> Option<Vec<String>> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect())
+}

@@ -291,3 +291,33 @@ pub fn host(lv: &Libvirt) -> Result<Vec<VmFiles>, VirtError> {
     out.extend(left_behind(&dirs, &domains));
     Ok(out)
 }
+
+/// The numeric user and group QEMU runs as under `qemu:///system`: `user` and `group` in
+/// `/etc/libvirt/qemu.conf`, else Debian's default `libvirt-qemu` with its primary group. None
+/// when that user is root or unknown here. Files and sockets QEMU must open are given to it.
+pub fn qemu_process_ids() -> Option<(u32, u32)> {
+    let conf = std::fs::read_to_string("/etc/libvirt/qemu.conf").unwrap_or_default();
+    let setting = |key: &str| {
+        conf.lines().map(str::trim).filter(|l| !l.starts_with('#')).find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == key).then(|| v.trim().trim_matches('"').to_string())
+        })
+    };
+    let user = setting("user").unwrap_or_else(|| "libvirt-qemu".into());
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let lookup = |table: &str, name: &str| -> Option<(u32, Option<u32>)> {
+        if let Some(n) = name.strip_prefix('+') {
+            return Some((n.parse().ok()?, None));
+        }
+        table.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == name).then(|| Some((f[2].parse().ok()?, f[3].parse().ok())))?
+        })
+    };
+    let (uid, primary) = lookup(&passwd, &user)?;
+    let gid = match setting("group") {
+        Some(g) => lookup(&std::fs::read_to_string("/etc/group").unwrap_or_default(), &g)?.0,
+        None => primary?,
+    };
+    (uid != 0).then_some((uid, gid))
+}

@@ -40,6 +40,8 @@ struct Cli {
     command: Command,
 }
 
+/// Parsed once per run: the size of its largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Create a repository (refuses an existing one).
@@ -194,6 +196,9 @@ fn main() {
     // go). Commands report through their own output and log only errors unless RIME_LOG asks.
     let default = match cli.command {
         Command::Serve(_) => tracing_subscriber::filter::LevelFilter::INFO,
+        Command::Vm { command: vm_cmd::VmCommand::InstantServe { .. } } => {
+            tracing_subscriber::filter::LevelFilter::INFO
+        }
         _ => tracing_subscriber::filter::LevelFilter::ERROR,
     };
     tracing_subscriber::fmt()
@@ -204,6 +209,7 @@ fn main() {
                 .from_env_lossy(),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .without_time()
         .init();
     let result = match cli.command {
@@ -585,7 +591,9 @@ fn run(cli: Cli) -> Result<i32> {
             let repo = Repository::open(&location)?;
             output::prune(&prune::prune(&repo, progress.as_ref(), lock_wait)?, None, cli.json);
         }
-        Command::Vm { command } => return vm_cmd::run(command, || Ok(Repository::open(&location)?), cli.json),
+        Command::Vm { command } => {
+            return vm_cmd::run(command, &location, || Ok(Repository::open(&location)?), cli.json)
+        }
         Command::Serve(_) => unreachable!("handled in main"),
     }
     Ok(0)

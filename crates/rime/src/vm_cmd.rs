@@ -1,16 +1,17 @@
-//! `rime vm layout|stop|resume`: arguments and output; the work is in
-//! `rime_core::commands::vm`.
+//! `rime vm layout|stop|resume|instant-restore`: arguments and output; the work is in
+//! `rime_core::commands::vm` and `rime_core::vms::instant`.
 
 use crate::output::{print_json, quoted, size};
 use anyhow::{Context, Result};
 use clap::{ArgGroup, Subcommand};
 use rime_core::commands::vm::{self, ResumeSelection, StopOptions, StopReport, StopSelection};
+use rime_core::vms::instant::{self, CancelSummary, FinishSummary, InstantOptions, InstantSummary, ListedInstant};
 use rime_core::vms::layout::{Criterion, HostLayout, VmLayout};
 use rime_repo::{Repository, VmSection};
 use rime_virt::control::StartOutcome;
 use std::io::Read;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[derive(Subcommand)]
 pub enum VmCommand {
@@ -89,9 +90,52 @@ pub enum VmCommand {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Run a VM straight from a `rime backup --vm` snapshot: its disks are served from the
+    /// repository (read-only, over NBD) under local overlays that take its writes, so it runs
+    /// before any data is copied. --finish copies the disks to local images while it runs;
+    /// --cancel throws it away; --list shows what runs this way.
+    #[command(group(ArgGroup::new("action").required(true).args(["snapshot", "finish", "cancel", "list"])))]
+    InstantRestore {
+        /// The snapshot to run the VM from.
+        #[arg(requires = "vm")]
+        snapshot: Option<String>,
+        /// The VM's name (or UUID) in the snapshot.
+        #[arg(long, value_name = "NAME", requires = "snapshot")]
+        vm: Option<String>,
+        /// Run it under this new name (libvirt gives it a new UUID and MAC addresses).
+        #[arg(long = "as", value_name = "NEW", requires = "snapshot")]
+        as_name: Option<String>,
+        /// Where the overlays go (default /var/lib/rime/instant).
+        #[arg(long, value_name = "DIR", requires = "snapshot")]
+        overlay_dir: Option<PathBuf>,
+        /// Chunk cache of each disk, in MiB (default 64).
+        #[arg(long, value_name = "MIB", requires = "snapshot")]
+        cache_size: Option<u64>,
+        /// Copy the disks of this instant recovery to local qcow2 images while it runs (libvirt
+        /// block copy), move its definition onto them, stop serving.
+        #[arg(long, value_name = "NAME")]
+        finish: Option<String>,
+        /// With --finish: put the disks into DIR (default: their paths at backup time).
+        #[arg(long, value_name = "DIR", requires = "finish")]
+        to: Option<PathBuf>,
+        /// Destroy and undefine this instant recovery's domain, remove its overlays, stop
+        /// serving.
+        #[arg(long, value_name = "NAME")]
+        cancel: Option<String>,
+        /// The instant recoveries on this host.
+        #[arg(long, visible_alias = "status")]
+        list: bool,
+    },
+    /// The server behind `instant-restore` (started by it, detached).
+    #[command(hide = true)]
+    InstantServe {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+    },
 }
 
-pub fn run(command: VmCommand, repo: impl FnOnce() -> Result<Repository>, json: bool) -> Result<i32> {
+pub fn run(command: VmCommand, location: &str, repo: impl FnOnce() -> Result<Repository>, json: bool) -> Result<i32> {
+    let started = Instant::now();
     match command {
         VmCommand::Layout { volumes, no_media, snapshot, quiet } => {
             if let Some(id) = snapshot {
@@ -146,6 +190,36 @@ pub fn run(command: VmCommand, repo: impl FnOnce() -> Result<Repository>, json: 
                 return Err(e);
             }
         }
+        VmCommand::InstantRestore { snapshot, vm, as_name, overlay_dir, cache_size, finish, to, cancel, list } => {
+            if list {
+                print_instant_list(&instant::list(), json);
+            } else if let Some(name) = finish {
+                print_finish(&instant::finish(&name, to.as_deref())?, json);
+            } else if let Some(name) = cancel {
+                print_cancel(&instant::cancel(&name)?, json);
+            } else {
+                let (snapshot, vm) = snapshot.zip(vm).context("name the snapshot and the VM (--vm NAME)")?;
+                let exe = std::env::current_exe().context("finding the rime binary")?;
+                let location = absolute_location(location)?;
+                let opts = InstantOptions {
+                    snapshot,
+                    vm,
+                    as_name,
+                    overlay_root: overlay_dir.map(|d| std::path::absolute(&d)).transpose()?,
+                    cache_bytes: cache_size.map(|m| m << 20),
+                    server: vec![
+                        exe.into_os_string(),
+                        "--repo".into(),
+                        location.clone().into(),
+                        "vm".into(),
+                        "instant-serve".into(),
+                    ],
+                    started,
+                };
+                print_instant(&instant::instant_restore(&location, &opts)?, json);
+            }
+        }
+        VmCommand::InstantServe { state } => instant::serve(&state)?,
     }
     Ok(0)
 }
@@ -324,5 +398,94 @@ fn print_resume(o: &StartOutcome, quiet: bool, json: bool) {
     }
     for f in o.failed.iter().skip(1) {
         eprintln!("rime: {} was not started: {}", quoted(&f.name), f.error);
+    }
+}
+
+/// A local repository's path made absolute (the server runs in `/`); other locations as given.
+fn absolute_location(location: &str) -> Result<String> {
+    if location.contains("://") {
+        return Ok(location.to_string());
+    }
+    Ok(std::path::absolute(location).with_context(|| format!("repository {location}"))?.display().to_string())
+}
+
+fn print_instant(s: &InstantSummary, json: bool) {
+    if json {
+        return print_json(s);
+    }
+    for w in &s.warnings {
+        eprintln!("rime: warning: {w}");
+    }
+    println!(
+        "running {} uuid={} from snapshot {} (VM {}) in {:.1} s",
+        quoted(&s.name),
+        s.uuid,
+        &s.snapshot[..8],
+        quoted(&s.vm),
+        s.seconds_to_running
+    );
+    for d in &s.disks {
+        println!(
+            "  {:<6} {} over {} ({}), writes in {}",
+            d.target,
+            d.volume,
+            d.socket.display(),
+            size(d.size),
+            d.overlay.display()
+        );
+    }
+    println!("  server pid {}; finish with `rime vm instant-restore --finish {}`", s.server_pid, quoted(&s.name));
+}
+
+fn print_finish(s: &FinishSummary, json: bool) {
+    if json {
+        return print_json(s);
+    }
+    for d in &s.disks {
+        println!("{} {}: {} ({})", quoted(&s.name), d.target, d.path, d.how);
+    }
+    println!(
+        "finished {} uuid={} in {:.1} s: it runs from local disks; the server is stopped",
+        quoted(&s.name),
+        s.uuid,
+        s.seconds
+    );
+}
+
+fn print_cancel(s: &CancelSummary, json: bool) {
+    if json {
+        return print_json(s);
+    }
+    println!(
+        "cancelled {}: removed {}",
+        quoted(&s.name),
+        if s.removed.is_empty() { "nothing".to_string() } else { s.removed.join(", ") }
+    );
+}
+
+fn print_instant_list(l: &[ListedInstant], json: bool) {
+    if json {
+        return print_json(&l);
+    }
+    if l.is_empty() {
+        println!("no instant recoveries");
+        return;
+    }
+    for i in l {
+        let server = match i.server_pid {
+            Some(pid) => format!("server pid {pid}"),
+            None => "server NOT running".into(),
+        };
+        println!(
+            "{} {} from snapshot {} (VM {}) since {}; {server}",
+            quoted(&i.state.name),
+            i.domain_state.as_deref().unwrap_or("not defined"),
+            &i.state.snapshot[..8],
+            quoted(&i.state.vm),
+            i.state.started_at.format("%Y-%m-%d %H:%M:%S UTC")
+        );
+        for d in &i.state.disks {
+            println!("  {:<6} {} ({}), writes in {}", d.target, d.volume, size(d.size), d.overlay.display());
+        }
     }
 }

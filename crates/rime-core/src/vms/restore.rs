@@ -79,7 +79,7 @@ fn temporary(dest: &Path) -> PathBuf {
 }
 
 /// The VM's record, or an error naming the VMs the snapshot has.
-fn find_vm<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m VmRecord> {
+pub(crate) fn find_vm<'m>(manifest: &'m Manifest, name: &str) -> Result<&'m VmRecord> {
     let vms = manifest.vms.as_ref().ok_or_else(|| {
         refused(format!("snapshot {} records no VMs (it was not taken with --vm-aware)", &manifest.id[..8]))
     })?;

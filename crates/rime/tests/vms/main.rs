@@ -13,6 +13,7 @@ mod hot_support;
 mod vm_support;
 
 mod guest_boot;
+mod instant;
 mod layout;
 mod live_backup;
 mod stop_resume;
