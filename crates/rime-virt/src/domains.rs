@@ -50,6 +50,15 @@ pub fn list(lv: &Libvirt) -> Result<Vec<Domain>, VirtError> {
 /// The domain named `name` (or, failing that, with the UUID `name`), as it is now; one listing
 /// of names rather than a read of every domain on the host.
 pub fn find(lv: &Libvirt, name: &str) -> Result<Domain, VirtError> {
+    // Quick path: virsh resolves the name (it would also take an id or a UUID, so the domain it
+    // finds must bear the name); `list --uuid --name` costs seconds on a busy host.
+    if let Ok(out) = lv.run("looking up a domain", ["domuuid", "--domain", name]) {
+        if let Ok(d) = get(lv, out.trim()) {
+            if d.name == name || d.uuid.eq_ignore_ascii_case(name) {
+                return Ok(d);
+            }
+        }
+    }
     let listing = lv.run("listing domains", ["list", "--all", "--uuid", "--name"])?;
     let pairs: Vec<(&str, &str)> = listing.lines().filter_map(|l| l.trim_start().split_once(' ')).collect();
     let uuid = pairs
