@@ -273,7 +273,13 @@ impl Explorer {
     /// Takes the shared repository lock (so no prune removes chunks under us), resolves the
     /// snapshot and loads the chunk index.
     pub fn open(repo: Repository, snapshot: &str, cache_bytes: Option<u64>) -> Result<Explorer> {
-        let lock = repo.lock(LockMode::Shared, "explore", Duration::from_secs(30))?;
+        Explorer::open_for(repo, snapshot, cache_bytes, "explore")
+    }
+
+    /// [`Explorer::open`], with the command that holds the lock named (`rime locks`, and the
+    /// refusal a prune meets, name it).
+    pub fn open_for(repo: Repository, snapshot: &str, cache_bytes: Option<u64>, command: &str) -> Result<Explorer> {
+        let lock = repo.lock(LockMode::Shared, command, Duration::from_secs(30))?;
         let manifest = repo.resolve(snapshot)?;
         let counter = Arc::new(ReadCounter::default());
         let index = load_chunk_index(&repo, &counter)?;

@@ -600,7 +600,7 @@ pub fn serve(state_dir: &Path) -> Result<()> {
     let signals = BlockedSignals::block(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP])?;
     let state = read_state(state_dir)?;
     let repo = Repository::open(&state.repo)?;
-    let explorer = Explorer::open(repo, &state.snapshot, Some(state.cache_bytes))?;
+    let explorer = Explorer::open_for(repo, &state.snapshot, Some(state.cache_bytes), "vm instant-serve")?;
     let owner = rime_virt::files::qemu_process_ids();
     let mut exports = Vec::new();
     for d in &state.disks {

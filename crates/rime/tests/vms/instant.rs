@@ -291,5 +291,22 @@ fn a_lost_vm_runs_again_under_its_own_name_and_a_failing_repository_fails_only_t
         std::fs::write(p, bytes).unwrap();
     }
     assert_same_bytes(&data, &guest_view(&a.overlay("vda"), &env.path("good.raw")));
-    a.domain().wait_state("running", Duration::from_secs(10));
+    // (Its guard undefines the domain at the end, once the recovery is finished.)
+    let dom = a.domain();
+    dom.wait_state("running", Duration::from_secs(10));
+
+    // Shut off, it is finished by converting its overlays (through the export) to local images.
+    virsh(&["destroy", "--domain", a.uuid()]);
+    let to = env.path("finished");
+    let done = env.rime(&["vm", "instant-restore", "--finish", &name, "--to", p(&to), "--json"]).ok().json();
+    assert_eq!(done["disks"][0]["how"], "convert", "{done:#}");
+    let copy = to.join("vda.qcow2");
+    let info = sh("qemu-img", &["info", p(&copy)]);
+    assert!(!info.contains("backing file"), "{info}");
+    assert_same_bytes(&data, &guest_view(&copy, &env.path("copy.raw")));
+    let def = virsh(&["dumpxml", "--inactive", "--domain", a.uuid()]);
+    assert!(def.contains(&format!("<source file='{}'/>", copy.display())), "{def}");
+    assert!(!alive(a.server_pid()) && !a.state_dir().exists());
+    dom.start();
+    dom.wait_state("running", Duration::from_secs(10));
 }
