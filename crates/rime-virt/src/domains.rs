@@ -121,3 +121,12 @@ pub fn snapshot_xml(lv: &Libvirt, uuid: &str, snapshot: &str) -> Result<String, 
         ["snapshot-dumpxml", "--domain", uuid, "--snapshotname", snapshot],
     )
 }
+
+/// Undefines a (stopped) domain with its managed-save image and its snapshot and checkpoint
+/// metadata; its NVRAM file is removed with it (`remove_nvram`) or kept.
+pub fn undefine(lv: &Libvirt, uuid: &str, remove_nvram: bool) -> Result<(), VirtError> {
+    let nvram = if remove_nvram { "--nvram" } else { "--keep-nvram" };
+    let args =
+        ["undefine", "--domain", uuid, "--managed-save", "--snapshots-metadata", "--checkpoints-metadata", nvram];
+    lv.run(&format!("undefining domain {uuid}"), args).map(drop)
+}

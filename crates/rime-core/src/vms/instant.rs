@@ -296,18 +296,7 @@ impl Drop for Undo {
         }
         if let (Some(lv), Some(uuid)) = (&self.lv, &self.uuid) {
             let _ = lv.run("stopping the domain", ["destroy", "--domain", uuid]);
-            let _ = lv.run(
-                "undefining the domain",
-                [
-                    "undefine",
-                    "--domain",
-                    uuid,
-                    "--managed-save",
-                    "--snapshots-metadata",
-                    "--checkpoints-metadata",
-                    "--keep-nvram",
-                ],
-            );
+            let _ = rime_virt::domains::undefine(lv, uuid, false);
         }
         if let Some(mut child) = self.server.take() {
             rime_os::process::signal(child.id(), rime_os::signals::Signal::SIGTERM);
@@ -896,18 +885,7 @@ pub fn cancel(name: &str) -> Result<CancelSummary> {
                 let mut undefined = Err(VirtError::Failed(String::new()));
                 // libvirt may still be finishing the destroy's job.
                 for _ in 0..50 {
-                    undefined = lv.run(
-                        "undefining the domain",
-                        [
-                            "undefine",
-                            "--domain",
-                            uuid,
-                            "--managed-save",
-                            "--snapshots-metadata",
-                            "--checkpoints-metadata",
-                            "--nvram",
-                        ],
-                    );
+                    undefined = domains::undefine(&lv, uuid, true);
                     if undefined.is_ok() {
                         break;
                     }

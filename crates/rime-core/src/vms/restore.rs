@@ -259,18 +259,7 @@ pub fn restore_vm(repo: &Repository, opts: &VmRestoreOptions, progress: &dyn Pro
     // 5. Commit: undefine the old domain, rename into place, define, restore the saved state.
     let replaced = existing.is_some();
     if let Some(d) = &existing {
-        lv.run(
-            &format!("undefining domain {}", d.name),
-            [
-                "undefine",
-                "--domain",
-                &d.uuid,
-                "--managed-save",
-                "--snapshots-metadata",
-                "--checkpoints-metadata",
-                "--keep-nvram",
-            ],
-        )?;
+        domains::undefine(&lv, &d.uuid, false)?;
     }
     for p in &plan {
         std::fs::rename(temporary(&p.dest), &p.dest)
