@@ -158,7 +158,8 @@ unshare -m --propagation private bash -euo pipefail -c '
     umount mnt' _ "$ROOT" $((FILL_MIB * 4 / 10)) $((FILL_MIB * 3 / 10)) "$CHANGE_MIB"
 read -r used_df nfiles <fs.stats
 # unmounted for good: the journal is empty, nothing for a mount (or Rime) to replay
-dumpe2fs -h disk.raw 2>/dev/null | grep -q '^Journal start: *0$' || { log "the new filesystem's journal is not empty"; exit 1; }
+jstart=$(dumpe2fs -h disk.raw 2>/dev/null | awk -F: '/^Journal start/ {gsub(/ /, "", $2); print $2}')
+[[ $jstart == 0 ]] || { log "the new filesystem's journal is not empty (start $jstart)"; exit 1; }
 e2fsck -fn disk.raw >/dev/null 2>&1 || { log "e2fsck finds errors in the new filesystem"; exit 1; }
 qemu-img convert -O qcow2 disk.raw base.qcow2
 rm -f disk.raw
@@ -177,7 +178,7 @@ done
 rm -f base.qcow2
 qcow2_bytes=$(stat -c %s disk-rime.qcow2)
 
-# Writes the change into each VM's disk through its QEMU, new random data for round $1.
+# Writes the change into each VM's disk through its QEMU, new random data from seed $1.
 change() {
     rm -rf change/*; mkdir -p change
     python3 - change.plan "$1" change <<'EOF'
@@ -322,8 +323,8 @@ verify_restore() { # TOOL: its restored disk against its VM's
     fi
 }
 
-round() { # R: fresh repository and output directories; full, change, incremental, restore
-    local r=$1 t
+round() { # R SEED: fresh repository and output directories; full, change, incremental, restore
+    local r=$1 seed=$2 t
     for t in "${TOOLS[@]}"; do delete_checkpoints "$t"; done
     rm -rf repo-rime out-vnb out-vnbz restore-*
     "$RIME" --repo repo-rime init >/dev/null
@@ -331,7 +332,7 @@ round() { # R: fresh repository and output directories; full, change, incrementa
     local order=("${TOOLS[@]:$(( (r - 1) % 3 ))}" "${TOOLS[@]:0:$(( (r - 1) % 3 ))}")
     for t in "${order[@]}"; do backup "$t" full "$r"; done
     log "change: $CHANGE_MIB MiB into each VM"
-    change "$r"
+    change "$seed"
     for t in "${order[@]}"; do backup "$t" inc "$r"; done
     local check=0
     if [[ $VERIFY == all || ( $VERIFY == last && $r == "$ROUNDS" ) ]]; then check=1; verify_vms; fi
@@ -350,12 +351,13 @@ round() { # R: fresh repository and output directories; full, change, incrementa
 # `rime vm stop --all` managed-saves every domain of the host). A round whose VMs did not run
 # throughout, under the same QEMU process, is thrown away and run again.
 qemu_pids() { local t; for t in "${TOOLS[@]}"; do cat "/run/libvirt/qemu/$(dom "$t").pid" 2>/dev/null || echo none; echo; done | tr -s '\n' ' '; }
-running_again() {
+runs() { [[ $(virsh domstate "$(dom "$1")" 2>/dev/null) == running* ]]; }
+running_again() { # each VM running again: by whoever stopped it (within a minute), else started here
     local t i
     for t in "${TOOLS[@]}"; do
-        for i in $(seq 60); do virsh domstate "$(dom "$t")" | grep -q '^running' && break; sleep 1; done
-        virsh domstate "$(dom "$t")" | grep -q '^running' || virsh -q start "$(dom "$t")" >/dev/null 2>&1 || true
-        virsh domstate "$(dom "$t")" | grep -q '^running' || { log "$(dom "$t") does not run again"; exit 1; }
+        for i in $(seq 60); do runs "$t" && break; sleep 1; done
+        runs "$t" || virsh -q start "$(dom "$t")" >/dev/null 2>&1 || true
+        runs "$t" || { log "$(dom "$t") does not run again: $(virsh domstate "$(dom "$t")" --reason 2>&1)"; exit 1; }
     done
 }
 for r in $(seq 1 "$ROUNDS"); do
@@ -363,7 +365,9 @@ for r in $(seq 1 "$ROUNDS"); do
     for try in 1 2 3; do
         log "round $r of $ROUNDS$( ((try > 1)) && echo " (try $try)")"
         pids=$(qemu_pids)
-        set +e; ( set -e; round "$r" ); rc=$?; set -e
+        # new data for every change, also in a round run again (else the second incremental
+        # would write what the VMs' disks already hold, and Rime deduplicate it)
+        set +e; ( set -e; round "$r" $((r * 10 + try)) ); rc=$?; set -e
         [[ $(qemu_pids) == "$pids" ]] && break
         log "round $r: a VM was stopped by another program meanwhile (QEMU pids $pids-> $(qemu_pids)); the round again"
         grep -v "^$r"$'\t' "$RES" >"$RES.tmp" || true; mv "$RES.tmp" "$RES"
@@ -427,7 +431,7 @@ print_table
 # Where an incremental of Rime's spends its time: one more change, then `rime backup --vm` under
 # strace (execve only): the programs it runs, how long each took. Not in the table.
 log "profile: one more change and a traced rime incremental"
-change $((ROUNDS + 1))
+change $(((ROUNDS + 1) * 10))
 drop
 t0=$(now)
 strace -f --seccomp-bpf -tt -e trace=execve -s 400 -o profile.strace \
